@@ -1,0 +1,256 @@
+"""A BERT-family encoder (BERT, MiniLM, RoBERTa) built from minift's layers, with its backward.
+
+Module names follow the Hugging Face checkpoint keys (`embeddings.word_embeddings`,
+`encoder.layer.0.attention.self.query`, ...), so a checkpoint loads with (almost) the identity map and a
+learner can hold this file beside `model.safetensors`.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .errors import MiniftError
+from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, cross_entropy
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"  # "roberta": positions start after pad_token_id, as fairseq did
+    # task settings (ours, saved into config.json beside HF's keys)
+    num_labels: int = 2
+    pooling: str = "cls"  # "cls": BERT's pooler (tanh(dense([CLS]))); "mean": mean of the real tokens
+    classifier_dropout: float | None = None  # None: use hidden_dropout_prob, as HF does
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("hidden_act", "gelu") not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise MiniftError(f"hidden_act {d['hidden_act']!r} is not supported: minift's BERT has gelu and gelu_new")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise MiniftError("only absolute position embeddings are supported (position_embedding_type='absolute')")
+        known = {f.name for f in fields(cls)}
+        if "id2label" in d and "num_labels" not in d:
+            d = {**d, "num_labels": len(d["id2label"])}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+
+def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
+    B, T, D = x.shape
+    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2)
+
+
+def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def positions_from_mask(attention_mask, offset=0):
+    """Position of each token counted over the real tokens only, so left padding does not shift them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        pad = c.pad_token_id
+        self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, padding_idx=pad)
+        # RoBERTa's positions start at pad+1 and its table has that many rows more; its pad row is unused
+        self.position_embeddings = Embedding(c.max_position_embeddings, c.hidden_size,
+                                             padding_idx=pad if c.model_type == "roberta" else None)
+        self.token_type_embeddings = Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = LayerNorm(c.hidden_size, c.layer_norm_eps)
+        self.dropout = Dropout(c.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+    def backward(self, dout):
+        d = self.LayerNorm.backward(self.dropout.backward(dout))
+        self.word_embeddings.backward(d)  # a sum sends the same gradient to each term
+        self.position_embeddings.backward(d)
+        self.token_type_embeddings.backward(d)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_heads = c.num_attention_heads
+        self.query = Linear(c.hidden_size, c.hidden_size)
+        self.key = Linear(c.hidden_size, c.hidden_size)
+        self.value = Linear(c.hidden_size, c.hidden_size)
+        self.attn = Attention(c.attention_probs_dropout_prob)
+
+    def forward(self, x, allowed):
+        q, k, v = (split_heads(f(x), self.n_heads) for f in (self.query, self.key, self.value))
+        return merge_heads(self.attn(q, k, v, allowed))
+
+    def backward(self, dout):
+        dq, dk, dv = self.attn.backward(split_heads(dout, self.n_heads))
+        # x fed all three projections: its gradient is the sum of the three
+        return (self.query.backward(merge_heads(dq)) + self.key.backward(merge_heads(dk))
+                + self.value.backward(merge_heads(dv)))
+
+
+class BertAddNorm(nn.Module):
+    """LayerNorm(residual + dropout(dense(h))): HF's BertSelfOutput and BertOutput, which are the same."""
+
+    def __init__(self, d_in, d_out, c):
+        super().__init__()
+        self.dense = Linear(d_in, d_out)
+        self.dropout = Dropout(c.hidden_dropout_prob)
+        self.LayerNorm = LayerNorm(d_out, c.layer_norm_eps)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+
+    def backward(self, dout):
+        d = self.LayerNorm.backward(dout)
+        return self.dense.backward(self.dropout.backward(d)), d  # (dh, dresidual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertAddNorm(c.hidden_size, c.hidden_size, c)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = Linear(c.hidden_size, c.intermediate_size)
+        self.act = GELU("none" if c.hidden_act == "gelu" else "tanh")
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+    def backward(self, dout):
+        return self.dense.backward(self.act.backward(dout))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertAddNorm(c.intermediate_size, c.hidden_size, c)
+
+    def forward(self, x, allowed):
+        h = self.attention.output(self.attention.self(x, allowed), x)
+        return self.output(self.intermediate(h), h)
+
+    def backward(self, dout):  # the forward, read from the bottom up
+        di, dh = self.output.backward(dout)
+        dh = dh + self.intermediate.backward(di)
+        da, dx = self.attention.output.backward(dh)
+        return dx + self.attention.self.backward(da)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = Linear(c.hidden_size, c.hidden_size)
+        self.activation = Tanh()
+
+    def forward(self, hidden):
+        return self.activation(self.dense(hidden[:, 0]))  # the [CLS] token
+
+    def backward(self, dout, hidden_shape):
+        dhidden = torch.zeros(hidden_shape, dtype=dout.dtype, device=dout.device)
+        dhidden[:, 0] = self.dense.backward(self.activation.backward(dout))
+        return dhidden
+
+
+class BertModel(nn.Module):
+    """Token ids -> contextual vectors (last hidden states), and the pooled [CLS] vector."""
+
+    def __init__(self, c, add_pooler=True):
+        super().__init__()
+        self.config = c
+        self.embeddings = BertEmbeddings(c)
+        self.encoder = BertEncoder(c)
+        self.pooler = BertPooler(c) if add_pooler else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            offset = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
+            position_ids = positions_from_mask(attention_mask, offset)
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise MiniftError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                              f"{self.config.max_position_embeddings} positions: lower max_length")
+        allowed = attention_mask.bool()[:, None, None, :]  # every query may see every real key
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, allowed)
+        return x
+
+    def backward(self, dhidden):
+        for layer in reversed(self.encoder.layer):
+            dhidden = layer.backward(dhidden)
+        self.embeddings.backward(dhidden)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Encoder -> one vector per text ([CLS] through the pooler, or the mean of the real tokens) -> logits."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.bert = BertModel(c, add_pooler=c.pooling == "cls")
+        p = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+        self.dropout = Dropout(p)
+        self.classifier = Linear(c.hidden_size, c.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        if self.config.pooling == "cls":
+            pooled = self.bert.pooler(hidden)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            count = mask.sum(1).clamp(min=1)
+            pooled = (hidden * mask).sum(1) / count
+            if not torch.is_grad_enabled() and self.training:
+                self.mask, self.count = mask, count  # keeps: which tokens were averaged
+        self.hidden_shape = hidden.shape
+        return self.classifier(self.dropout(pooled))
+
+    def loss(self, logits, labels, num_targets=None, class_weights=None):
+        """Mean cross-entropy over the examples (or over `num_targets` for a whole accumulated step)."""
+        return cross_entropy(logits, labels, num_targets, class_weights, want_grad=self.training)
+
+    def count_targets(self, labels):
+        return len(labels)
+
+    def backward(self, dlogits):
+        dpooled = self.dropout.backward(self.classifier.backward(dlogits))
+        if self.config.pooling == "cls":
+            dhidden = self.bert.pooler.backward(dpooled, self.hidden_shape)
+        else:
+            dhidden = dpooled.unsqueeze(1) * self.mask / self.count.unsqueeze(1)
+            del self.mask, self.count
+        self.bert.backward(dhidden)

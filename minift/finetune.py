@@ -1,0 +1,98 @@
+"""The whole classification recipe in one function: data -> model -> train -> evaluate -> report.
+
+The tutorials walk these steps one by one; `minift finetune` and bench/finetune.py call this function.
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_checkpoint
+from .data import (TWEET_LABELS, clean, encode_classification, load_splits, read_csv, read_jsonl, save_splits,
+                   split, tweet_splits)
+from .errors import MiniftError
+from .evaluate import evaluate, format_metrics
+from .hub import data_dir, fetch_tweets, resolve_model
+from .tokenizer import Tokenizer
+from .train import TrainConfig, pick_device, train
+
+
+def load_classification_splits(data=None, text_column="text", label_column="label", seed=0):
+    """(splits, label_names). No `data`: the offline tweet-sentiment corpus. A CSV/TSV/JSONL file: read,
+    clean, split 80/10/10 once and keep the splits beside it. A folder: train/validation/test.jsonl in it."""
+    if data is None:
+        folder = data_dir() / "splits" / f"tweets-seed{seed}"
+        return tweet_splits(fetch_tweets(), folder, seed), TWEET_LABELS
+    data = Path(data)
+    if data.is_dir():
+        splits = load_splits(data)
+    else:
+        folder = data.with_name(f"{data.stem}-splits-seed{seed}")
+        if (folder / "split.json").is_file():
+            splits = load_splits(folder)
+        else:
+            columns = {"text": text_column, "label": label_column}
+            rows = read_jsonl(data, columns) if data.suffix in (".jsonl", ".json") else read_csv(data, columns)
+            rows, report = clean(rows)
+            print(report)
+            splits = split(rows, seed=seed)
+            save_splits(splits, folder, seed=seed, fractions=(0.8, 0.1, 0.1), source=str(data))
+            print(f"splits saved in {folder} (the test set stays held out across runs)")
+    # labels as text (a JSONL file may hold numbers), named in sorted order
+    splits = {k: [{**r, "label": str(r["label"])} for r in v] for k, v in splits.items()}
+    return splits, tuple(sorted({r["label"] for r in splits["train"]}))
+
+
+def weights_moved(model, base):
+    """How far fine-tuning moved the weights: ||w - w0|| / ||w0|| over all of them."""
+    num = sum(float((p.detach().cpu() - base[n]).float().norm() ** 2) for n, p in model.named_parameters() if n in base)
+    den = sum(float(t.float().norm() ** 2) for t in base.values())
+    return (num / den) ** 0.5
+
+
+def finetune_classifier(model="minilm", data=None, out="runs/minilm-tweets", cfg=None, max_length=64,
+                        pooling="cls", text_column="text", label_column="label", limit=None, test=True,
+                        resume=False):
+    """Fine-tune a pretrained encoder or GPT-2 to classify texts; print and return the metrics."""
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    path = resolve_model(model)
+    tok = Tokenizer.from_file(path)
+    splits, label_names = load_classification_splits(data, text_column, label_column, cfg.seed)
+    if limit:  # a quick run on the first `limit` training rows (tutorials, smoke tests)
+        splits = {k: v[:limit] if k == "train" else v[: max(limit // 4, 50)] for k, v in splits.items()}
+    encoded = {k: encode_classification(v, tok, label_names, max_length) for k, v in splits.items()}
+    net = load_checkpoint(path, "classify", num_labels=len(label_names), pooling=pooling)
+    base = {n: p.detach().clone() for n, p in net.named_parameters()}
+    result = train(net, encoded["train"], encoded["validation"], cfg, out, tok.pad_id, label_names,
+                   tokenizer_file=path / "tokenizer.json", resume=resume)
+    best = load_checkpoint(Path(out) / "best", "classify", verbose=False)
+    device = pick_device(cfg.device)
+    best.to(device)
+    report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
+              "weights_moved": weights_moved(best, base)}
+    report["validation"] = evaluate(best, encoded["validation"], tok.pad_id, label_names=label_names, device=device)
+    print(f"\nvalidation (best step {result['best_step']}):\n{format_metrics(report['validation'])}")
+    if test:
+        report["test"] = evaluate(best, encoded["test"], tok.pad_id, label_names=label_names, device=device)
+        print(f"\ntest (held out, looked at once):\n{format_metrics(report['test'])}")
+    report["wall_seconds"] = time.perf_counter() - t0
+    print(f"\nweights moved {report['weights_moved']:.4f} (relative L2 distance from the pretrained ones)")
+    print(f"best model saved in {Path(out) / 'best'}, log in {Path(out) / 'log.jsonl'}; "
+          f"total {report['wall_seconds'] / 60:.1f} min")
+    print(f"predict with:  minift predict {Path(out) / 'best'} \"what a great day\"")
+    (Path(out) / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+@torch.no_grad()
+def predict(model, tok, texts, label_names=None, max_length=128):
+    """Class probabilities for new texts, as (label, probability) pairs."""
+    if not texts:
+        raise MiniftError("no text to predict: give at least one sentence")
+    model.eval()
+    batch = tok(texts, max_length=max_length)
+    probs = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+    names = label_names or [str(i) for i in range(probs.shape[-1])]
+    return [(names[int(p.argmax())], float(p.max())) for p in probs]

@@ -1,0 +1,249 @@
+"""The layers of a transformer, each with its forward and its hand-written backward side by side.
+
+The rule every layer follows (the llm.c way):
+- `forward(x)` computes the output. When the layer is in training mode and autograd is OFF, it also keeps
+  exactly what its backward will need (the comment "keeps:" says what) in attributes of the layer.
+- `backward(dout)` takes the gradient of the loss with respect to the layer's output, adds the gradients of
+  its parameters into their `.grad`, forgets what forward kept, and returns the gradient of its input.
+
+With autograd ON the same forward is an ordinary PyTorch forward: `loss.backward()` works and is the
+reference that tests compare our backward with.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MiniftError
+
+
+def keeps_for_backward(module):
+    """Keep activations only for the hand-written backward: training mode, autograd off."""
+    return module.training and not torch.is_grad_enabled()
+
+
+def accumulate_grad(param, grad):
+    """param.grad += grad (the first use assigns). A weight used twice (GPT-2's tied embedding) gets the
+    sum of both uses, and gradient accumulation over micro-batches is this same addition."""
+    grad = grad.to(param.dtype)  # under bf16 autocast the matmul gives bf16; master grads stay fp32
+    if param.grad is None:
+        param.grad = grad.contiguous()
+    else:
+        param.grad += grad
+
+
+def _as_fp32(x):
+    """Normalisation and softmax run in fp32 even when the matmuls run in bf16 (as autocast does)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b, with W of shape (out, in) as in Hugging Face's nn.Linear checkpoints."""
+
+    def __init__(self, d_in, d_out, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x):
+        if keeps_for_backward(self):
+            self.x = x  # keeps: the input, for dW = dy.T @ x
+        return F.linear(x, self.weight, self.bias)
+
+    def backward(self, dy):
+        x = self.x
+        del self.x
+        dy2d, x2d = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        accumulate_grad(self.weight, dy2d.T @ x2d)  # dL/dW[o, i] = sum over rows of dy[o] * x[i]
+        if self.bias is not None:
+            accumulate_grad(self.bias, dy2d.sum(0))
+        return dy @ self.weight.to(dy.dtype)  # dL/dx = dy @ W
+
+
+class Embedding(nn.Module):
+    """A lookup table: row `id` of the weight. Its backward adds dout into the rows that were looked up."""
+
+    def __init__(self, num, dim, padding_idx=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num, dim) * 0.02)
+        self.padding_idx = padding_idx  # as in HF: the pad row gets no gradient
+
+    def forward(self, ids):
+        if keeps_for_backward(self):
+            self.ids = ids  # keeps: which rows were used
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+    def backward(self, dout):
+        ids = self.ids.reshape(-1)
+        del self.ids
+        dout = dout.reshape(-1, dout.shape[-1]).to(self.weight.dtype)
+        if self.padding_idx is not None:
+            dout = dout * (ids != self.padding_idx).unsqueeze(1)
+        if self.weight.grad is None:
+            self.weight.grad = torch.zeros_like(self.weight)
+        self.weight.grad.index_add_(0, ids, dout)  # a row used twice gets both gradients
+        # no input gradient: token ids are not differentiable
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last dimension."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps  # BERT 1e-12, GPT-2 1e-5: read from config.json
+
+    def forward(self, x):
+        x = _as_fp32(x)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + self.eps)
+        xhat = (x - mean) * rstd
+        if keeps_for_backward(self):
+            self.xhat, self.rstd = xhat, rstd  # keeps: normalised input and 1/std
+        return xhat * self.weight + self.bias
+
+    def backward(self, dy):
+        xhat, rstd = self.xhat, self.rstd
+        del self.xhat, self.rstd
+        dy = _as_fp32(dy)
+        accumulate_grad(self.weight, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0))
+        accumulate_grad(self.bias, dy.reshape(-1, dy.shape[-1]).sum(0))
+        dxhat = dy * self.weight
+        # the mean and the variance depend on every x of the row: two correction terms
+        return rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+
+
+class GELU(nn.Module):
+    """GELU(x) = x * Phi(x). BERT uses the exact erf form, GPT-2 the tanh approximation."""
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.approximate = approximate  # "none" (erf) or "tanh"
+
+    def forward(self, x):
+        if keeps_for_backward(self):
+            self.x = x  # keeps: the input
+        return F.gelu(x, approximate=self.approximate)
+
+    def backward(self, dy):
+        x = self.x
+        del self.x
+        # the math is written out; the trailing underscores (in place) only save memory traffic
+        if self.approximate == "tanh":
+            k = math.sqrt(2 / math.pi)
+            inner = x * x * 0.044715  # u = k * (x + 0.044715 x^3),  du/dx = k * (1 + 3 * 0.044715 x^2)
+            t = torch.tanh(inner.add(1).mul_(x).mul_(k))
+            du = inner.mul_(3).add_(1).mul_(k)
+            # d/dx [0.5 x (1 + tanh u)] = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
+            return (1 - t * t).mul_(du).mul_(x).add_(t).add_(1).mul_(0.5).mul_(dy)
+        cdf = torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(0.5)  # Phi(x)
+        pdf = (x * x).mul_(-0.5).exp_().mul_(1 / math.sqrt(2 * math.pi))  # phi(x)
+        return cdf.addcmul_(x, pdf).mul_(dy)  # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+
+
+class Tanh(nn.Module):
+    """BERT's pooler activation."""
+
+    def forward(self, x):
+        y = torch.tanh(x)
+        if keeps_for_backward(self):
+            self.y = y  # keeps: the output, since tanh' = 1 - tanh^2
+        return y
+
+    def backward(self, dy):
+        y = self.y
+        del self.y
+        return dy * (1 - y * y)
+
+
+class Dropout(nn.Module):
+    """Zero a fraction p of the values in training and scale the rest by 1/(1-p); identity in eval mode."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            self.mask = None
+            return x
+        mask = torch.rand(x.shape, device=x.device) >= self.p
+        if keeps_for_backward(self):
+            self.mask = mask  # keeps: which values survived (bool), so backward drops the same ones
+        return x * mask / (1 - self.p)
+
+    def backward(self, dy):
+        mask = self.mask
+        self.mask = None
+        return dy if mask is None else dy * mask / (1 - self.p)
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v for every head, with dropout on the probabilities.
+
+    q, k, v: (batch, heads, time, head_dim). `allowed`: bool, broadcastable to (batch, heads, t_q, t_k),
+    True where a query may look at a key (padding mask and, for GPT-2, the causal mask).
+    """
+
+    def __init__(self, dropout):
+        super().__init__()
+        self.dropout = Dropout(dropout)
+
+    def forward(self, q, k, v, allowed):
+        scale = 1 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-1, -2)) * scale
+        # finfo.min, not -inf or -1e10: stays finite in every dtype, so a fully padded row is uniform, not NaN
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(_as_fp32(scores), dim=-1)
+        dropped = self.dropout(probs).to(v.dtype)
+        if keeps_for_backward(self):
+            self.q, self.k, self.v, self.probs, self.allowed = q, k, v, probs, allowed  # keeps: inputs, softmax, mask
+        return dropped @ v
+
+    def backward(self, dout):
+        q, k, v, probs, allowed = self.q, self.k, self.v, self.probs, self.allowed
+        del self.q, self.k, self.v, self.probs, self.allowed
+        mask = self.dropout.mask
+        dropped = probs if mask is None else probs * mask / (1 - self.dropout.p)
+        dv = dropped.to(dout.dtype).transpose(-1, -2) @ dout
+        dprobs = self.dropout.backward(dout @ v.transpose(-1, -2))
+        # softmax backward, row by row: ds = p * (dp - sum(dp * p))
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+        # a masked score was overwritten, so it passes no gradient (this matters in a fully masked row,
+        # where softmax spreads evenly over the masked keys)
+        dscores = dscores.masked_fill(~allowed, 0)
+        dscores = (dscores / math.sqrt(q.shape[-1])).to(q.dtype)
+        return dscores @ k, dscores.transpose(-1, -2) @ q, dv
+
+
+def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True, ignore_index=-100):
+    """Softmax cross-entropy summed over the targets that are not `ignore_index`, divided by `num_targets`.
+
+    logits (N, C), labels (N,). `num_targets` defaults to the supervised count of this batch; the training
+    loop passes the count over the whole optimizer step, so that micro-batches add up to the full batch.
+    `weights` (C,), optional: a weight per class, to count rare classes more.
+    Returns (loss, dlogits). dlogits is None when not wanted (evaluation) or when autograd is on (then use
+    loss.backward()).
+    """
+    logits = _as_fp32(logits)
+    supervised = labels != ignore_index
+    if num_targets is None:
+        num_targets = int(supervised.sum())
+    if num_targets == 0:
+        raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
+    safe_labels = labels.masked_fill(~supervised, 0)
+    row_weight = supervised.to(logits.dtype)
+    if weights is not None:
+        row_weight = row_weight * weights.to(logits.dtype)[safe_labels]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
+    loss = -(picked * row_weight).sum() / num_targets
+    if torch.is_grad_enabled() or not want_grad:
+        return loss, None
+    # dL/dlogits = w * (softmax - onehot) / num_targets on supervised rows, 0 elsewhere
+    dlogits = logprobs.exp_()
+    dlogits[torch.arange(len(labels), device=labels.device), safe_labels] -= 1
+    dlogits *= (row_weight / num_targets).unsqueeze(1)
+    return loss, dlogits

