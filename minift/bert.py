@@ -171,12 +171,15 @@ class BertPooler(nn.Module):
         self.dense = Linear(c.hidden_size, c.hidden_size)
         self.activation = Tanh()
 
-    def forward(self, hidden):
-        return self.activation(self.dense(hidden[:, 0]))  # the [CLS] token
+    def forward(self, hidden, attention_mask):
+        # the [CLS] token: the first real token (with left padding it is not at position 0)
+        self.first = attention_mask.argmax(-1)
+        return self.activation(self.dense(hidden[torch.arange(len(hidden), device=hidden.device), self.first]))
 
     def backward(self, dout, hidden_shape):
         dhidden = torch.zeros(hidden_shape, dtype=dout.dtype, device=dout.device)
-        dhidden[:, 0] = self.dense.backward(self.activation.backward(dout))
+        rows = torch.arange(hidden_shape[0], device=dout.device)
+        dhidden[rows, self.first] = self.dense.backward(self.activation.backward(dout)).to(dout.dtype)
         return dhidden
 
 
@@ -195,12 +198,13 @@ class BertModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        offset = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
         if position_ids is None:
-            offset = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
             position_ids = positions_from_mask(attention_mask, offset)
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        longest = self.config.max_position_embeddings - offset  # RoBERTa's first rows are not positions
+        if input_ids.shape[1] > longest:
             raise MiniftError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
-                              f"{self.config.max_position_embeddings} positions: lower max_length")
+                              f"{longest} positions: lower max_length")
         allowed = attention_mask.bool()[:, None, None, :]  # every query may see every real key
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         for layer in self.encoder.layer:
@@ -229,7 +233,7 @@ class BertForSequenceClassification(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
         if self.config.pooling == "cls":
-            pooled = self.bert.pooler(hidden)
+            pooled = self.bert.pooler(hidden, attention_mask)
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             count = mask.sum(1).clamp(min=1)

@@ -135,14 +135,16 @@ def load_state(model, tensors):
                 t = t.T  # Conv1D (in, out) -> Linear (out, in)
             p = ours.pop(name)
             if t.shape != p.shape:
-                hint = " (looks transposed)" if t.T.shape == p.shape else ""
+                hint = " (looks transposed)" if t.ndim == 2 and t.T.shape == p.shape else ""
                 report.mismatched.append(f"{key}: file {tuple(t.shape)} vs model {tuple(p.shape)}{hint}")
                 continue
             with torch.no_grad():
                 p.copy_(t)
             report.loaded.append(name)
     for name in ours:
-        (report.new_head if name.startswith(NEW_HEADS) else report.missing).append(name)
+        # a task head is new; so is BertModel's pooler when the file came from a masked-LM model
+        optional = name.startswith(NEW_HEADS) or (name.startswith("pooler.") and not _base_prefix(model))
+        (report.new_head if optional else report.missing).append(name)
     problems = [f"{label}: {_few(names)}" for label, names in (
         ("missing", report.missing), ("unexpected", report.unexpected), ("wrong shape", report.mismatched)) if names]
     if problems:
@@ -209,7 +211,11 @@ def save_checkpoint(model, folder, label_names=None, tokenizer_file=None):
 def atomic_write(path, write):
     """write(tmp_path), then rename onto `path`: a crash midway leaves the old file, never a torn one."""
     tmp = Path(str(path) + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

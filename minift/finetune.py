@@ -18,17 +18,24 @@ from .tokenizer import Tokenizer
 from .train import TrainConfig, pick_device, train
 
 
+def split_folder(data=None, seed=0):
+    """Where the train/validation/test splits of a dataset are kept (made once, then reused)."""
+    if data is None:
+        return data_dir() / "splits" / f"tweets-seed{seed}"
+    data = Path(data)
+    return data if data.is_dir() else data.with_name(f"{data.stem}-splits-seed{seed}")
+
+
 def load_classification_splits(data=None, text_column="text", label_column="label", seed=0):
     """(splits, label_names). No `data`: the offline tweet-sentiment corpus. A CSV/TSV/JSONL file: read,
     clean, split 80/10/10 once and keep the splits beside it. A folder: train/validation/test.jsonl in it."""
+    folder = split_folder(data, seed)
     if data is None:
-        folder = data_dir() / "splits" / f"tweets-seed{seed}"
         return tweet_splits(fetch_tweets(), folder, seed), TWEET_LABELS
     data = Path(data)
     if data.is_dir():
         splits = load_splits(data)
     else:
-        folder = data.with_name(f"{data.stem}-splits-seed{seed}")
         if (folder / "split.json").is_file():
             splits = load_splits(folder)
         else:
@@ -84,6 +91,18 @@ def finetune_classifier(model="minilm", data=None, out="runs/minilm-tweets", cfg
     print(f"predict with:  minift predict {Path(out) / 'best'} \"what a great day\"")
     (Path(out) / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def look_at_test_set(folder, again=False):
+    """Allow one look at a test set; a second needs again=True. Every look at the test set that changes
+    what you do next (another lr, another epoch) makes it a second validation set, and its score stops
+    being an honest estimate of how the model does on new data."""
+    marker = Path(folder) / "test_looked_at.json"
+    if marker.exists() and not again:
+        when = json.loads(marker.read_text())["when"]
+        raise MiniftError(f"the test set in {folder} was already looked at ({when}); choosing settings by it "
+                          "would make its score optimistic: pass again=True (--again) if you really mean to")
+    marker.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
 @torch.no_grad()

@@ -152,7 +152,7 @@ class GPT2LMHeadModel(nn.Module):
         hidden = self.transformer(input_ids, attention_mask, position_ids, caches)
         if self.training and not torch.is_grad_enabled():
             self.hidden = hidden  # keeps: the input of the head, for d(wte) += dlogits.T @ hidden
-        return hidden @ self.transformer.wte.weight.to(hidden.dtype).T  # tied: logits = h @ wte.T
+        return hidden @ self.transformer.wte.weight.T  # tied: logits = h @ wte.T
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels (prompt, padding) are skipped."""
@@ -171,10 +171,9 @@ class GPT2LMHeadModel(nn.Module):
     def backward(self, dlogits):
         hidden, wte = self.hidden, self.transformer.wte.weight
         del self.hidden
-        dlogits = dlogits.to(hidden.dtype)
         # the second use of the tied weight: its gradient adds to the embedding's own
         accumulate_grad(wte, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
-        self.transformer.backward(dlogits @ wte.to(dlogits.dtype))
+        self.transformer.backward(dlogits @ wte)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None,
@@ -186,7 +185,8 @@ class GPT2LMHeadModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         caches = [[] for _ in self.transformer.h]
-        out, step_ids, done = input_ids, input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        out, step_ids = input_ids, input_ids
         for _ in range(max_new_tokens):
             logits = self(step_ids, attention_mask, caches=caches)[:, -1].float()
             next_id = pick_next_token(logits, temperature, top_k, top_p, generator)

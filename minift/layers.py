@@ -58,7 +58,7 @@ class Linear(nn.Module):
         accumulate_grad(self.weight, dy2d.T @ x2d)  # dL/dW[o, i] = sum over rows of dy[o] * x[i]
         if self.bias is not None:
             accumulate_grad(self.bias, dy2d.sum(0))
-        return dy @ self.weight.to(dy.dtype)  # dL/dx = dy @ W
+        return dy @ self.weight  # dL/dx = dy @ W (under bf16 autocast, W's bf16 copy is cached)
 
 
 class Embedding(nn.Module):
@@ -96,13 +96,13 @@ class LayerNorm(nn.Module):
         self.eps = eps  # BERT 1e-12, GPT-2 1e-5: read from config.json
 
     def forward(self, x):
-        x = _as_fp32(x)
+        dtype, x = x.dtype, _as_fp32(x)  # statistics in fp32; output in the input's dtype
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + self.eps)
         xhat = (x - mean) * rstd
         if keeps_for_backward(self):
             self.xhat, self.rstd = xhat, rstd  # keeps: normalised input and 1/std
-        return xhat * self.weight + self.bias
+        return (xhat * self.weight + self.bias).to(dtype)
 
     def backward(self, dy):
         xhat, rstd = self.xhat, self.rstd
@@ -167,17 +167,17 @@ class Dropout(nn.Module):
 
     def forward(self, x):
         if not self.training or self.p == 0:
-            self.mask = None
+            self.dropped = None
             return x
-        mask = torch.rand(x.shape, device=x.device) >= self.p
+        dropped = torch.rand(x.shape, device=x.device) < self.p
         if keeps_for_backward(self):
-            self.mask = mask  # keeps: which values survived (bool), so backward drops the same ones
-        return x * mask / (1 - self.p)
+            self.dropped = dropped  # keeps: which values were zeroed (bool), so backward zeroes the same
+        return x.masked_fill(dropped, 0).mul_(1 / (1 - self.p))
 
     def backward(self, dy):
-        mask = self.mask
-        self.mask = None
-        return dy if mask is None else dy * mask / (1 - self.p)
+        dropped = self.dropped
+        self.dropped = None
+        return dy if dropped is None else dy.masked_fill(dropped, 0).mul_(1 / (1 - self.p))
 
 
 class Attention(nn.Module):
@@ -205,9 +205,10 @@ class Attention(nn.Module):
     def backward(self, dout):
         q, k, v, probs, allowed = self.q, self.k, self.v, self.probs, self.allowed
         del self.q, self.k, self.v, self.probs, self.allowed
-        mask = self.dropout.mask
-        dropped = probs if mask is None else probs * mask / (1 - self.dropout.p)
-        dv = dropped.to(dout.dtype).transpose(-1, -2) @ dout
+        kept = probs  # the probabilities after dropout, as the forward used them
+        if self.dropout.dropped is not None:
+            kept = probs.masked_fill(self.dropout.dropped, 0) / (1 - self.dropout.p)
+        dv = kept.to(dout.dtype).transpose(-1, -2) @ dout
         dprobs = self.dropout.backward(dout @ v.transpose(-1, -2))
         # softmax backward, row by row: ds = p * (dp - sum(dp * p))
         dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))

@@ -3,10 +3,13 @@
 `train()` is one function a learner can step through. Around it: the settings (TrainConfig), seeding,
 precision, and checkpoints that resume exactly (model, AdamW state, every RNG, the position in the data).
 """
+import contextlib
 import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from .checkpoints import atomic_write, load_state, read_safetensors, save_checkp
 from .data import batch_order, collate
 from .errors import MiniftError
 from .evaluate import evaluate
+from .gpt2 import GPT2LMHeadModel
 from .layers import Dropout
 from .optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups, warmup_steps_for
 
@@ -109,6 +113,12 @@ def micro_batches(examples, order, cfg, pad_id, padding_side, device):
 def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names=None,
           tokenizer_file=None, class_weights=None, padding_side="right", resume=False):
     """Fine-tune `model` on encoded examples (see data.py). Returns a dict of what happened."""
+    if cfg.metric not in ("accuracy", "macro_f1", "loss"):
+        raise MiniftError(f"metric {cfg.metric!r} is unknown: choose accuracy, macro_f1 or loss")
+    if isinstance(model, GPT2LMHeadModel) and cfg.metric != "loss":
+        raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
+    if cfg.backward not in ("manual", "autograd"):
+        raise MiniftError(f"backward {cfg.backward!r} is unknown: choose manual or autograd")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -127,18 +137,22 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_without_gain": 0}
     if resume:
         state = load_training_state(out_dir / "checkpoint", model, optimizer)
+    elif (out_dir / "checkpoint").exists():
+        print(f"note: {out_dir} holds an earlier run; its checkpoint and best model will be replaced "
+              "(stop now and pass --resume to continue it instead, or choose another --out)")
     print(describe_groups(groups))
     print(schedule.describe())
     print(f"{len(train_examples)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
           f"device {device}, {cfg.precision}, {cfg.backward} backward")
-    log = open(out_dir / "log.jsonl", "a")
+    log = open(out_dir / "log.jsonl", "a" if resume else "w")
     params = [p for g in groups for p in g["params"]]
     bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", dynamic_ncols=True)
-    tokens, t0, stop = 0, time.perf_counter(), False
+    tokens, t0, stop, rng_at_step_start = 0, time.perf_counter(), False, None
     try:
         while state["step"] < total_steps and not stop:
             order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"], group_by_length=cfg.group_by_length)
             for batch_indices in order[state["batch"]:]:
+                rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step with the same dropout
                 # 1. forward + loss + backward over the micro-batches; the loss is divided by the count of
                 #    targets in the whole step, so grad_accum=4 gives the same gradient as one big batch
                 pieces = list(micro_batches(train_examples, batch_indices, cfg, pad_id, padding_side, device))
@@ -147,25 +161,29 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
                     loss = sum(forward_backward(model, b, num_targets, cfg, class_weights) for b in pieces)
                 # 2. clip once per optimizer step, after accumulation; log the norm from before clipping
                 grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-                check_finite(loss, grad_norm, model, state["step"], schedule(state["step"]))
-                # 3. AdamW with this step's learning rate, then clear the gradients
+                check_finite(loss, grad_norm, model, state["step"] + 1, schedule(state["step"]))
+                # 3. AdamW with this step's learning rate, then clear the gradients. The update, its count and
+                #    the new data position happen together: a Ctrl-C in between waits for the end of the block
                 lr = schedule(state["step"])
-                optimizer.step(lr)
-                optimizer.zero_grad()
-                state["step"] += 1
-                state["batch"] += 1
+                with interrupts_held():
+                    optimizer.step(lr)
+                    optimizer.zero_grad()
+                    epoch = state["epoch"]
+                    state["step"] += 1
+                    state["batch"] += 1
+                    end_of_epoch = state["batch"] == len(order)
+                    if end_of_epoch:
+                        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                    rng_at_step_start = None  # the step is done: the RNG as it is now is where to continue
                 tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
                 # 4. log, evaluate, save
-                record = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm}
+                record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
                                 tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
                 if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                     record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
                 log.write(json.dumps(record) + "\n")
-                end_of_epoch = state["batch"] == len(order)
-                if end_of_epoch:
-                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
                 due = state["step"] % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
                 if val_examples and (due or state["step"] == total_steps):
                     stop = evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side,
@@ -175,6 +193,8 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
                 if stop or state["step"] >= total_steps or end_of_epoch:
                     break
     except KeyboardInterrupt:
+        if rng_at_step_start is not None:  # the step was not applied: resume redoes it, with the same dropout masks
+            set_rng_states(rng_at_step_start)
         save_training_state(out_dir / "checkpoint", model, optimizer, state, cfg, label_names, tokenizer_file)
         print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out_dir / 'checkpoint'}; "
               f"run the same command with --resume to continue")
@@ -207,13 +227,32 @@ def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, pad
 
 
 def check_finite(loss, grad_norm, model, step, lr):
-    """Stop on NaN/inf before the update, naming the step, the lr and the first bad parameter."""
+    """Stop on NaN/inf before the update, naming the step (numbered as in log.jsonl), the lr and the first bad
+    parameter: a weight that is already NaN/inf (the cause) if there is one, else the first bad gradient."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    bad = next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
-               "none (the loss itself)")
+    named = list(model.named_parameters())
+    bad = next((f"weight {n}" for n, p in named if not torch.isfinite(p).all()), None) or next(
+        (f"gradient of {n}" for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()),
+        "none (the loss itself)")
     raise MiniftError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}, lr {lr:.3g}, "
-                      f"first bad gradient: {bad}; the last checkpoint is intact: lower the lr or use fp32")
+                      f"first bad parameter: {bad}; the last checkpoint is intact: lower the lr or use fp32")
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it at the end, so the block runs whole."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
 
 
 def rng_states():
@@ -222,6 +261,13 @@ def rng_states():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             states[f"torch_cuda{i}"] = s
     return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = sorted(k for k in states if k.startswith("torch_cuda"))
+    if cuda and torch.cuda.is_available():  # a checkpoint from a GPU machine resumes on a CPU-only one
+        torch.cuda.set_rng_state_all([states[k] for k in cuda])
 
 
 def save_training_state(folder, model, optimizer, state, cfg, label_names, tokenizer_file):
@@ -255,10 +301,8 @@ def load_training_state(folder, model, optimizer):
     load_state(model, read_safetensors(folder))
     saved = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch_cpu"))
-    cuda = sorted(k for k in tensors if k.startswith("rng.torch_cuda"))
-    if cuda:
-        torch.cuda.set_rng_state_all([tensors.pop(k) for k in cuda])
+    rngs = {k[len("rng."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
+    set_rng_states(rngs)
     optimizer.load_state_dict(tensors, saved["optimizer"])
     py = saved["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))

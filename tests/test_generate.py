@@ -1,0 +1,162 @@
+"""GPT2LMHeadModel.generate and pick_next_token: greedy against transformers, the KV cache against a
+full recompute, left padding, EOS, top-k, top-p and seeded sampling."""
+import pytest
+import torch
+
+from minift.checkpoints import load_checkpoint
+from minift.errors import MiniftError
+from minift.gpt2 import GPT2Config, GPT2LMHeadModel, pick_next_token
+
+
+def small_lm(dtype=torch.float64, n_positions=64):
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4))
+    with torch.no_grad():
+        for p in model.parameters():  # away from init, so that logits are peaked and greedy has no near-ties
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.to(dtype).eval()
+
+
+def greedy_without_cache(model, ids, n):
+    """The slow, obviously right loop: run the whole sequence every step and take the argmax."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("size", [0, 1])
+def test_greedy_equals_transformers(size, hf_checkpoint, padded_batch):
+    hf, folder = hf_checkpoint("GPT2LMHeadModel", size, perturb=0.2)
+    ours = load_checkpoint(folder, task="lm", verbose=False)
+    # same-length prompts, and left-padded ones (HF derives positions from the mask during generation)
+    for ids, mask in (padded_batch([5, 5, 5], "left", hf.config.vocab_size),
+                      padded_batch([6, 2, 4], "left", hf.config.vocab_size)):
+        with torch.no_grad():
+            expect = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=15,
+                                 pad_token_id=0)
+        got = ours.generate(ids, max_new_tokens=15, attention_mask=mask)
+        assert expect.shape == (3, ids.shape[1] + 15), "HF stopped early: an EOS was set"
+        assert torch.equal(got, expect), f"\nours {got}\nHF   {expect}"
+
+
+def test_kv_cache_equals_full_recompute():
+    model = small_lm()
+    prompt = torch.randint(0, 61, (2, 4))
+    got = model.generate(prompt, max_new_tokens=25)
+    assert torch.equal(got, greedy_without_cache(model, prompt, 25))
+    # the logits too, step by step: cached one-token steps against the full sequence
+    caches = [[] for _ in model.transformer.h]
+    with torch.no_grad():
+        step = model(got[:, :4], caches=caches)[:, -1]
+        for t in range(4, got.shape[1]):
+            full = model(got[:, :t])[:, -1]
+            torch.testing.assert_close(step, full, rtol=0, atol=1e-12)
+            step = model(got[:, t:t + 1], caches=caches)[:, -1]
+    assert caches[0][0].shape == (2, 4, got.shape[1], 8)  # (B, heads, time, head_dim)
+
+
+def test_left_padded_batch_continues_each_prompt_as_alone():
+    model = small_lm()
+    prompts = [torch.randint(0, 61, (n,)) for n in (7, 3, 5)]
+    T = 7
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    batch = model.generate(ids, max_new_tokens=12, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=12)
+        assert torch.equal(batch[i, T:], alone[0, len(p):]), f"row {i} continued differently inside the batch"
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    model = small_lm()
+    prompt = torch.randint(0, 61, (3, 4))
+    free = model.generate(prompt, max_new_tokens=20, eos_token_id=-1)  # -1: never an EOS
+    eos = free[0, 4 + 5].item()  # row 0 says this token at its 6th step: call it EOS
+    got = model.generate(prompt, max_new_tokens=20, eos_token_id=eos)
+    new = free[:, 4:]
+    first = [(r == eos).nonzero()[0].item() if (r == eos).any() else None for r in new]
+    assert first[0] <= 5
+    steps = 20 if None in first else max(first) + 1  # it stops once every row has ended
+    assert got.shape == (3, 4 + steps)
+    for i, f in enumerate(first):
+        expect = new[i, :steps].clone()
+        if f is not None:
+            expect[f:] = eos  # after its EOS a row only repeats EOS
+        assert torch.equal(got[i, 4:], expect)
+
+
+def test_generate_restores_train_mode_and_checks_length():
+    model = small_lm(n_positions=16).train()
+    model.generate(torch.randint(0, 61, (1, 4)), max_new_tokens=3)
+    assert model.training, "generate() must give the model back in the mode it found it"
+    with pytest.raises(MiniftError) as e:
+        model.generate(torch.randint(0, 61, (1, 10)), max_new_tokens=10)
+    assert "longer than the model's 16 positions" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_top_k_1_is_greedy():
+    model = small_lm()
+    prompt = torch.randint(0, 61, (3, 4))
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=15, temperature=1.5, top_k=1, generator=g)
+    assert torch.equal(sampled, model.generate(prompt, max_new_tokens=15))
+
+
+def test_seeded_sampling_is_reproducible():
+    model = small_lm()
+    prompt = torch.randint(0, 61, (3, 4))
+
+    def sample(seed):
+        return model.generate(prompt, max_new_tokens=20, temperature=1.0, top_p=0.95,
+                              generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = sample(7), sample(7), sample(8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c), "a different seed should give a different sample"
+    assert not torch.equal(a, model.generate(prompt, max_new_tokens=20)), "sampling is not greedy"
+
+
+# --- pick_next_token on hand-made rows -------------------------------------------------------------------
+
+# probabilities in a shuffled order, so that top-p must map its sorted choice back to the right columns
+PROBS = torch.tensor([0.10, 0.60, 0.05, 0.25], dtype=torch.float64)  # sorted: 1 (.60), 3 (.25), 0 (.10), 2 (.05)
+
+
+def sampled_set(logits, n=4000, **kw):
+    g = torch.Generator().manual_seed(0)
+    picks = pick_next_token(logits.repeat(n, 1), generator=g, **kw)
+    return picks, set(picks.tolist())
+
+
+@pytest.mark.parametrize("top_p, keep", [(0.5, {1}), (0.6 - 1e-6, {1}), (0.7, {1, 3}), (0.84, {1, 3}),
+                                         (0.9, {1, 3, 0}), (0.96, {1, 3, 0, 2}), (1.0, {1, 3, 0, 2})])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, keep):
+    picks, seen = sampled_set(PROBS.log()[None], temperature=1.0, top_p=top_p)
+    assert seen == keep, f"top_p={top_p}: sampled {sorted(seen)}, expected {sorted(keep)}"
+    # within the kept set, the probabilities are renormalised, not flattened
+    kept = torch.tensor(sorted(keep))
+    expect = PROBS[kept] / PROBS[kept].sum()
+    freq = torch.stack([(picks == k).double().mean() for k in kept])
+    torch.testing.assert_close(freq, expect, rtol=0, atol=0.03)
+
+
+def test_top_k_keeps_the_k_largest():
+    _, seen = sampled_set(PROBS.log()[None], temperature=1.0, top_k=2)
+    assert seen == {1, 3}
+
+
+def test_temperature_zero_is_argmax_and_temperature_flattens():
+    logits = PROBS.log()[None].repeat(2, 1)
+    assert pick_next_token(logits).tolist() == [1, 1]
+    picks, _ = sampled_set(PROBS.log()[None], temperature=1e3)  # nearly uniform
+    freq = torch.stack([(picks == k).double().mean() for k in range(4)])
+    torch.testing.assert_close(freq, torch.full((4,), 0.25, dtype=torch.float64), rtol=0, atol=0.03)
+
+
+def test_pick_next_token_rows_are_independent():
+    logits = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    assert pick_next_token(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1, 0, 2]
+    assert pick_next_token(logits, temperature=1.0, top_p=0.5, generator=g).tolist() == [1, 0, 2]
