@@ -46,6 +46,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.02)
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
 
+    def extra_repr(self):  # what print(model) shows
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+
     def forward(self, x):
         if keeps_for_backward(self):
             self.x = x  # keeps: the input, for dW = dy.T @ x
@@ -68,6 +71,9 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num, dim) * 0.02)
         self.padding_idx = padding_idx  # as in HF: the pad row gets no gradient
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, padding_idx={self.padding_idx}"
 
     def forward(self, ids):
         if keeps_for_backward(self):
@@ -95,6 +101,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps  # BERT 1e-12, GPT-2 1e-5: read from config.json
 
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
     def forward(self, x):
         dtype, x = x.dtype, _as_fp32(x)  # statistics in fp32; output in the input's dtype
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
@@ -121,6 +130,9 @@ class GELU(nn.Module):
     def __init__(self, approximate="none"):
         super().__init__()
         self.approximate = approximate  # "none" (erf) or "tanh"
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
 
     def forward(self, x):
         if keeps_for_backward(self):
@@ -164,6 +176,9 @@ class Dropout(nn.Module):
     def __init__(self, p):
         super().__init__()
         self.p = p
+
+    def extra_repr(self):
+        return f"p={self.p}"
 
     def forward(self, x):
         if not self.training or self.p == 0:

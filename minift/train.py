@@ -40,7 +40,7 @@ class TrainConfig:
     min_lr: float = 0.0
     max_grad_norm: float = 1.0
     dropout: float | None = None  # None: the checkpoint's own rates
-    precision: str = "fp32"  # fp32 | bf16 (autocast: bf16 matmuls, fp32 master weights and AdamW state)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: bf16 matmuls, fp32 master weights and AdamW state) | auto
     device: str = "auto"  # auto | cpu | cuda
     backward: str = "manual"  # manual: our hand-written backward; autograd: PyTorch's (for new layers)
     seed: int = 0
@@ -70,15 +70,24 @@ def pick_device(name):
 
 def autocast(device, precision):
     """bf16 autocast: matmuls in bf16, softmax/LayerNorm/loss in fp32, weights stay fp32."""
+    if precision == "auto":
+        precision = fast_precision(device)
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     if precision != "bf16":
         raise MiniftError(f"precision {precision!r} is not supported: use fp32 or bf16")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MiniftError("this GPU has no bf16 support: use --precision fp32")
-    if device.type == "cpu" and not torch.backends.mkldnn.is_available():
-        raise MiniftError("this CPU build of torch has no bf16 matmul (oneDNN): use --precision fp32")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise MiniftError("this CPU has no native bf16 matmul (AVX512-BF16 or AMX): use --precision fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def fast_precision(device):
+    """bf16 where the hardware runs bf16 matmuls natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def set_dropout(model, p):
@@ -142,8 +151,9 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
               "(stop now and pass --resume to continue it instead, or choose another --out)")
     print(describe_groups(groups))
     print(schedule.describe())
+    precision = fast_precision(device) if cfg.precision == "auto" else cfg.precision
     print(f"{len(train_examples)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
-          f"device {device}, {cfg.precision}, {cfg.backward} backward")
+          f"device {device}, {precision}, {cfg.backward} backward")
     log = open(out_dir / "log.jsonl", "a" if resume else "w")
     params = [p for g in groups for p in g["params"]]
     bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", dynamic_ncols=True)
