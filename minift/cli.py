@@ -37,7 +37,10 @@ def add_train_flags(parser, as_lists=False):
                             type=str if as_lists else (lambda text, f=f: convert(f, text)))
 
 
-FINETUNE_DEFAULTS = {"model": "minilm", "data": None, "out": "runs/minilm-tweets", "max_length": 64, "pooling": "cls"}
+# The main job's defaults: mean pooling (all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors)
+# and bf16 where the hardware has it; TrainConfig's own defaults stay the plain ones (fp32).
+FINETUNE_DEFAULTS = {"model": "minilm", "data": None, "out": "runs/minilm-tweets", "max_length": 64,
+                     "pooling": "mean", "precision": "auto"}
 
 
 def read_settings(args):
@@ -57,7 +60,7 @@ def read_settings(args):
     given = {k: v for k, v in vars(args).items() if v is not None}
     merged = {**FINETUNE_DEFAULTS, **toml, **given}
     cfg = TrainConfig(**{k: v for k, v in merged.items() if k in train_keys})
-    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS}
+    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS if k not in train_keys}
 
 
 def cmd_finetune(args):
@@ -97,11 +100,17 @@ def cmd_predict(args):
 
 
 def cmd_sweep(args):
-    from .sweep import grid, run_sweep
+    from .sweep import run_sweep
 
     space = {f.name: [convert(f, v) for v in getattr(args, f.name).split(",")]
              for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random)
+    # The trials follow `minift finetune`'s recipe (FINETUNE_DEFAULTS), so the sweep tunes what finetune trains.
+    # A flag with one value (--epochs 1) holds for every trial; a flag with several (--lr 3e-5,5e-5) is swept.
+    fixed = {k: v for k, v in FINETUNE_DEFAULTS.items() if k in {f.name for f in fields(TrainConfig)}}
+    base = TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}})
+    space = {k: v for k, v in space.items() if len(v) > 1}
+    run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,
+              pooling=FINETUNE_DEFAULTS["pooling"], text_column=args.text_column, label_column=args.label_column)
 
 
 def cmd_download(args):
@@ -141,7 +150,7 @@ def build_parser():
     f.add_argument("--label-column", default="label")
     f.add_argument("--out", help="where the log, checkpoint and best model go (default runs/minilm-tweets)")
     f.add_argument("--max-length", type=int, help="tokens per text, longer ones are cut (default 64)")
-    f.add_argument("--pooling", choices=["cls", "mean"], help="BERT: [CLS] pooler or mean of tokens (default cls)")
+    f.add_argument("--pooling", choices=["cls", "mean"], help="BERT: [CLS] pooler or mean of tokens (default mean)")
     f.add_argument("--limit", type=int, help="use only the first N training rows (a quick try)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
     f.add_argument("--config", help="a TOML file of settings (flags win over it)")
@@ -166,6 +175,8 @@ def build_parser():
     s = sub.add_parser("sweep", help="try hyperparameters; every trial is recorded, the best chosen on validation")
     s.add_argument("--model", default="minilm")
     s.add_argument("--data")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
     s.add_argument("--out", default="runs/sweep")
     s.add_argument("--max-length", type=int, default=64)
     s.add_argument("--limit", type=int, help="training rows per trial (sweeps are costly: start small)")

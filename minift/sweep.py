@@ -1,0 +1,200 @@
+"""Stage 6: tune hyperparameters. Try settings, record every trial, choose on validation only.
+
+    from minift.sweep import run_sweep
+    result = run_sweep({"lr": [2e-5, 5e-5, 1e-4], "batch_size": [16, 32]}, limit=2000)
+    result["best"]   # {"trial": 3, "settings": {"lr": 5e-05, "batch_size": 16}, "val_accuracy": ..., ...}
+
+Each trial is one call of finetune_classifier(..., test=False). The test set is not looked at here: a
+setting chosen because it scored well on the test set makes the test set a second validation set, and its
+score stops being an honest estimate of how the model does on new data. Stage 7 looks at it once.
+
+Files in `out`: results.jsonl (one line per trial, written as each one ends, so an interrupted sweep loses
+nothing; run the same sweep again and it goes on with the trials not done yet), results.csv (the table,
+best first), sweep.json (what every trial shares), trial-NNN/ (each trial's best model, log and output).
+"""
+import contextlib
+import csv
+import itertools
+import json
+import shutil
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from random import Random
+
+import torch
+
+from .errors import MiniftError
+from .finetune import finetune_classifier
+from .train import TrainConfig
+
+
+def check_space(space):
+    """A search space is {TrainConfig field: [values to try]}; say clearly what is wrong with one."""
+    names = [f.name for f in fields(TrainConfig)]
+    if not space:
+        raise MiniftError("nothing to sweep: give each setting a list of values, e.g. {'lr': [3e-5, 5e-5]} "
+                          "(on the command line: --lr 3e-5,5e-5)")
+    for key, values in space.items():
+        if key not in names:
+            raise MiniftError(f"{key!r} is not a TrainConfig setting; choose among {', '.join(names)}")
+        if key == "metric":
+            raise MiniftError("metric decides which trial is best, so every trial must share it: set it in base")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise MiniftError(f"{key}: give a non-empty list of values to try, e.g. [{getattr(TrainConfig, key)!r}]")
+        if len({repr(v) for v in values}) < len(values):
+            raise MiniftError(f"{key}: {list(values)} lists a value twice; list each value once")
+
+
+def grid(space: dict[str, list]) -> list[dict]:
+    """Every combination of the values, the first setting changing slowest (a stable order)."""
+    check_space(space)
+    return [dict(zip(space, values)) for values in itertools.product(*space.values())]
+
+
+def random_trials(space, n, seed=0) -> list[dict]:
+    """n distinct combinations drawn at random (the same n for the same seed). With several settings,
+    random trials cover more distinct values of each than a grid of the same size does."""
+    combos = grid(space)
+    if not 1 <= n <= len(combos):
+        raise MiniftError(f"cannot draw {n} distinct trials from {len(combos)} combinations: ask for 1 to "
+                          f"{len(combos)}, or drop --random to run the whole grid")
+    return [combos[i] for i in Random(seed).sample(range(len(combos)), n)]
+
+
+def previous_records(out, setup):
+    """The trials an earlier run of this same sweep already finished (so a rerun goes on where it stopped)."""
+    shared = out / "sweep.json"
+    if shared.is_file() and json.loads(shared.read_text()) != setup:
+        raise MiniftError(f"{out} holds a different sweep (see {shared}): choose another --out, or delete {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    shared.write_text(json.dumps(setup, indent=2) + "\n")
+    results = out / "results.jsonl"
+    return [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
+
+
+def run_trial(number, settings, cfg, model, data, out, max_length, limit, options):
+    """One fine-tune; its validation numbers (or its error) as a record. Its printout goes to output.txt."""
+    folder = out / f"trial-{number:03d}"
+    shutil.rmtree(folder, ignore_errors=True)  # a trial cut short earlier starts again from scratch
+    folder.mkdir(parents=True)
+    record = {"trial": number, "settings": settings, "folder": str(folder)}
+    t0 = time.perf_counter()
+    try:
+        # One screen per trial would bury the table; the whole report is kept in the trial's folder.
+        with open(folder / "output.txt", "w") as f, contextlib.redirect_stdout(f):
+            report = finetune_classifier(model, data, folder, cfg, max_length, limit=limit, test=False, **options)
+    except MiniftError as e:  # e.g. a non-finite loss at a too-high lr: a result worth recording too
+        record.update(status="failed", error=str(e))
+    except torch.cuda.OutOfMemoryError:  # a batch size too big for the GPU is a result too
+        torch.cuda.empty_cache()
+        record.update(status="failed", error="out of GPU memory: try a smaller batch_size, or grad_accum")
+    else:
+        v = report["validation"]
+        record.update(status="ok", val_accuracy=v["accuracy"], val_macro_f1=v["macro_f1"], val_loss=v["loss"],
+                      best_step=report["best_step"], steps=report["steps"], stopped_early=report["stopped_early"])
+    record["seconds"] = time.perf_counter() - t0
+    record["config"] = asdict(cfg)
+    # The resumable checkpoint (weights + AdamW state, ~260 MB for MiniLM) is not needed once a trial has
+    # ended; best/ (the model chosen on validation) stays.
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    return record
+
+
+def ranked(records, metric):
+    """Finished trials best first, then the failed ones. Higher accuracy/F1 is better, lower loss is; ties
+    (common on a small validation set) go to the lower validation loss, then to the earlier trial."""
+    ok = [r for r in records if r["status"] == "ok"]
+    sign = 1 if metric == "loss" else -1
+    ok.sort(key=lambda r: (sign * r[f"val_{metric}"], r["val_loss"]))
+    return ok + [r for r in records if r["status"] != "ok"]
+
+
+def format_value(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def format_table(records, keys, metric):
+    """The trials as a table, best first; `keys` are the settings that change between trials."""
+    head = ["rank", "trial", *keys, "val acc", "val F1", "val loss", "best step", "seconds"]
+    lines = []
+    for rank, r in enumerate(ranked(records, metric), 1):
+        cells = [rank, r["trial"], *(format_value(r["settings"].get(k)) for k in keys)]
+        if r["status"] == "ok":
+            cells += [f"{r['val_accuracy']:.4f}", f"{r['val_macro_f1']:.4f}", f"{r['val_loss']:.4f}", r["best_step"]]
+        else:
+            cells += ["failed", "", "", ""]
+        lines.append([str(c) for c in cells] + [f"{r['seconds']:.0f}"])
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head] + lines]
+    text += [f"trial {r['trial']} failed: {r['error']}" for r in records if r["status"] != "ok"]
+    return "\n".join(text)
+
+
+def write_csv(records, keys, metric, path):
+    columns = ["rank", "trial", *keys, "status", "val_accuracy", "val_macro_f1", "val_loss", "best_step", "steps",
+               "seconds", "folder", "error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for rank, r in enumerate(ranked(records, metric), 1):
+            writer.writerow({**r, **r["settings"], "rank": rank})
+
+
+def run_sweep(space, model="minilm", data=None, out="runs/sweep", max_length=64, limit=None, random=None,
+              base=None, **options) -> dict:
+    """Fine-tune once per combination of `space` (or `random` of them), every other setting from `base`;
+    `options` go to finetune_classifier (pooling, text_column, label_column).
+    Returns {"trials": records in the order they ran, "best": the best record on validation}."""
+    base = base or TrainConfig()
+    todo = random_trials(space, random, seed=base.seed) if random else grid(space)
+    out = Path(out)
+    setup = {"model": str(model), "data": None if data is None else str(data), "max_length": max_length,
+             "limit": limit, "base": asdict(base), **options}
+    records = previous_records(out, json.loads(json.dumps(setup)))
+    done = [r["settings"] for r in records]
+    keys = [k for k in space if len(space[k]) > 1] or list(space)  # columns for what changes
+    if done:
+        print(f"{len(records)} trials already recorded in {out / 'results.jsonl'} are kept "
+              f"(delete {out} to start afresh)")
+    todo = [s for s in todo if json.loads(json.dumps(s)) not in done]
+    print(f"sweep: {len(todo)} trials of {', '.join(keys)}; the best by validation {base.metric}; "
+          f"each trial's full report is in {out}/trial-NNN/output.txt")
+    for i, settings in enumerate(todo, 1):
+        number = len(records)
+        print(f"trial {number} ({i}/{len(todo)}): {describe(settings)}")
+        try:
+            cfg = replace(base, **settings)
+            record = run_trial(number, settings, cfg, model, data, out, max_length, limit, options)
+        except KeyboardInterrupt:
+            print(f"\nsweep interrupted in trial {number}; {len(records)} trials are saved in {out / 'results.jsonl'}: "
+                  "run the same sweep again to go on with the rest")
+            raise
+        records.append(record)
+        with open(out / "results.jsonl", "a") as f:  # appended at once: an interruption loses nothing
+            f.write(json.dumps(record) + "\n")
+        write_csv(records, keys, base.metric, out / "results.csv")
+        if record["status"] == "ok":
+            print(f"  -> validation accuracy {record['val_accuracy']:.4f}, loss {record['val_loss']:.4f} "
+                  f"(best step {record['best_step']}), {record['seconds']:.0f} s")
+        else:
+            print(f"  -> failed: {record['error']}")
+    return {"trials": records, "best": report(records, keys, base.metric, out)}
+
+
+def describe(settings):
+    return ", ".join(f"{k}={format_value(v)}" for k, v in settings.items())
+
+
+def report(records, keys, metric, out):
+    """Print the table, best first, and return the best trial: chosen on validation, never on test."""
+    print(f"\n{format_table(records, keys, metric)}")
+    best = ranked(records, metric)[0]
+    if best["status"] != "ok":
+        raise MiniftError(f"all {len(records)} trials failed (the first: {records[0]['error']}); "
+                          f"see {out / 'results.csv'} and each trial's output.txt")
+    print(f"\nbest on validation {metric}: trial {best['trial']} ({describe(best['settings'])}); "
+          f"its model is in {Path(best['folder']) / 'best'}")
+    print(f"all trials: {out / 'results.csv'}, {out / 'results.jsonl'}. The test set was not used: look at it "
+          "once, with these settings, when you are done choosing (stage 7).")
+    return best
