@@ -13,6 +13,7 @@ CPU has it. Prints test accuracy, macro-F1 and wall time of both.
 """
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def run_hf(splits, epochs, out, limit):
     train_rows = splits["train"][:limit] if limit else splits["train"]
     model = BertForSequenceClassification.from_pretrained(path, num_labels=3)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                             learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.06, lr_scheduler_type="linear",
+                             learning_rate=5e-5, weight_decay=0.01, lr_scheduler_type="linear",
+                             # 6% warmup; transformers 5 dropped warmup_ratio, so give the step count
+                             warmup_steps=math.ceil(0.06 * math.ceil(len(train_rows) / 32) * epochs),
                              max_grad_norm=1.0, num_train_epochs=epochs, save_strategy="no", eval_strategy="no",
                              report_to=[], seed=0, use_cpu=True, logging_steps=100, dataloader_num_workers=0)
     t0 = time.perf_counter()
