@@ -48,7 +48,7 @@ def describe_groups(groups):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# AdamW (Loshchilov & Hutter), written to match torch.optim.AdamW. For each parameter it keeps two running
+# AdamW (Loshchilov & Hutter), written to match PyTorch's AdamW. For each parameter it keeps two running
 # averages: m of the gradient (momentum) and v of the squared gradient (a per-number scale). The update is
 # m / sqrt(v): a step of about lr in every coordinate, whatever the gradient's size.
 
