@@ -4,19 +4,23 @@ minift's hand-written backward vs autograd on the same minift model vs Hugging F
     python bench/backward.py                 # all configs, fp32 and bf16
     python bench/backward.py --only minilm --steps 10
 
-Prints the median step time of each, the ratios (>1 means minift is faster) and peak memory (RSS growth).
+The three steps take turns, one step each per round, so that a slow spell of a shared machine hits all
+three alike; each gets the median of its rounds after 3 warm-up rounds. Ratios > 1 mean minift's
+hand-written step is faster. Peak memory is measured apart, each step in a fresh process (peak RSS after
+3 steps: weights + AdamW state + what one step holds at its peak).
 Needs transformers (the test extra). Configs are random-init: speed does not depend on the weights.
 """
 import argparse
 import gc
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from minift.checkpoints import build_model
-from minift.layers import Dropout
 from minift.optim import AdamW, param_groups
 from minift.train import TrainConfig, autocast, forward_backward
 
@@ -31,19 +35,33 @@ CONFIGS = {
 }
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def time_in_turns(steps, rounds, warmup=3):
+    """steps: {label: step function}. One step of each per round; the median seconds of each."""
+    times = {label: [] for label in steps}
+    for r in range(warmup + rounds):
+        for label, step in steps.items():
+            t = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[label].append(time.perf_counter() - t)
+    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
-def time_steps(step, steps, warmup=3):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def own_peak_rss_mb():
+    """This process's peak RSS. Linux's VmHWM, not ru_maxrss: a child started by a big parent inherits the
+    parent's ru_maxrss across exec."""
+    try:
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+
+def peak_rss_mb(name, precision, label):
+    """Peak RSS of a fresh process that builds one step and runs it 3 times."""
+    cmd = [sys.executable, __file__, "--only", name, "--precision", precision, "--memory-of", label]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
 
 
 def minift_step(spec, batch, precision, backward):
@@ -80,40 +98,55 @@ def hf_step(spec, batch, precision):
     return step
 
 
+def make_batch(spec):
+    torch.manual_seed(0)
+    ids = torch.randint(1, spec["config"]["vocab_size"], (spec["batch"], spec["seq"]))
+    labels = ids.clone() if spec["kind"] == "lm" else torch.randint(0, 3, (spec["batch"],))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def make_step(label, spec, batch, precision):
+    return hf_step(spec, batch, precision) if label == "HF" else minift_step(spec, batch, precision, label)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(CONFIGS))
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (after 3 warm-up rounds)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], action="append")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--memory-of", choices=["manual", "autograd", "HF"], help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps} steps after 3 warm-up")
+    if args.memory_of:
+        step = make_step(args.memory_of, CONFIGS[args.only], make_batch(CONFIGS[args.only]), args.precision[0])
+        for _ in range(3):
+            step()
+        print(own_peak_rss_mb())
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps} rounds "
+          f"after 3 warm-up rounds, the steps taking turns")
+    labels = ["manual", "autograd"] + ([] if args.no_hf else ["HF"])
     for name, spec in CONFIGS.items():
         if args.only and name != args.only:
             continue
-        vocab = spec["config"]["vocab_size"]
-        ids = torch.randint(1, vocab, (spec["batch"], spec["seq"]))
-        labels = ids.clone() if spec["kind"] == "lm" else torch.randint(0, 3, (spec["batch"],))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        batch = make_batch(spec)
         for precision in args.precision or ["fp32", "bf16"]:
-            row = {}
-            runs = [("manual", lambda: minift_step(spec, batch, precision, "manual")),
-                    ("autograd", lambda: minift_step(spec, batch, precision, "autograd"))]
-            if not args.no_hf:
-                runs.append(("HF", lambda: hf_step(spec, batch, precision)))
-            for label, make in runs:
-                gc.collect()
-                before = peak_rss_mb()
-                row[label] = time_steps(make(), args.steps)
-                row[label + "_mem"] = peak_rss_mb() - before
-            line = (f"{name:11s} {spec['batch']}x{spec['seq']} {precision}: minift manual {row['manual']:.3f} s, "
-                    f"autograd {row['autograd']:.3f} s")
-            if "HF" in row:
-                line += f", HF {row['HF']:.3f} s | vs HF x{row['HF'] / row['manual']:.2f}"
-            line += f", vs autograd x{row['autograd'] / row['manual']:.2f}"
+            steps = {label: make_step(label, spec, batch, precision) for label in labels}
+            t = time_in_turns(steps, args.steps)
+            del steps
+            gc.collect()
+            line = f"{name:10s} {spec['batch']}x{spec['seq']} {precision}: " + ", ".join(
+                f"{label} {t[label]:.3f} s" for label in labels)
+            line += f" | manual vs autograd x{t['autograd'] / t['manual']:.2f}"
+            if "HF" in t:
+                line += f", vs HF x{t['HF'] / t['manual']:.2f}"
             print(line, flush=True)
-    print("(ratios > 1: minift's hand-written step is faster; peak-RSS growth is a rough memory signal)")
+            if not args.no_memory:
+                mem = {label: peak_rss_mb(name, precision, label) for label in labels}
+                print(" " * 11 + "peak RSS: " + ", ".join(f"{label} {mb:.0f} MB" for label, mb in mem.items()),
+                      flush=True)
+    print("(ratios > 1: minift's hand-written step is faster)")
 
 
 if __name__ == "__main__":

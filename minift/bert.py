@@ -47,7 +47,9 @@ class BertConfig:
 
 def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
     B, T, D = x.shape
-    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2)
+    # contiguous once here: otherwise each matmul that uses this view (two in forward, more in backward)
+    # would copy it into a contiguous tensor again
+    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2).contiguous()
 
 
 def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)

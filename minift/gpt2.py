@@ -7,11 +7,13 @@ weights of shape (in, out); ours are ordinary Linear (out, in), and checkpoints.
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .bert import merge_heads, positions_from_mask, split_heads
 from .errors import MiniftError
-from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, accumulate_grad, cross_entropy
+from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, accumulate_grad, cast_for_matmul,
+                     cross_entropy)
 
 
 @dataclass
@@ -156,14 +158,12 @@ class GPT2LMHeadModel(nn.Module):
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels (prompt, padding) are skipped."""
-        V = logits.shape[-1]
-        loss, dshifted = cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), num_targets,
-                                       want_grad=self.training)
-        if dshifted is None:
-            return loss, None
-        dlogits = torch.zeros_like(logits, dtype=dshifted.dtype)
-        dlogits[:, :-1] = dshifted.view(logits.shape[0], -1, V)
-        return loss, dlogits
+        # shift the labels, not the logits: the last position gets the target -100 (nothing follows it), so
+        # the loss skips it and its gradient is 0, with no copy of the (batch, time, vocab) logits
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
+                                      want_grad=self.training)
+        return loss, None if dlogits is None else dlogits.view(logits.shape)
 
     def count_targets(self, labels):
         return int((labels[:, 1:] != -100).sum())
@@ -171,6 +171,7 @@ class GPT2LMHeadModel(nn.Module):
     def backward(self, dlogits):
         hidden, wte = self.hidden, self.transformer.wte.weight
         del self.hidden
+        dlogits = cast_for_matmul(dlogits)
         # the second use of the tied weight: its gradient adds to the embedding's own
         accumulate_grad(wte, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
         self.transformer.backward(dlogits @ wte)
