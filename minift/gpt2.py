@@ -151,7 +151,7 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(c)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
-        hidden = self.transformer(input_ids, attention_mask, position_ids, caches)
+        hidden = cast_for_matmul(self.transformer(input_ids, attention_mask, position_ids, caches))
         if self.training and not torch.is_grad_enabled():
             self.hidden = hidden  # keeps: the input of the head, for d(wte) += dlogits.T @ hidden
         return hidden @ self.transformer.wte.weight.T  # tied: logits = h @ wte.T

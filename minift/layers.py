@@ -39,10 +39,12 @@ def _as_fp32(x):
 
 
 def cast_for_matmul(x):
-    """Under autocast every matmul casts its fp32 inputs to bf16 itself; a gradient that feeds two matmuls
-    (dW and dx) is cast once here instead of twice."""
+    """Under autocast every matmul casts its fp32 inputs to bf16 by itself, each time. A tensor that feeds
+    two matmuls (a layer's input: y and dW; a gradient: dW and dx) is cast once here instead of twice."""
     device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class Linear(nn.Module):
@@ -57,8 +59,9 @@ class Linear(nn.Module):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
 
     def forward(self, x):
+        x = cast_for_matmul(x)
         if keeps_for_backward(self):
-            self.x = x  # keeps: the input, for dW = dy.T @ x
+            self.x = x  # keeps: the input (in bf16 under autocast, as the matmul sees it), for dW = dy.T @ x
         return F.linear(x, self.weight, self.bias)
 
     def backward(self, dy):

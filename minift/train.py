@@ -126,6 +126,8 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
         raise MiniftError(f"metric {cfg.metric!r} is unknown: choose accuracy, macro_f1 or loss")
     if isinstance(model, GPT2LMHeadModel) and cfg.metric != "loss":
         raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise MiniftError(f"dropout {cfg.dropout} must be in [0, 1): it is the fraction of values zeroed (0.1 is usual)")
     if cfg.backward not in ("manual", "autograd"):
         raise MiniftError(f"backward {cfg.backward!r} is unknown: choose manual or autograd")
     out_dir = Path(out_dir)
@@ -145,7 +147,7 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_without_gain": 0}
     if resume:
-        state = load_training_state(out_dir / "checkpoint", model, optimizer)
+        state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg)
     elif (out_dir / "checkpoint").exists():
         print(f"note: {out_dir} holds an earlier run; its checkpoint and best model will be replaced "
               "(stop now and pass --resume to continue it instead, or choose another --out)")
@@ -302,7 +304,7 @@ def save_training_state(folder, model, optimizer, state, cfg, label_names, token
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(folder, model, optimizer):
+def load_training_state(folder, model, optimizer, cfg=None):
     folder = Path(folder)
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
@@ -319,4 +321,8 @@ def load_training_state(folder, model, optimizer):
     np_state = saved["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     print(f"resumed from {folder} at step {saved['state']['step']}")
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items() if cfg and getattr(cfg, k, v) != v}
+    if changed:  # allowed (more epochs, a lower lr ...), but the run is no longer the one that was saved
+        print("note: settings changed since the checkpoint: "
+              + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
     return saved["state"]

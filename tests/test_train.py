@@ -323,6 +323,18 @@ def test_checkpoint_with_cuda_rng_states_resumes_on_a_cpu_only_machine(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_resume_with_changed_settings_says_what_changed(tmp_path, capsys):
+    run(config(max_steps=2), tmp_path)
+    capsys.readouterr()
+    run(config(max_steps=4, lr=1e-4), tmp_path, resume=True)
+    out = capsys.readouterr().out
+    assert "settings changed since the checkpoint" in out
+    assert "max_steps 2 -> 4" in out and "-> 0.0001" in out
+    run(config(max_steps=6, lr=1e-4), tmp_path, resume=True)  # the checkpoint now holds lr 1e-4
+    note = next(line for line in capsys.readouterr().out.splitlines() if "settings changed" in line)
+    assert "max_steps 4 -> 6" in note and " lr " not in note
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. The non-finite guard
 
@@ -586,6 +598,12 @@ def test_bf16_on_cpu_trains_close_to_fp32(kind, tmp_path):
 def test_unknown_precision_is_an_error(tmp_path):
     with pytest.raises(MiniftError, match="precision 'fp16' is not supported"):
         run(config(max_steps=1, precision="fp16"), tmp_path)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_dropout_outside_0_1_is_an_error(tmp_path, p):
+    with pytest.raises(MiniftError, match=r"dropout .* must be in \[0, 1\)"):
+        run(config(max_steps=1, dropout=p), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
