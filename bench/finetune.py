@@ -7,7 +7,7 @@ minift runs its `minift finetune` defaults: the same settings, with mean pooling
 CPU has it. Prints test accuracy, macro-F1 and wall time of both.
 
     pip install -e '.[bench]'
-    python bench/finetune.py                    # both, about 30 minutes on 2 cores
+    python bench/finetune.py                    # both, about 45 minutes on 2 cores (see RESULTS.md)
     python bench/finetune.py --skip-hf          # minift only
     python bench/finetune.py --epochs 1 --limit 3000   # a quicker comparison on a subset
 """

@@ -166,12 +166,12 @@ class GELU(nn.Module):
         # the math is written out; the trailing underscores (in place) only save memory traffic
         if self.approximate == "tanh":
             k = math.sqrt(2 / math.pi)
-            inner = x * x * 0.044715  # u = k * (x + 0.044715 x^3),  du/dx = k * (1 + 3 * 0.044715 x^2)
-            t = torch.tanh(inner.add(1).mul_(x).mul_(k))
+            inner = (x * x).mul_(0.044715)  # u = k * (x + 0.044715 x^3),  du/dx = k * (1 + 3 * 0.044715 x^2)
+            t = inner.add(1).mul_(x).mul_(k).tanh_()
             du = inner.mul_(3).add_(1).mul_(k)
             # d/dx [0.5 x (1 + tanh u)] = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
-            return (1 - t * t).mul_(du).mul_(x).add_(t).add_(1).mul_(0.5).mul_(dy)
-        cdf = torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(0.5)  # Phi(x)
+            return (t * t).neg_().add_(1).mul_(du).mul_(x).add_(t).add_(1).mul_(0.5).mul_(dy)
+        cdf = (x * (1 / math.sqrt(2))).erf_().add_(1).mul_(0.5)  # Phi(x)
         gauss = (x * x).mul_(-0.5).exp_()  # exp(-x^2 / 2) = sqrt(2 pi) phi(x)
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
         return cdf.addcmul_(x, gauss, value=1 / math.sqrt(2 * math.pi)).mul_(dy)

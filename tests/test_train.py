@@ -436,8 +436,13 @@ def interrupt_then_resume(out, dropout, monkeypatch, where, at=INTERRUPT_AT):
                 return super().update(n)
 
         monkeypatch.setattr(TM, "tqdm", Bar)
-    with pytest.raises(KeyboardInterrupt):
-        run(interrupt_config(dropout), out)
+    # a runner started in the background may have Ctrl-C (SIGINT) ignored; these tests need Python's handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(interrupt_config(dropout), out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     saved = trainer_state(out / "checkpoint")
     # a resume that cannot make progress must fail the test, not hang it
