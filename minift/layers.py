@@ -33,9 +33,13 @@ def accumulate_grad(param, grad):
         param.grad += grad
 
 
-def _as_fp32(x):
+def _fp32_dtype(x):
     """Normalisation and softmax run in fp32 even when the matmuls run in bf16 (as autocast does)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
+def _as_fp32(x):
+    return x.to(_fp32_dtype(x))
 
 
 def cast_for_matmul(x):
@@ -232,7 +236,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1]))  # (in place: one tensor less)
         # finfo.min, not -inf or -1e10: stays finite in every dtype, so a fully padded row is uniform, not NaN
         scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(_as_fp32(scores), dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=_fp32_dtype(scores))  # (upcasts inside: no fp32 copy)
         weights = self.dropout(probs).to(v.dtype)  # the weights that mix the values: probs after dropout
         if keeps_for_backward(self):
             # keeps: the inputs, the softmax (fp32), the weights after dropout, the mask
@@ -262,17 +266,18 @@ def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True
     Returns (loss, dlogits). dlogits is None when not wanted (evaluation) or when autograd is on (then use
     loss.backward()).
     """
-    logits = _as_fp32(logits)
     supervised = labels != ignore_index
     if num_targets is None:
         num_targets = int(supervised.sum())
     if num_targets == 0:
         raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
+    # in fp32 even for bf16 logits; the upcast happens inside log_softmax (a language model's logits are
+    # batch x time x vocab: a separate fp32 copy would be hundreds of MB)
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=_fp32_dtype(logits))
     safe_labels = labels.masked_fill(~supervised, 0)
-    row_weight = supervised.to(logits.dtype)
+    row_weight = supervised.to(logprobs.dtype)
     if weights is not None:
-        row_weight = row_weight * weights.to(logits.dtype)[safe_labels]
-    logprobs = torch.log_softmax(logits, dim=-1)
+        row_weight = row_weight * weights.to(logprobs.dtype)[safe_labels]
     picked = logprobs.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
     loss = -(picked * row_weight).sum() / num_targets
     if torch.is_grad_enabled() or not want_grad:

@@ -223,8 +223,8 @@ def test_twenty_sgd_steps_ours_equal_autograd(kind, padded_batch):
 
 # --- padding invariance ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, side", product(
-    ["bert-cls", "bert-mean", "roberta-cls", "roberta-mean", "gpt2-cls", "gpt2-lm"], ["right", "left"]))
+@pytest.mark.parametrize("kind, side", list(product(
+    ["bert-cls", "bert-mean", "roberta-cls", "roberta-mean", "gpt2-cls", "gpt2-lm"], ["right", "left"])))
 def test_sentence_alone_equals_inside_a_padded_batch(kind, side, padded_batch):
     model = make_model(kind).float().eval()
     vocab, pad = model.config.vocab_size, pad_id(model)
