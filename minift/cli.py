@@ -37,6 +37,8 @@ def add_train_flags(parser, as_lists=False):
                             type=str if as_lists else (lambda text, f=f: convert(f, text)))
 
 
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
+
 # The main job's defaults: mean pooling (all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors)
 # and bf16 where the hardware has it; TrainConfig's own defaults stay the plain ones (fp32).
 FINETUNE_DEFAULTS = {"model": "minilm", "data": None, "out": "runs/minilm-tweets", "max_length": 64,
@@ -53,14 +55,13 @@ def read_settings(args):
             toml = tomllib.loads(Path(args.config).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise MiniftError(f"cannot read {args.config}: {e}") from None
-    train_keys = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(toml) - train_keys - set(FINETUNE_DEFAULTS))
+    unknown = sorted(set(toml) - TRAIN_KEYS - set(FINETUNE_DEFAULTS))
     if unknown:
         raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
     given = {k: v for k, v in vars(args).items() if v is not None}
     merged = {**FINETUNE_DEFAULTS, **toml, **given}
-    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in train_keys})
-    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS if k not in train_keys}
+    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS})
+    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS if k not in TRAIN_KEYS}
 
 
 def cmd_finetune(args):
@@ -106,7 +107,7 @@ def cmd_sweep(args):
              for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     # The trials follow `minift finetune`'s recipe (FINETUNE_DEFAULTS), so the sweep tunes what finetune trains.
     # A flag with one value (--epochs 1) holds for every trial; a flag with several (--lr 3e-5,5e-5) is swept.
-    fixed = {k: v for k, v in FINETUNE_DEFAULTS.items() if k in {f.name for f in fields(TrainConfig)}}
+    fixed = {k: v for k, v in FINETUNE_DEFAULTS.items() if k in TRAIN_KEYS}
     base = TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}})
     space = {k: v for k, v in space.items() if len(v) > 1}
     run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,

@@ -62,6 +62,11 @@ def random_trials(space, n, seed=0) -> list[dict]:
     return [combos[i] for i in Random(seed).sample(range(len(combos)), n)]
 
 
+def as_stored(value):
+    """`value` as it reads back from a JSON file (tuples become lists), so it compares with what was saved."""
+    return json.loads(json.dumps(value))
+
+
 def previous_records(out, setup):
     """The trials an earlier run of this same sweep already finished (so a rerun goes on where it stopped)."""
     shared = out / "sweep.json"
@@ -151,13 +156,13 @@ def run_sweep(space, model="minilm", data=None, out="runs/sweep", max_length=64,
     out = Path(out)
     setup = {"model": str(model), "data": None if data is None else str(data), "max_length": max_length,
              "limit": limit, "base": asdict(base), **options}
-    records = previous_records(out, json.loads(json.dumps(setup)))
+    records = previous_records(out, as_stored(setup))
     done = [r["settings"] for r in records]
     keys = [k for k in space if len(space[k]) > 1] or list(space)  # columns for what changes
     if done:
         print(f"{len(records)} trials already recorded in {out / 'results.jsonl'} are kept "
               f"(delete {out} to start afresh)")
-    todo = [s for s in todo if json.loads(json.dumps(s)) not in done]
+    todo = [s for s in todo if as_stored(s) not in done]
     print(f"sweep: {len(todo)} trials of {', '.join(keys)}; the best by validation {base.metric}; "
           f"each trial's full report is in {out}/trial-NNN/output.txt")
     for i, settings in enumerate(todo, 1):
