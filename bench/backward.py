@@ -5,8 +5,8 @@ minift's hand-written backward vs autograd on the same minift model vs Hugging F
     python bench/backward.py --only minilm --steps 10
 
 The three steps take turns, one step each per round, so that a slow spell of a shared machine hits all
-three alike; each gets the median of its rounds after 3 warm-up rounds. Ratios > 1 mean minift's
-hand-written step is faster. Peak memory is measured apart, each step in a fresh process (peak RSS after
+three alike. Times are the median of the rounds after 3 warm-up rounds; a ratio is the median over rounds
+of the ratio within each round. Ratios > 1 mean minift's hand-written step is faster. Peak memory is measured apart, each step in a fresh process (peak RSS after
 3 steps: weights + AdamW state + what one step holds at its peak).
 Needs transformers (the test extra). Configs are random-init: speed does not depend on the weights.
 """
@@ -36,15 +36,23 @@ CONFIGS = {
 
 
 def time_in_turns(steps, rounds, warmup=3):
-    """steps: {label: step function}. One step of each per round; the median seconds of each."""
+    """steps: {label: step function}. One step of each per round, in reverse order every other round (so
+    that no step always runs right after the same one); the seconds of each step in each round."""
     times = {label: [] for label in steps}
     for r in range(warmup + rounds):
-        for label, step in steps.items():
+        for label in list(steps)[::1 if r % 2 == 0 else -1]:
             t = time.perf_counter()
-            step()
+            steps[label]()
             if r >= warmup:
                 times[label].append(time.perf_counter() - t)
-    return {label: statistics.median(ts) for label, ts in times.items()}
+    return times
+
+
+def speedup(times, other):
+    """How many times faster the manual step is than `other`: the median over rounds of the ratio within
+    each round. Both steps of a round ran within seconds of each other, so a slow spell of the machine
+    cancels out of the ratio (it would not from a ratio of medians taken over different minutes)."""
+    return statistics.median(o / m for m, o in zip(times["manual"], times[other]))
 
 
 def own_peak_rss_mb():
@@ -125,7 +133,7 @@ def main():
         print(own_peak_rss_mb())
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps} rounds "
-          f"after 3 warm-up rounds, the steps taking turns")
+          f"after 3 warm-up rounds, the steps taking turns; ratios: median of the ratios within each round")
     labels = ["manual", "autograd"] + ([] if args.no_hf else ["HF"])
     for name, spec in CONFIGS.items():
         if args.only and name != args.only:
@@ -133,14 +141,14 @@ def main():
         batch = make_batch(spec)
         for precision in args.precision or ["fp32", "bf16"]:
             steps = {label: make_step(label, spec, batch, precision) for label in labels}
-            t = time_in_turns(steps, args.steps)
+            times = time_in_turns(steps, args.steps)
             del steps
             gc.collect()
             line = f"{name:10s} {spec['batch']}x{spec['seq']} {precision}: " + ", ".join(
-                f"{label} {t[label]:.3f} s" for label in labels)
-            line += f" | manual vs autograd x{t['autograd'] / t['manual']:.2f}"
-            if "HF" in t:
-                line += f", vs HF x{t['HF'] / t['manual']:.2f}"
+                f"{label} {statistics.median(times[label]):.3f} s" for label in labels)
+            line += f" | manual vs autograd x{speedup(times, 'autograd'):.2f}"
+            if "HF" in times:
+                line += f", vs HF x{speedup(times, 'HF'):.2f}"
             print(line, flush=True)
             if not args.no_memory:
                 mem = {label: peak_rss_mb(name, precision, label) for label in labels}

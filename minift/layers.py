@@ -169,12 +169,14 @@ class GELU(nn.Module):
         del self.x
         # the math is written out; the trailing underscores (in place) only save memory traffic
         if self.approximate == "tanh":
-            k = math.sqrt(2 / math.pi)
-            inner = (x * x).mul_(0.044715)  # u = k * (x + 0.044715 x^3),  du/dx = k * (1 + 3 * 0.044715 x^2)
-            t = inner.add(1).mul_(x).mul_(k).tanh_()
-            du = inner.mul_(3).add_(1).mul_(k)
-            # d/dx [0.5 x (1 + tanh u)] = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
-            return (t * t).neg_().add_(1).mul_(du).mul_(x).add_(t).add_(1).mul_(0.5).mul_(dy)
+            k, c = math.sqrt(2 / math.pi), 0.044715
+            # y = 0.5 x (1 + t) with t = tanh(u), u = k (x + c x^3), du/dx = k (1 + 3 c x^2):
+            # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx = 0.5 (1 + t) (1 + x (1 - t) du/dx)
+            x2 = x * x
+            t = (x2 * (k * c)).add_(k).mul_(x).tanh_()
+            g = x2.mul_(3 * k * c).add_(k).mul_(x)  # x du/dx
+            g.addcmul_(g, t, value=-1).add_(1)  # 1 + x (1 - t) du/dx
+            return t.add_(1).mul_(g).mul_(dy).mul_(0.5)
         cdf = (x * (1 / math.sqrt(2))).erf_().add_(1).mul_(0.5)  # Phi(x)
         gauss = (x * x).mul_(-0.5).exp_()  # exp(-x^2 / 2) = sqrt(2 pi) phi(x)
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
@@ -213,12 +215,12 @@ class Dropout(nn.Module):
         dropped = torch.rand(x.shape, device=x.device) < self.p
         if keeps_for_backward(self):
             self.dropped = dropped  # keeps: which values were zeroed (bool), so backward zeroes the same
-        return x.masked_fill(dropped, 0).mul_(1 / (1 - self.p))
+        return x.mul(1 / (1 - self.p)).masked_fill_(dropped, 0)  # (scale, then zero in place: two passes)
 
     def backward(self, dy):
         dropped = self.dropped
         self.dropped = None
-        return dy if dropped is None else dy.masked_fill(dropped, 0).mul_(1 / (1 - self.p))
+        return dy if dropped is None else dy.mul(1 / (1 - self.p)).masked_fill_(dropped, 0)
 
 
 class Attention(nn.Module):
@@ -248,8 +250,8 @@ class Attention(nn.Module):
         del self.q, self.k, self.v, self.probs, self.weights, self.allowed
         dv = weights.transpose(-1, -2) @ dout
         dprobs = _as_fp32(self.dropout.backward(dout @ v.transpose(-1, -2)))
-        # softmax backward, row by row: ds = p * (dp - sum(dp * p)); the in-place steps reuse one tensor
-        dscores = (dprobs - (dprobs * probs).sum(-1, keepdim=True)).mul_(probs)
+        # softmax backward, row by row: ds = p * (dp - sum(dp * p)), in place in dprobs (a fresh tensor of ours)
+        dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs)
         # a masked score was overwritten, so it passes no gradient (this matters in a fully masked row,
         # where softmax spreads evenly over the masked keys)
         dscores.masked_fill_(~allowed, 0).mul_(1 / math.sqrt(q.shape[-1]))
