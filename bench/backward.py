@@ -5,13 +5,13 @@ minift's hand-written backward vs autograd on the same minift model vs Hugging F
     python bench/backward.py --only minilm --steps 10
 
 The three steps take turns, one step each per round, so that a slow spell of a shared machine hits all
-three alike. Times are the median of the rounds after 3 warm-up rounds; a ratio is the median over rounds
-of the ratio within each round. Ratios > 1 mean minift's hand-written step is faster. Peak memory is measured apart, each step in a fresh process (peak RSS after
+three alike, and each config runs in a fresh process. Times are the median of the rounds after 3 warm-up
+rounds; a ratio is the median over rounds of the ratio within each round. Ratios > 1 mean minift's
+hand-written step is faster. Peak memory is measured apart, each step in a fresh process (peak RSS after
 3 steps: weights + AdamW state + what one step holds at its peak).
 Needs transformers (the test extra). Configs are random-init: speed does not depend on the weights.
 """
 import argparse
-import gc
 import resource
 import statistics
 import subprocess
@@ -117,6 +117,20 @@ def make_step(label, spec, batch, precision):
     return hf_step(spec, batch, precision) if label == "HF" else minift_step(spec, batch, precision, label)
 
 
+def time_config(name, precision, labels, rounds):
+    """Time the steps of one config in this process; print one line of times and ratios."""
+    spec = CONFIGS[name]
+    batch = make_batch(spec)
+    steps = {label: make_step(label, spec, batch, precision) for label in labels}
+    times = time_in_turns(steps, rounds)
+    line = f"{name:10s} {spec['batch']}x{spec['seq']} {precision}: " + ", ".join(
+        f"{label} {statistics.median(times[label]):.3f} s" for label in labels)
+    line += f" | manual vs autograd x{speedup(times, 'autograd'):.2f}"
+    if "HF" in times:
+        line += f", vs HF x{speedup(times, 'HF'):.2f}"
+    print(line, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(CONFIGS))
@@ -124,32 +138,30 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], action="append")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    ap.add_argument("--memory-of", choices=["manual", "autograd", "HF"], help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--memory-of", choices=["manual", "autograd", "HF"], help=argparse.SUPPRESS)  # child processes
+    ap.add_argument("--time-here", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    labels = ["manual", "autograd"] + ([] if args.no_hf else ["HF"])
     if args.memory_of:
         step = make_step(args.memory_of, CONFIGS[args.only], make_batch(CONFIGS[args.only]), args.precision[0])
         for _ in range(3):
             step()
         print(own_peak_rss_mb())
         return
+    if args.time_here:
+        time_config(args.only, args.precision[0], labels, args.steps)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps} rounds "
           f"after 3 warm-up rounds, the steps taking turns; ratios: median of the ratios within each round")
-    labels = ["manual", "autograd"] + ([] if args.no_hf else ["HF"])
-    for name, spec in CONFIGS.items():
+    for name in CONFIGS:
         if args.only and name != args.only:
             continue
-        batch = make_batch(spec)
         for precision in args.precision or ["fp32", "bf16"]:
-            steps = {label: make_step(label, spec, batch, precision) for label in labels}
-            times = time_in_turns(steps, args.steps)
-            del steps
-            gc.collect()
-            line = f"{name:10s} {spec['batch']}x{spec['seq']} {precision}: " + ", ".join(
-                f"{label} {statistics.median(times[label]):.3f} s" for label in labels)
-            line += f" | manual vs autograd x{speedup(times, 'autograd'):.2f}"
-            if "HF" in times:
-                line += f", vs HF x{speedup(times, 'HF'):.2f}"
-            print(line, flush=True)
+            # Each config in a fresh process, as in a training run of its own: after a big model, the memory
+            # it freed stays with the process and makes the next config's fresh tensors unusually cheap.
+            cmd = [sys.executable, __file__, "--only", name, "--precision", precision, "--steps", str(args.steps),
+                   "--time-here"] + (["--no-hf"] if args.no_hf else [])
+            subprocess.run(cmd, check=True)
             if not args.no_memory:
                 mem = {label: peak_rss_mb(name, precision, label) for label in labels}
                 print(" " * 11 + "peak RSS: " + ", ".join(f"{label} {mb:.0f} MB" for label, mb in mem.items()),
