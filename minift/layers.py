@@ -39,6 +39,7 @@ def _fp32_dtype(x):
 
 
 def _as_fp32(x):
+    """x itself, or its fp32 copy if it is bf16/fp16."""
     return x.to(_fp32_dtype(x))
 
 

@@ -305,6 +305,8 @@ def save_training_state(folder, model, optimizer, state, cfg, label_names, token
 
 
 def load_training_state(folder, model, optimizer, cfg=None):
+    """Restore the weights, the AdamW state and every RNG saved in `folder`; return the loop's position.
+    With `cfg` (this run's settings), say which settings differ from the saved run's."""
     folder = Path(folder)
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
@@ -321,8 +323,9 @@ def load_training_state(folder, model, optimizer, cfg=None):
     np_state = saved["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     print(f"resumed from {folder} at step {saved['state']['step']}")
-    changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items() if cfg and getattr(cfg, k, v) != v}
-    if changed:  # allowed (more epochs, a lower lr ...), but the run is no longer the one that was saved
-        print("note: settings changed since the checkpoint: "
-              + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    if cfg is not None:
+        changed = [f"{k} {old} -> {getattr(cfg, k)}" for k, old in saved["config"].items()
+                   if getattr(cfg, k, old) != old]
+        if changed:  # allowed (more epochs, a lower lr ...), but the run is no longer the one that was saved
+            print("note: settings changed since the checkpoint: " + ", ".join(changed))
     return saved["state"]
