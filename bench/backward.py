@@ -22,7 +22,8 @@ import torch
 
 from minift.checkpoints import build_model
 from minift.optim import AdamW, param_groups
-from minift.train import TrainConfig, autocast, forward_backward
+from minift.step import forward_backward
+from minift.train import TrainConfig, autocast
 
 CONFIGS = {
     "minilm": dict(kind="classify", batch=32, seq=64, hf="BertForSequenceClassification",
@@ -82,7 +83,7 @@ def minift_step(spec, batch, precision, backward):
     def step():
         n = model.count_targets(batch["labels"])
         with autocast(device, precision):
-            forward_backward(model, batch, n, cfg)
+            forward_backward(model, batch, n, cfg.backward)
         opt.step()
         opt.zero_grad()
     return step

@@ -10,7 +10,7 @@ import json
 import statistics
 import tempfile
 
-from minift.data import encode_classification
+from minift.tasks import encode_classification
 from minift.finetune import load_classification_splits
 from minift.checkpoints import load_checkpoint
 from minift.hub import fetch_minilm

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minift.data import TWEET_LABELS
+from minift.tweets import TWEET_LABELS
 from minift.finetune import finetune_classifier, load_classification_splits
 from minift.hub import fetch_minilm
 from minift.train import TrainConfig

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, cross_entropy
+from .heads import (Classifier, Encoder, mean_pool, mean_pool_backward, merge_heads, pick_rows, pick_rows_backward,
+                    positions_from_mask, split_heads)
+from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward
 
 
 @dataclass
@@ -43,23 +45,6 @@ class BertConfig:
         if "id2label" in d and "num_labels" not in d:
             d = {**d, "num_labels": len(d["id2label"])}
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
-
-
-def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
-    B, T, D = x.shape
-    # contiguous once here: otherwise each matmul that uses this view (two in forward, more in backward)
-    # would copy it into a contiguous tensor again
-    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2).contiguous()
-
-
-def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
-    B, H, T, hd = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * hd)
-
-
-def positions_from_mask(attention_mask, offset=0):
-    """Position of each token counted over the real tokens only, so left padding does not shift them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
 
 
 class BertEmbeddings(nn.Module):
@@ -175,17 +160,19 @@ class BertPooler(nn.Module):
 
     def forward(self, hidden, attention_mask):
         # the [CLS] token: the first real token (with left padding it is not at position 0)
-        self.first = attention_mask.argmax(-1)
-        return self.activation(self.dense(hidden[torch.arange(len(hidden), device=hidden.device), self.first]))
+        first = attention_mask.argmax(-1)
+        if keeps_for_backward(self):
+            self.first, self.hidden_shape = first, hidden.shape  # keeps: where the picked rows came from
+        return self.activation(self.dense(pick_rows(hidden, first)))
 
-    def backward(self, dout, hidden_shape):
-        dhidden = torch.zeros(hidden_shape, dtype=dout.dtype, device=dout.device)
-        rows = torch.arange(hidden_shape[0], device=dout.device)
-        dhidden[rows, self.first] = self.dense.backward(self.activation.backward(dout)).to(dout.dtype)
+    def backward(self, dout):
+        dcls = self.dense.backward(self.activation.backward(dout)).to(dout.dtype)
+        dhidden = pick_rows_backward(dcls, self.first, self.hidden_shape)
+        del self.first, self.hidden_shape
         return dhidden
 
 
-class BertModel(nn.Module):
+class BertModel(Encoder):
     """Token ids -> contextual vectors (last hidden states), and the pooled [CLS] vector."""
 
     def __init__(self, c, add_pooler=True):
@@ -213,13 +200,20 @@ class BertModel(nn.Module):
             x = layer(x, allowed)
         return x
 
+    def stages(self):
+        """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
+        return [self.embeddings, *self.encoder.layer]
+
     def backward(self, dhidden):
         for layer in reversed(self.encoder.layer):
+            if frozen_below(layer):
+                return  # no trainable weight below this layer: no gradient left to compute
             dhidden = layer.backward(dhidden)
-        self.embeddings.backward(dhidden)
+        if not frozen_below(self.embeddings):
+            self.embeddings.backward(dhidden)
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(Classifier):
     """Encoder -> one vector per text ([CLS] through the pooler, or the mean of the real tokens) -> logits."""
 
     def __init__(self, c):
@@ -237,26 +231,62 @@ class BertForSequenceClassification(nn.Module):
         if self.config.pooling == "cls":
             pooled = self.bert.pooler(hidden, attention_mask)
         else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            count = mask.sum(1).clamp(min=1)
-            pooled = (hidden * mask).sum(1) / count
-            if not torch.is_grad_enabled() and self.training:
-                self.mask, self.count = mask, count  # keeps: which tokens were averaged
-        self.hidden_shape = hidden.shape
+            pooled, pooled_tokens = mean_pool(hidden, attention_mask)
+            if keeps_for_backward(self):
+                self.pooled_tokens = pooled_tokens  # keeps: which tokens were averaged
         return self.classifier(self.dropout(pooled))
-
-    def loss(self, logits, labels, num_targets=None, class_weights=None):
-        """Mean cross-entropy over the examples (or over `num_targets` for a whole accumulated step)."""
-        return cross_entropy(logits, labels, num_targets, class_weights, want_grad=self.training)
-
-    def count_targets(self, labels):
-        return len(labels)
 
     def backward(self, dlogits):
         dpooled = self.dropout.backward(self.classifier.backward(dlogits))
         if self.config.pooling == "cls":
-            dhidden = self.bert.pooler.backward(dpooled, self.hidden_shape)
+            dhidden = self.bert.pooler.backward(dpooled)
         else:
-            dhidden = dpooled.unsqueeze(1) * self.mask / self.count.unsqueeze(1)
-            del self.mask, self.count
+            dhidden = mean_pool_backward(dpooled, self.pooled_tokens)
+            del self.pooled_tokens
         self.bert.backward(dhidden)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The family's checkpoint knowledge, which checkpoints.py looks up by config.json's model_type.
+
+MODEL_TYPES = ("bert", "roberta")
+Config = BertConfig
+TASKS = {"classify": BertForSequenceClassification, "encode": BertModel}
+NEW_HEADS = ("classifier.", "bert.pooler.", "pooler.")  # ours, may be missing from a file: trained from scratch
+UNUSED_HEADS = ("cls.", "lm_head.", "bert.pooler.", "pooler.")  # the masked-LM head; a pooler that mean pooling skips
+ARCHITECTURE = {BertForSequenceClassification: "ForSequenceClassification", BertModel: "Model"}
+
+
+def hf_to_ours(key, tensor, model):
+    """A checkpoint key -> (our parameter name, tensor), or (None, tensor) for a buffer we do not keep.
+    A BertModel file says `embeddings...`, a task model's `bert.embeddings...`, RoBERTa's `roberta.`."""
+    if key.endswith("position_ids"):
+        return None, tensor
+    if model.config.model_type == "roberta":
+        key = key.replace("roberta.", "bert.", 1) if key.startswith("roberta.") else key
+        # RobertaForSequenceClassification's head is BERT's pooler + classifier under other names
+        key = key.replace("classifier.dense.", "bert.pooler.dense.").replace("classifier.out_proj.", "classifier.")
+    if isinstance(model, BertModel):  # a task model's checkpoint loaded into a bare encoder
+        return (key[len("bert."):] if key.startswith("bert.") else key), tensor
+    if not key.startswith(("bert.", "classifier.", "cls.", "lm_head.")):
+        key = "bert." + key
+    return key, tensor
+
+
+def hf_state_dict(model):
+    """Our parameters under the names transformers expects."""
+    if model.config.model_type == "roberta" and isinstance(model, BertForSequenceClassification) \
+            and model.config.pooling != "cls":
+        raise MiniftError("transformers' RoBERTa classifier uses [CLS] pooling: train with pooling='cls' to export it")
+    out = {}
+    for name, p in model.named_parameters():
+        if model.config.model_type == "roberta":
+            name = name.replace("bert.pooler.dense.", "classifier.dense.").replace(
+                "classifier.weight", "classifier.out_proj.weight").replace(
+                "classifier.bias", "classifier.out_proj.bias").replace("bert.", "roberta.", 1)
+        out[name] = p.detach()
+    return out
+
+
+def architecture(model):
+    return ("Roberta" if model.config.model_type == "roberta" else "Bert") + ARCHITECTURE[type(model)]

@@ -13,8 +13,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .config import TrainConfig, check_config
 from .errors import MiniftError
-from .train import TrainConfig
+from .recipe import MAIN_JOB
 
 try:
     import tomllib
@@ -23,10 +24,16 @@ except ImportError:  # Python 3.10
 
 
 def convert(f, text):
-    """A TrainConfig field's value from command-line text."""
+    """A TrainConfig field's value from command-line text, or one line that says what was expected."""
     if f.type is bool:
         return text.lower() in ("1", "true", "yes")
-    return float(text) if f.type is not int and f.type is not str else f.type(text)
+    if f.type is list:  # --freeze embeddings,layers:2
+        return [t for t in text.split(",") if t]
+    try:
+        return f.type(text) if f.type in (int, str) else float(text)
+    except ValueError:
+        kind = "a whole number" if f.type is int else "a number"
+        raise MiniftError(f"--{f.name.replace('_', '-')} {text!r}: expected {kind}") from None
 
 
 def add_train_flags(parser, as_lists=False):
@@ -39,10 +46,6 @@ def add_train_flags(parser, as_lists=False):
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
 
-# The main job's defaults: mean pooling (all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors)
-# and bf16 where the hardware has it; TrainConfig's own defaults stay the plain ones (fp32).
-FINETUNE_DEFAULTS = {"model": "minilm", "data": None, "out": "runs/minilm-tweets", "max_length": 64,
-                     "pooling": "mean", "precision": "auto"}
 
 
 def read_settings(args):
@@ -55,13 +58,13 @@ def read_settings(args):
             toml = tomllib.loads(Path(args.config).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise MiniftError(f"cannot read {args.config}: {e}") from None
-    unknown = sorted(set(toml) - TRAIN_KEYS - set(FINETUNE_DEFAULTS))
+    unknown = sorted(set(toml) - TRAIN_KEYS - set(MAIN_JOB))
     if unknown:
         raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    merged = {**FINETUNE_DEFAULTS, **toml, **given}
-    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS})
-    return cfg, {k: merged[k] for k in FINETUNE_DEFAULTS if k not in TRAIN_KEYS}
+    merged = {**MAIN_JOB, **toml, **given}
+    cfg = check_config(TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS}))
+    return cfg, {k: merged[k] for k in MAIN_JOB if k not in TRAIN_KEYS}
 
 
 def cmd_finetune(args):
@@ -73,29 +76,40 @@ def cmd_finetune(args):
 
 
 def cmd_evaluate(args):
-    from .checkpoints import load_checkpoint
-    from .data import encode_classification
     from .evaluate import evaluate, format_metrics
     from .finetune import load_classification_splits
+    from .tasks import encode_classification
     from .tokenizer import Tokenizer
 
-    model = load_checkpoint(args.checkpoint, "classify", verbose=False)
-    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
-    splits, label_names = load_classification_splits(args.data, args.text_column, args.label_column, args.seed)
+    model, names = load_classifier(args.checkpoint)
+    splits, _ = load_classification_splits(args.data, args.text_column, args.label_column, args.seed,
+                                           for_training=False)
     if args.split == "test":
         print("note: the test set is for the final, once-only look; choose settings on validation")
     tok = Tokenizer.from_file(args.checkpoint)
-    examples = encode_classification(splits[args.split], tok, label_names, args.max_length)
+    # the data's labels are matched to the model's classes by name, whatever subset of them the data holds
+    examples = encode_classification(splits[args.split], tok, names, args.max_length)
     print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
 
 
-def cmd_predict(args):
+def load_classifier(folder):
+    """(model, class names) of a saved classifier; a warning when its head was never trained."""
     from .checkpoints import load_checkpoint
+
+    model = load_checkpoint(folder, "classify", verbose=False)
+    if model.load_report.new_head:
+        print(f"warning: {folder} has no trained classification head ({', '.join(model.load_report.new_head)} "
+              "drawn at random): its answers mean nothing until it is fine-tuned (minift finetune --model ...)",
+              file=sys.stderr)
+    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
+    return model, names
+
+
+def cmd_predict(args):
     from .finetune import predict
     from .tokenizer import Tokenizer
 
-    model = load_checkpoint(args.checkpoint, "classify", verbose=False)
-    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
+    model, names = load_classifier(args.checkpoint)
     for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts, names)):
         print(f"{label:>10s} {p:.3f}  {text}")
 
@@ -105,13 +119,13 @@ def cmd_sweep(args):
 
     space = {f.name: [convert(f, v) for v in getattr(args, f.name).split(",")]
              for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    # The trials follow `minift finetune`'s recipe (FINETUNE_DEFAULTS), so the sweep tunes what finetune trains.
+    # The trials follow `minift finetune`'s recipe (MAIN_JOB), so the sweep tunes what finetune trains.
     # A flag with one value (--epochs 1) holds for every trial; a flag with several (--lr 3e-5,5e-5) is swept.
-    fixed = {k: v for k, v in FINETUNE_DEFAULTS.items() if k in TRAIN_KEYS}
-    base = TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}})
+    fixed = {k: v for k, v in MAIN_JOB.items() if k in TRAIN_KEYS}
+    base = check_config(TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}}))
     space = {k: v for k, v in space.items() if len(v) > 1}
     run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,
-              pooling=FINETUNE_DEFAULTS["pooling"], text_column=args.text_column, label_column=args.label_column)
+              pooling=MAIN_JOB["pooling"], text_column=args.text_column, label_column=args.label_column)
 
 
 def cmd_download(args):

@@ -1,28 +1,26 @@
-"""Stages 2-3 of fine-tuning: define the task and prepare the dataset.
-
-    read -> clean (with a report) -> split (seeded, stratified) -> tokenize once -> pad per batch
+"""Stage 3, the dataset: read -> clean (with a report) -> split (seeded, stratified) -> save, and look at it.
 
 A row is a plain dict: {"text": ..., "label": ...} for classification, {"instruction", "input",
 "output"} (or {"prompt", "response"}) for instruction tuning. Every step returns new rows and says what it
-did: nothing is dropped without being counted.
+did: nothing is dropped without being counted. Turning rows into token ids is the task's job (tasks.py),
+batching them the loop's (batching.py).
 
-    rows = read_csv("tweets.csv", {"text": "text", "label": "sentiment"})
-    rows, report = clean(rows, labels=TWEET_LABELS); print(report)
+    rows = read_csv("reviews.csv", {"text": "review", "label": "stars"})
+    rows, report = clean(rows); print(report)
     splits = split(rows, (0.8, 0.1, 0.1), seed=0)
-    train = encode_classification(splits["train"], tok, TWEET_LABELS, max_length=64)
-    for idx in batch_order([len(e["input_ids"]) for e in train], 32, seed=0, epoch=0):
-        batch = collate([train[i] for i in idx], tok.pad_id)
+    print(length_report(splits["train"], tok, max_length=64))
 """
 import csv
+import hashlib
 import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import MiniftError
 
@@ -123,8 +121,31 @@ def read_jsonl(path, columns=None):
             if col not in obj:
                 raise MiniftError(f"{path}:{n}: no key {col!r}; the keys are {', '.join(obj)}; fix the "
                                   f"columns mapping")
-        rows.append(dict(obj) if columns is None else {f: obj[c] for f, c in columns.items()})
+        row = dict(obj) if columns is None else {f: obj[c] for f, c in columns.items()}
+        _check_values(row, path, n, columns or {f: f for f in row})
+        rows.append(row)
     return rows
+
+
+TEXT_FIELDS = ("text", "instruction", "input", "output", "prompt", "response")
+
+
+def _check_values(row, path, n, columns):
+    """JSON can hold a number or null where a text belongs; a CSV cannot. Catch it here, with the line."""
+    for field, value in row.items():
+        if field in TEXT_FIELDS and not isinstance(value, str):
+            if field == "input" and value is None:
+                continue  # Alpaca-style data writes "no input" as null as well as ""
+            raise MiniftError(f"{path}:{n}: column {columns[field]!r} holds {_json_kind(value)}, not a text; "
+                              f"write it as a string (\"...\") or drop the row")
+        if field == "label" and (value is None or isinstance(value, (list, dict))):
+            raise MiniftError(f"{path}:{n}: column {columns[field]!r} holds {_json_kind(value)}, not a "
+                              f"label; give every row a label (a text or a number) or drop the row")
+
+
+def _json_kind(value):
+    kind = {type(None): "null", bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), "a number")
+    return kind if value is None else f"{kind} ({json.dumps(value)[:30]})"
 
 
 def read_text(path):
@@ -212,6 +233,9 @@ def clean(rows, labels=None, *, drop_empty=True, dedupe=True, normalize_urls=Fal
             raise MiniftError(f"row {n} has no 'text' (it has {', '.join(row)}); map one with "
                               f"columns={{'text': ...}} when reading")
         text = row["text"]
+        if not isinstance(text, str):
+            raise MiniftError(f"row {n}: 'text' is {type(text).__name__} {text!r}, not a string; "
+                              f"convert or drop such rows before clean()")
         if drop_empty and not text.strip():
             report.dropped_empty += 1
             continue
@@ -284,32 +308,108 @@ def split(rows, fractions=(0.8, 0.1, 0.1), seed=0, stratify="label"):
     return {name: [rows[i] for i in rng.permutation(part).tolist()] for name, part in zip(SPLIT_NAMES, parts)}
 
 
-def save_splits(splits, folder, seed=None, fractions=None, source=None):
-    """Write train.jsonl, validation.jsonl, test.jsonl and split.json (how they were made) to folder."""
+def save_splits(splits, folder, seed=None, fractions=None, source=None, sha256=None, columns=None):
+    """Write train.jsonl, validation.jsonl, test.jsonl and split.json (how they were made) to folder.
+
+    split.json is written last (and removed first), so a folder that has one holds complete splits."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "split.json").unlink(missing_ok=True)
     for name in SPLIT_NAMES:
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in splits[name]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     info = {"seed": seed, "fractions": list(fractions) if fractions else None, "source": source,
             "counts": {name: len(splits[name]) for name in SPLIT_NAMES}}
+    if sha256 is not None:
+        info["sha256"] = sha256  # of the source file's bytes: cached_splits() checks it before reuse
+    if columns is not None:
+        info["columns"] = columns
     (folder / "split.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def load_splits(folder):
-    """The splits save_splits wrote: {"train": rows, "validation": rows, "test": rows}."""
+def load_splits(folder, columns=None):
+    """The splits in folder (as save_splits wrote them): {"train": rows, "validation": rows, "test": rows}.
+
+    columns maps our fields to the files' keys, as in read_jsonl (None keeps every key)."""
     folder = Path(folder)
     splits = {}
     for name in SPLIT_NAMES:
         path = folder / f"{name}.jsonl"
         if not path.is_file():
             raise MiniftError(f"{path}: missing; point at a folder written by save_splits")
-        splits[name] = read_jsonl(path) if path.stat().st_size else []  # a 0-fraction split is empty
+        splits[name] = read_jsonl(path, columns) if path.stat().st_size else []  # a 0-fraction split is empty
     return splits
 
 
+def file_sha256(path):
+    """The sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_splits(source, folder, read, seed=0, fractions=(0.8, 0.1, 0.1), columns=None):
+    """The splits of a data file, made once and kept in folder, so the test set stays the same held-out
+    set across runs. read() reads and cleans the file's rows; they are split with (seed, fractions).
+
+    The splits are reused only while split.json says they came from this very content of the file (its
+    sha256) and these columns; otherwise they are made again, with a note that says why. The same file and
+    seed give the same rows in each split, so remaking the splits of an unchanged file changes nothing."""
+    source, folder = Path(source), Path(folder)
+    sha256 = file_sha256(source) if source.is_file() else None
+    why = _why_remake(source, folder, seed, columns, sha256)
+    if why is None:
+        if sha256 is None:
+            print(f"note: {source} is not there, so the splits in {folder} are used without checking them")
+        return load_splits(folder)
+    if why:
+        print(f"note: {why}; making the splits again")
+    splits = split(read(), fractions, seed)
+    save_splits(splits, folder, seed=seed, fractions=fractions, source=str(source), sha256=sha256,
+                columns=columns)
+    print(f"splits saved in {folder} (the test set stays held out across runs)")
+    return splits
+
+
+def _why_remake(source, folder, seed, columns, sha256):
+    """None: the splits in folder are good to reuse. "": there are none yet. Else the reason to remake."""
+    info_path = folder / "split.json"
+    if not info_path.is_file():
+        return ""
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{info_path} is not valid JSON"
+    if not isinstance(info, dict):
+        return f"{info_path} is not a JSON object"
+    if info.get("seed") != seed:
+        raise MiniftError(f"{folder} holds splits made with seed {info.get('seed')}, not {seed}; pass "
+                          f"seed={info.get('seed')} or another folder")
+    if sha256 is None:
+        return None  # the file is gone: nothing to check against (the caller says so)
+    if "sha256" not in info:
+        return f"{info_path} records no hash of {source.name} (made by an older minift)"
+    if info["sha256"] != sha256:
+        return (f"{source} changed since the splits in {folder} were made (sha256 {info['sha256'][:12]}, "
+                f"now {sha256[:12]})")
+    if columns is not None and info.get("columns") != columns:
+        return f"the splits in {folder} were made with columns {info.get('columns')}, not {columns}"
+    return None
+
+
 _BINS = ((0, 16), (17, 32), (33, 64), (65, 128), (129, 256), (257, 512), (513, None))  # token counts
+
+
+def token_lengths(rows, tokenizer):
+    """The number of tokens of each row's text, special tokens included (as max_length counts them)."""
+    missing = next((n for n, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)), None)
+    if missing is not None:
+        raise MiniftError(f"row {missing} has no text to measure (a 'text' string); map one with "
+                          f"columns={{'text': ...}} when reading")
+    return np.array([len(ids) for ids in tokenizer.encode_batch([r["text"] for r in rows])])
 
 
 def stats(rows, tokenizer=None, max_length=None):
@@ -320,10 +420,11 @@ def stats(rows, tokenizer=None, max_length=None):
         out["labels"] = dict(sorted(Counter(r["label"] for r in rows).items(), key=lambda kv: str(kv[0])))
     if tokenizer is None or not rows:
         return out
-    lengths = np.array([len(ids) for ids in tokenizer.encode_batch([r["text"] for r in rows])])
+    lengths = token_lengths(rows, tokenizer)
     out["tokens"] = {"min": int(lengths.min()), "p50": int(np.percentile(lengths, 50)),
-                     "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)),
-                     "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
+                     "p90": int(np.percentile(lengths, 90)), "p95": int(np.percentile(lengths, 95)),
+                     "p99": int(np.percentile(lengths, 99)), "max": int(lengths.max()),
+                     "mean": round(float(lengths.mean()), 1)}
     hist = []
     for lo, hi in _BINS:
         inside = (lengths >= lo) & (lengths <= (hi if hi is not None else lengths.max()))
@@ -345,8 +446,8 @@ def format_stats(s):
         lines.append("labels    " + "   ".join(balance))
     if "tokens" in s:
         t = s["tokens"]
-        lines.append(f"tokens    min {t['min']}  median {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
-                     f"max {t['max']}  mean {t['mean']}")
+        lines.append(f"tokens    min {t['min']}  median {t['p50']}  p90 {t['p90']}  p95 {t['p95']}  "
+                     f"p99 {t['p99']}  max {t['max']}  mean {t['mean']}")
         top = max(count for _, count in s["histogram"])
         for label, count in s["histogram"]:
             lines.append(f"  {label:>8} {count:>8,} {'#' * round(30 * count / top)}")
@@ -356,207 +457,26 @@ def format_stats(s):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Tokenize once, pad per batch
-
-def encode_classification(rows, tokenizer, label_names, max_length):
-    """[{"input_ids": [...], "label": class index}] (no padding: collate pads each batch)."""
-    ids = tokenizer.encode_batch([r["text"] for r in rows], max_length=max_length)
-    return [{"input_ids": i, "label": _label_id(r["label"], label_names, n)}
-            for n, (r, i) in enumerate(zip(rows, ids), 1)]
-
-
-def _label_id(label, label_names, n):
-    if isinstance(label, int) and 0 <= label < len(label_names):
-        return label  # already an index
-    if label not in label_names:
-        raise MiniftError(f"row {n}: label {label!r} is not one of {tuple(label_names)}; drop such rows "
-                          f"with clean(rows, labels=...)")
-    return list(label_names).index(label)
-
-
-# The prompts of Stanford Alpaca, with and without an input. Its train.py ends them at "### Response:";
-# we add the newline (as alpaca-lora and torchtune do), so the response starts on a line of its own.
-ALPACA_TEMPLATE = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further "
-        "context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n"),
-}
-
-
-def _prompt_and_response(row, template, n):
-    if "prompt" in row and "response" in row:
-        return row["prompt"], row["response"]  # the prompt is used as written, no template
-    if "instruction" in row and "output" in row:
-        key = "prompt_input" if row.get("input") else "prompt_no_input"
-        return template[key].format(instruction=row["instruction"], input=row.get("input")), row["output"]
-    raise MiniftError(f"row {n} has fields {', '.join(row)}; an instruction row needs instruction and "
-                      f"output (input optional) or prompt and response; map them with columns= when reading")
-
-
-def encode_instruction(rows, tokenizer, max_length, template=ALPACA_TEMPLATE):
-    """Prompt + response + EOS as one sequence; returns (examples, dropped).
-
-    labels[i] is the target for position i (the model's loss shifts by one, as in Hugging Face):
-    -100 on every prompt token, the token itself on the response and on EOS (so the model learns to
-    stop). Too long: cut from the right, so the prompt survives if it fits; an example left with no
-    supervised token is dropped and counted in `dropped`."""
-    if tokenizer.eos_id is None:
-        raise MiniftError("this tokenizer has no end-of-text token; instruction tuning needs one to stop")
+def length_report(rows, tokenizer, max_length, model_max=None):
+    """Before training: token-length percentiles of the rows' texts, the share of rows that max_length
+    cuts, and, when that is more than 5%, a max_length that keeps 95% of the rows whole (rounded up to
+    a multiple of 8, and at most model_max, the model's longest input, when given)."""
     if not rows:
-        return [], 0
-    prompts, responses = zip(*(_prompt_and_response(r, template, n) for n, r in enumerate(rows, 1)))
-    # Prompt and response are tokenized apart, so the boundary between them is exact.
-    prompt_ids = tokenizer.encode_batch(prompts, add_special_tokens=False)
-    response_ids = tokenizer.encode_batch(responses, add_special_tokens=False)
-    examples, dropped = [], 0
-    for p, r in zip(prompt_ids, response_ids):
-        r = r + [tokenizer.eos_id]
-        ids = (p + r)[:max_length]
-        labels = ([-100] * len(p) + r)[:max_length]
-        if all(label == -100 for label in labels):
-            dropped += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-    return examples, dropped
-
-
-def pack_blocks(texts, tokenizer, block_size):
-    """Causal-LM examples from raw text: documents joined with EOS after each, cut into full blocks.
-
-    labels == input_ids (the loss shifts). The tail shorter than one block is left out."""
-    if tokenizer.eos_id is None:
-        raise MiniftError("this tokenizer has no end-of-text token to separate documents")
-    stream = []
-    for ids in tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream += ids + [tokenizer.eos_id]  # marks where one document ends and the next begins
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
-        raise MiniftError(f"the text is {len(stream)} tokens, less than one block of {block_size}; "
-                          f"use a smaller block_size or more text")
-    blocks = [stream[k * block_size:(k + 1) * block_size] for k in range(n_blocks)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks]
-
-
-def _pad(seq, value, n, side):
-    return seq + [value] * n if side == "right" else [value] * n + seq
-
-
-def collate(examples, pad_id, padding_side="right"):
-    """Pad a list of examples to the longest one: input_ids, attention_mask, labels (LongTensors).
-
-    Classification: labels is [B]. Language modelling / instructions: labels is [B, T], padded with -100
-    on the same side as input_ids, so padding is never a target."""
-    if not examples:
-        raise MiniftError("collate got no examples; check the batch indices")
-    if padding_side not in ("right", "left"):
-        raise MiniftError(f"padding_side={padding_side!r}; use 'right' or 'left'")
-    width = max(len(e["input_ids"]) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        n_pad = width - len(e["input_ids"])
-        ids.append(_pad(e["input_ids"], pad_id, n_pad, padding_side))
-        mask.append(_pad([1] * len(e["input_ids"]), 0, n_pad, padding_side))
-        labels.append(e["label"] if "label" in e else _pad(e["labels"], -100, n_pad, padding_side))
-    return {"input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": torch.tensor(mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-def batch_order(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=False, drop_last=False):
-    """The batches of one epoch, as lists of example indices; each index appears exactly once.
-
-    It depends only on (seed, epoch), so a resumed run rebuilds the same order and skips to batch k.
-    group_by_length: shuffle, sort each chunk of 50 batches by length (longest first), cut into batches,
-    shuffle the batches. Rows of similar length share a batch: less padding, still random."""
-    rng = np.random.default_rng((seed, epoch))
-    lengths = np.asarray(lengths)
-    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    if group_by_length:
-        chunk = 50 * batch_size
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
-                                for c in np.split(order, range(chunk, len(order), chunk))])
-    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    if group_by_length and shuffle:
-        batches = [batches[k] for k in rng.permutation(len(batches))]
-    return batches
-
-
-def show_supervised(batch, tokenizer):
-    """Each row of an LM/instruction batch with only the tokens the loss trains on visible; the others
-    (prompt) show as '·', padding is left out. Newlines show as \\n."""
-    if batch["labels"].dim() != 2:
-        raise MiniftError("show_supervised needs a language-model batch (labels per token), not one "
-                          "label per row")
-    lines = []
-    for b, (labels, mask) in enumerate(zip(batch["labels"].tolist(), batch["attention_mask"].tolist())):
-        parts, run = [], []
-        for label, m in zip(labels + [-100], mask + [1]):  # a final -100 flushes the last run (its · is cut)
-            if not m:
-                continue
-            if label != -100:
-                run.append(label)
-                continue
-            if run:  # decode runs together: byte-level tokens only make sense side by side
-                parts.append(tokenizer.decode(run, skip_special_tokens=False).replace("\n", "\\n"))
-                run = []
-            parts.append("·")
-        n_sup = sum(label != -100 for label in labels)
-        lines.append(f"row {b} ({n_sup} of {sum(mask)} tokens trained): " + "".join(parts[:-1]))
+        raise MiniftError("length_report got no rows; is the training split empty?")
+    lengths = token_lengths(rows, tokenizer)
+    p50, p90, p95, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 95, 99))
+    cut = int((lengths > max_length).sum())
+    lines = [f"token lengths of {len(rows):,} rows: p50 {p50}  p90 {p90}  p95 {p95}  p99 {p99}  "
+             f"max {int(lengths.max())}",
+             f"max_length {max_length} cuts {cut:,} rows ({cut / len(rows):.1%})"]
+    if 100 * cut > 5 * len(rows):  # more than 5%, in whole numbers (1 of 20 is not more)
+        # The shortest length that leaves at most 5% of the rows longer: the ceil(0.95 n)-th shortest.
+        keep95 = int(np.sort(lengths)[-(-95 * len(rows) // 100) - 1])
+        suggested = 8 * math.ceil(keep95 / 8)
+        if model_max is not None:
+            suggested = min(suggested, model_max)
+        still_cut = int((lengths > suggested).sum())
+        lines[-1] += (f", more than 5%, and the model never sees their ends: max_length {suggested} would cut "
+                      f"{still_cut:,} ({still_cut / len(rows):.1%}), at about {suggested / max_length:.1f}x "
+                      f"the time per step (--max-length {suggested})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 5. Class weights
-
-def class_weights(rows_or_labels, num_labels):
-    """Inverse-frequency weights for the loss, scaled to mean 1 (a rare class counts more)."""
-    labels = [r["label"] if isinstance(r, dict) else r for r in rows_or_labels]
-    if not all(isinstance(y, (int, np.integer)) and 0 <= y < num_labels for y in labels):
-        raise MiniftError(f"class_weights needs class indices 0..{num_labels - 1}; pass rows from "
-                          f"encode_classification or a list of label ids")
-    counts = np.bincount(np.array(labels, dtype=np.int64), minlength=num_labels)
-    if (counts == 0).any():
-        raise MiniftError(f"class {int(np.argmin(counts))} has no examples, so it has no weight; "
-                          f"check the labels or num_labels")
-    weights = 1.0 / counts
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 6. The default task: 3-class tweet sentiment
-
-TWEET_LABELS = ("negative", "neutral", "positive")
-TWEET_COLUMNS = {"text": "text", "label": "sentiment"}
-TWEET_FRACTIONS = (0.8, 0.1, 0.1)
-
-
-def load_tweets(csv_path):
-    """The tweet corpus (columns sentiment, confidence, text) as rows {"text", "label"}."""
-    return read_csv(csv_path, TWEET_COLUMNS)
-
-
-def tweet_splits(csv_path, folder, seed=0):
-    """The train/validation/test tweets. Made once (clean, split 80/10/10 stratified, save to folder)
-    and loaded from folder ever after, so the test set stays the same held-out set across runs."""
-    folder = Path(folder)
-    if (folder / "split.json").is_file():
-        saved = json.loads((folder / "split.json").read_text(encoding="utf-8")).get("seed")
-        if saved != seed:
-            raise MiniftError(f"{folder} holds splits made with seed {saved}, not {seed}; pass "
-                              f"seed={saved} or another folder")
-        return load_splits(folder)
-    # Drop empty and duplicate texts, fix mojibake and whitespace; keep URLs and @names as written.
-    # clean() judges duplicates on the text as read: 37,243 rows, 29,794 of them train with seed 0.
-    rows, report = clean(load_tweets(csv_path), TWEET_LABELS)
-    print(report)
-    splits = split(rows, TWEET_FRACTIONS, seed)
-    save_splits(splits, folder, seed=seed, fractions=TWEET_FRACTIONS, source=str(csv_path))
-    return splits

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .data import collate
+from .batching import collate
 from .errors import MiniftError
 
 

@@ -9,13 +9,16 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint
-from .data import (TWEET_LABELS, clean, encode_classification, load_splits, read_csv, read_jsonl, save_splits,
-                   split, tweet_splits)
+from .data import cached_splits, clean, load_splits, read_csv, read_jsonl
 from .errors import MiniftError
 from .evaluate import evaluate, format_metrics
 from .hub import data_dir, fetch_tweets, resolve_model
+from .tasks import class_names, encode_classification
 from .tokenizer import Tokenizer
-from .train import TrainConfig, pick_device, train
+from . import recipe
+from .data import length_report
+from .train import TrainConfig, pick_device, seed_everything, train
+from .tweets import TWEET_LABELS, tweet_splits
 
 
 def split_folder(data=None, seed=0):
@@ -26,29 +29,28 @@ def split_folder(data=None, seed=0):
     return data if data.is_dir() else data.with_name(f"{data.stem}-splits-seed{seed}")
 
 
-def load_classification_splits(data=None, text_column="text", label_column="label", seed=0):
+def load_classification_splits(data=None, text_column="text", label_column="label", seed=0, for_training=True):
     """(splits, label_names). No `data`: the offline tweet-sentiment corpus. A CSV/TSV/JSONL file: read,
-    clean, split 80/10/10 once and keep the splits beside it. A folder: train/validation/test.jsonl in it."""
+    clean, split 80/10/10 once and keep the splits beside it (made again when the file changes). A folder:
+    train/validation/test.jsonl in it. label_names: the training rows' classes, sorted; two at least
+    unless for_training=False (data that a trained model only scores, against its own label names)."""
     folder = split_folder(data, seed)
     if data is None:
         return tweet_splits(fetch_tweets(), folder, seed), TWEET_LABELS
     data = Path(data)
+    columns = {"text": text_column, "label": label_column}
     if data.is_dir():
-        splits = load_splits(data)
+        splits = load_splits(data, columns)
     else:
-        if (folder / "split.json").is_file():
-            splits = load_splits(folder)
-        else:
-            columns = {"text": text_column, "label": label_column}
+        def read_and_clean():
             rows = read_jsonl(data, columns) if data.suffix in (".jsonl", ".json") else read_csv(data, columns)
             rows, report = clean(rows)
             print(report)
-            splits = split(rows, seed=seed)
-            save_splits(splits, folder, seed=seed, fractions=(0.8, 0.1, 0.1), source=str(data))
-            print(f"splits saved in {folder} (the test set stays held out across runs)")
+            return rows
+        splits = cached_splits(data, folder, read_and_clean, seed, (0.8, 0.1, 0.1), columns)
     # labels as text (a JSONL file may hold numbers), named in sorted order
     splits = {k: [{**r, "label": str(r["label"])} for r in v] for k, v in splits.items()}
-    return splits, tuple(sorted({r["label"] for r in splits["train"]}))
+    return splits, class_names(splits["train"], at_least=2 if for_training else 1)
 
 
 def weights_moved(model, base):
@@ -58,10 +60,11 @@ def weights_moved(model, base):
     return (num / den) ** 0.5
 
 
-def finetune_classifier(model="minilm", data=None, out="runs/minilm-tweets", cfg=None, max_length=64,
-                        pooling="cls", text_column="text", label_column="label", limit=None, test=True,
+def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cfg=None, max_length=recipe.MAX_LENGTH,
+                        pooling=recipe.POOLING, text_column="text", label_column="label", limit=None, test=True,
                         resume=False):
-    """Fine-tune a pretrained encoder or GPT-2 to classify texts; print and return the metrics."""
+    """The main job (recipe.py's defaults): fine-tune a pretrained encoder or decoder to classify texts;
+    print and return the metrics."""
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     path = resolve_model(model)
@@ -69,7 +72,9 @@ def finetune_classifier(model="minilm", data=None, out="runs/minilm-tweets", cfg
     splits, label_names = load_classification_splits(data, text_column, label_column, cfg.seed)
     if limit:  # a quick run on the first `limit` training rows (tutorials, smoke tests)
         splits = {k: v[:limit] if k == "train" else v[: max(limit // 4, 50)] for k, v in splits.items()}
+    print(length_report(splits["train"], tok, max_length))
     encoded = {k: encode_classification(v, tok, label_names, max_length) for k, v in splits.items()}
+    seed_everything(cfg.seed)  # before the new head is drawn: the same seed gives the same run
     net = load_checkpoint(path, "classify", num_labels=len(label_names), pooling=pooling)
     base = {n: p.detach().clone() for n, p in net.named_parameters()}
     result = train(net, encoded["train"], encoded["validation"], cfg, out, tok.pad_id, label_names,

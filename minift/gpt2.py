@@ -7,13 +7,13 @@ weights of shape (in, out); ours are ordinary Linear (out, in), and checkpoints.
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bert import merge_heads, positions_from_mask, split_heads
 from .errors import MiniftError
+from .heads import (CausalLM, Classifier, Encoder, last_real_token, merge_heads, pick_rows, pick_rows_backward,
+                    positions_from_mask, split_heads)
 from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, accumulate_grad, cast_for_matmul,
-                     cross_entropy)
+                     frozen_below, keeps_for_backward)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class GPT2Block(nn.Module):
         return dx + self.ln_1.backward(self.attn.backward(dx))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(Encoder):
     """Token ids -> last hidden states (after ln_f)."""
 
     def __init__(self, c):
@@ -133,16 +133,27 @@ class GPT2Model(nn.Module):
             x = block(x, allowed, caches[i] if caches is not None else None)
         return self.ln_f(x)
 
+    def new_cache(self):
+        return [[] for _ in self.h]
+
+    def stages(self):
+        """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
+        return [self.wte, self.wpe, self.drop, *self.h]
+
     def backward(self, dhidden):
         d = self.ln_f.backward(dhidden)
         for block in reversed(self.h):
+            if frozen_below(block):
+                return  # no trainable weight below this block: no gradient left to compute
             d = block.backward(d)
+        if frozen_below(self.drop):
+            return  # both embeddings frozen
         d = self.drop.backward(d)
         self.wte.backward(d)
         self.wpe.backward(d)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     """GPT-2 with its language-model head, which is the token embedding itself (weight tying)."""
 
     def __init__(self, c):
@@ -152,73 +163,24 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
         hidden = cast_for_matmul(self.transformer(input_ids, attention_mask, position_ids, caches))
-        if self.training and not torch.is_grad_enabled():
+        if keeps_for_backward(self) and self.transformer.wte.weight.requires_grad:
             self.hidden = hidden  # keeps: the input of the head, for d(wte) += dlogits.T @ hidden
         return hidden @ self.transformer.wte.weight.T  # tied: logits = h @ wte.T
 
-    def loss(self, logits, labels, num_targets=None, class_weights=None):
-        """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels (prompt, padding) are skipped."""
-        # shift the labels, not the logits: the last position gets the target -100 (nothing follows it), so
-        # the loss skips it and its gradient is 0, with no copy of the (batch, time, vocab) logits
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
-                                      want_grad=self.training)
-        return loss, None if dlogits is None else dlogits.view(logits.shape)
-
-    def count_targets(self, labels):
-        return int((labels[:, 1:] != -100).sum())
+    def new_cache(self):
+        return self.transformer.new_cache()
 
     def backward(self, dlogits):
-        hidden, wte = self.hidden, self.transformer.wte.weight
-        del self.hidden
+        wte = self.transformer.wte.weight
         dlogits = cast_for_matmul(dlogits)
-        # the second use of the tied weight: its gradient adds to the embedding's own
-        accumulate_grad(wte, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
+        if wte.requires_grad:  # the second use of the tied weight: its gradient adds to the embedding's own
+            hidden = self.hidden
+            del self.hidden
+            accumulate_grad(wte, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
         self.transformer.backward(dlogits @ wte)
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None,
-                 attention_mask=None, eos_token_id=None, generator=None):
-        """Sample continuations with a KV cache. temperature 0 is greedy. Rows are left-padded prompts."""
-        was_training = self.training
-        self.eval()
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        caches = [[] for _ in self.transformer.h]
-        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        out, step_ids = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_ids, attention_mask, caches=caches)[:, -1].float()
-            next_id = pick_next_token(logits, temperature, top_k, top_p, generator)
-            next_id = torch.where(done, torch.full_like(next_id, eos), next_id)  # finished rows pad with EOS
-            out = torch.cat([out, next_id[:, None]], dim=1)
-            done |= next_id == eos
-            if done.all():
-                break
-            step_ids = next_id[:, None]  # with the cache, only the new token goes through the model
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_id[:, None])], dim=1)
-        self.train(was_training)
-        return out
 
-
-def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Greedy (temperature 0), or sample from softmax(logits / T) kept to the top-k and/or top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
-
-class GPT2ForSequenceClassification(nn.Module):
+class GPT2ForSequenceClassification(Classifier):
     """GPT-2 reads left to right, so the last real (non-pad) token is the one that has seen the whole text."""
 
     def __init__(self, c):
@@ -231,20 +193,47 @@ class GPT2ForSequenceClassification(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.transformer(input_ids, attention_mask, position_ids)
-        T = attention_mask.shape[1]
-        # index of the last 1 in the mask: works for left and right padding alike
-        self.last = (attention_mask * torch.arange(T, device=hidden.device)).argmax(-1)
-        self.hidden_shape = hidden.shape
-        return self.score(hidden[torch.arange(len(hidden)), self.last])
-
-    def loss(self, logits, labels, num_targets=None, class_weights=None):
-        return cross_entropy(logits, labels, num_targets, class_weights, want_grad=self.training)
-
-    def count_targets(self, labels):
-        return len(labels)
+        last = last_real_token(attention_mask)
+        if keeps_for_backward(self):
+            self.last, self.hidden_shape = last, hidden.shape  # keeps: where the picked rows came from
+        return self.score(pick_rows(hidden, last))
 
     def backward(self, dlogits):
-        dlast = self.score.backward(dlogits)
-        dhidden = torch.zeros(self.hidden_shape, dtype=dlast.dtype, device=dlast.device)
-        dhidden[torch.arange(len(dlast)), self.last] = dlast
+        dhidden = pick_rows_backward(self.score.backward(dlogits), self.last, self.hidden_shape)
+        del self.last, self.hidden_shape
         self.transformer.backward(dhidden)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The family's checkpoint knowledge, which checkpoints.py looks up by config.json's model_type.
+
+MODEL_TYPES = ("gpt2",)
+Config = GPT2Config
+TASKS = {"classify": GPT2ForSequenceClassification, "lm": GPT2LMHeadModel, "encode": GPT2Model}
+NEW_HEADS = ("score.",)  # ours, may be missing from a file: trained from scratch
+UNUSED_HEADS = ("lm_head.",)  # the LM head in a file is the token embedding again (tied): nothing to load
+CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # stored (in, out) in GPT-2 files
+ARCHITECTURE = {GPT2ForSequenceClassification: "GPT2ForSequenceClassification", GPT2LMHeadModel: "GPT2LMHeadModel",
+                GPT2Model: "GPT2Model"}
+
+
+def hf_to_ours(key, tensor, model):
+    """A checkpoint key -> (our parameter name, tensor), or (None, tensor) for a buffer we do not keep.
+    A GPT2Model file says `h.0...`, a task model's `transformer.h.0...`; Conv1D weights are transposed."""
+    if key.endswith((".attn.bias", ".attn.masked_bias")):  # old files keep the causal mask as a buffer
+        return None, tensor
+    if isinstance(model, GPT2Model):
+        key = key[len("transformer."):] if key.startswith("transformer.") else key
+    elif not key.startswith(("transformer.", "score.", "lm_head.")):
+        key = "transformer." + key
+    return key, tensor.T if key.endswith(CONV1D) else tensor  # Conv1D (in, out) -> Linear (out, in)
+
+
+def hf_state_dict(model):
+    """Our parameters under the names and layouts transformers expects (a tied weight is listed once; HF
+    re-ties lm_head on load)."""
+    return {name: p.detach().T if name.endswith(CONV1D) else p.detach() for name, p in model.named_parameters()}
+
+
+def architecture(model):
+    return ARCHITECTURE[type(model)]

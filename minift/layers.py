@@ -19,8 +19,14 @@ from .errors import MiniftError
 
 
 def keeps_for_backward(module):
-    """Keep activations only for the hand-written backward: training mode, autograd off."""
-    return module.training and not torch.is_grad_enabled()
+    """Keep activations only for the hand-written backward: training mode, autograd off, and not below the
+    lowest trainable weight (freeze.py marks those modules: backward stops before it reaches them)."""
+    return module.training and not torch.is_grad_enabled() and not frozen_below(module)
+
+
+def frozen_below(module):
+    """True for a module that freeze.mark_frozen_below() found below every trainable weight."""
+    return getattr(module, "frozen_below", False)
 
 
 def accumulate_grad(param, grad):
@@ -65,17 +71,18 @@ class Linear(nn.Module):
 
     def forward(self, x):
         x = cast_for_matmul(x)
-        if keeps_for_backward(self):
+        if keeps_for_backward(self) and self.weight.requires_grad:
             self.x = x  # keeps: the input (in bf16 under autocast, as the matmul sees it), for dW = dy.T @ x
         return F.linear(x, self.weight, self.bias)
 
     def backward(self, dy):
-        x = self.x
-        del self.x
         dy = cast_for_matmul(dy)
-        dy2d, x2d = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        accumulate_grad(self.weight, dy2d.T @ x2d)  # dL/dW[o, i] = sum over rows of dy[o] * x[i]
-        if self.bias is not None:
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if self.weight.requires_grad:  # a frozen weight costs nothing: no dW, and forward kept no input
+            x = self.x
+            del self.x
+            accumulate_grad(self.weight, dy2d.T @ x.reshape(-1, x.shape[-1]))  # dW[o, i] = sum of dy[o] * x[i]
+        if self.bias is not None and self.bias.requires_grad:
             accumulate_grad(self.bias, dy2d.sum(0))
         return dy @ self.weight  # dL/dx = dy @ W (under bf16 autocast, W's bf16 copy is cached)
 
@@ -95,11 +102,13 @@ class Embedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, padding_idx={self.padding_idx}"
 
     def forward(self, ids):
-        if keeps_for_backward(self):
+        if keeps_for_backward(self) and self.weight.requires_grad:
             self.ids = ids  # keeps: which rows were used
         return F.embedding(ids, self.weight, self.padding_idx)
 
     def backward(self, dout):
+        if not self.weight.requires_grad:  # frozen: nothing to compute (token ids have no gradient)
+            return
         ids = self.ids.reshape(-1)
         del self.ids
         dout = dout.reshape(-1, dout.shape[-1]).to(self.weight.dtype)
@@ -141,8 +150,10 @@ class LayerNorm(nn.Module):
         xhat, rstd = self.xhat, self.rstd
         del self.xhat, self.rstd
         dy = _as_fp32(dy)
-        accumulate_grad(self.weight, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0))
-        accumulate_grad(self.bias, dy.reshape(-1, dy.shape[-1]).sum(0))
+        if self.weight.requires_grad:
+            accumulate_grad(self.weight, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0))
+        if self.bias.requires_grad:
+            accumulate_grad(self.bias, dy.reshape(-1, dy.shape[-1]).sum(0))
         dxhat = dy * self.weight
         # the mean and the variance depend on every x of the row: two correction terms,
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), computed in place in dxhat
@@ -290,3 +301,107 @@ def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True
     dlogits[torch.arange(len(labels), device=labels.device), safe_labels] -= 1
     dlogits *= (row_weight / num_targets).unsqueeze(1)
     return loss, dlogits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Llama family's layers: RMSNorm, rotary position embedding (RoPE), SwiGLU. (Grouped-query attention is
+# the Attention above with k and v shared by groups of query heads: see LlamaAttention in llama.py.)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dimension: LayerNorm without the mean and the bias."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps  # config.json's rms_norm_eps (1e-5 in SmolLM2 and TinyLlama, 1e-6 in Qwen2 and Mistral)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+    def forward(self, x):
+        dtype, x = x.dtype, _as_fp32(x)  # statistics in fp32; output in the input's dtype
+        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        xhat = x * rstd
+        if keeps_for_backward(self):
+            self.xhat, self.rstd = xhat, rstd  # keeps: normalised input and 1/rms
+        return (xhat * self.weight).to(dtype)
+
+    def backward(self, dy):
+        xhat, rstd = self.xhat, self.rstd
+        del self.xhat, self.rstd
+        dy = _as_fp32(dy)
+        if self.weight.requires_grad:  # a frozen weight costs nothing
+            accumulate_grad(self.weight, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0))
+        dxhat = dy * self.weight
+        # the rms depends on every x of the row: one correction term (LayerNorm has a second one for the mean),
+        # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), computed in place in dxhat
+        mean_dxhat_xhat = (dxhat * xhat).mean(-1, keepdim=True)
+        return dxhat.sub_(xhat.mul_(mean_dxhat_xhat)).mul_(rstd)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of the rotation angles position * theta^(-2i/d): rotary position embedding (RoPE).
+
+    RoPE turns each pair of coordinates (i, i + d/2) of a query or key head by an angle that grows with the
+    position, so q.k depends on how far apart two tokens are, not where they are. Hugging Face pairs
+    coordinate i with i + d/2 (`rotate_half`); llama.cpp pairs neighbours (2i, 2i + 1) and permutes the q/k
+    rows in GGUF files to match: the GGUF converter undoes that, so here it is always Hugging Face's way.
+    """
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.theta = theta  # config.json's rope_theta: 10000 in Llama 2, 100000 in SmolLM2, 1e6 in Qwen2
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # not persistent: computed from the config, never saved (old checkpoints that carry it are skipped)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def extra_repr(self):
+        return f"head_dim={2 * self.inv_freq.shape[0]}, theta={self.theta}"
+
+    def forward(self, position_ids, dtype):
+        """position_ids (B, T) -> cos, sin of shape (B, 1, T, head_dim), broadcastable over the heads."""
+        # angles in fp32 even for a bf16 model (as HF does): position 8000 * inv_freq must not lose its digits
+        angles = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat([angles, angles], dim=-1)  # coordinate i and i + d/2 turn by the same angle
+        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a quarter turn of every pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Turn each pair (x_i, x_{i+d/2}) by its angle: x cos + rotate_half(x) sin. No parameters, no state."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_backward(dy, cos, sin):
+    """A rotation is orthogonal: the gradient goes back through the inverse rotation, by minus the angle.
+
+    (y = R x with R a rotation, so dx = R^T dy = R(-angle) dy; cos(-a) = cos(a), sin(-a) = -sin(a).)"""
+    return apply_rope(dy, cos, -sin)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up, the gated activation of the Llama MLP: down(silu(gate(x)) * up(x)).
+
+    silu(g) = g * sigmoid(g) (also called swish); its derivative is s + g s (1 - s) = s (1 + g (1 - s))."""
+
+    def forward(self, gate, up):
+        if keeps_for_backward(self):
+            self.gate, self.up = gate, up  # keeps: both inputs (the product needs each for the other's grad)
+        return F.silu(gate) * up
+
+    def backward(self, dy):
+        gate, up = self.gate, self.up
+        del self.gate, self.up
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        dup = dy * silu  # d(a * b)/db = a
+        # d/dg [silu(g)] * up * dy, reusing the buffers: s (1 + g (1 - s)) = s + silu (1 - s)
+        dgate = silu.mul_(1 - s).add_(s).mul_(up).mul_(dy)
+        return dgate, dup

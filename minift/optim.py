@@ -20,12 +20,13 @@ def _default_no_decay(name, p):
 
 
 def param_groups(named_params, weight_decay, no_decay=_default_no_decay):
-    """Split (name, tensor) pairs into a decay group and a no-decay group for AdamW."""
+    """Split the trainable (name, tensor) pairs into a decay group and a no-decay group for AdamW. A frozen
+    tensor (requires_grad False) is left out: it gets no update and AdamW keeps no state for it."""
     decay = {"names": [], "params": [], "weight_decay": weight_decay}
     plain = {"names": [], "params": [], "weight_decay": 0.0}
     seen = set()
     for name, p in named_params:
-        if id(p) in seen:  # a tied weight (GPT-2's lm_head is wte) must be updated once, not twice
+        if id(p) in seen or not p.requires_grad:  # a tied weight (GPT-2's lm_head is wte) is updated once
             continue
         seen.add(id(p))
         group = plain if no_decay(name, p) else decay
@@ -56,9 +57,12 @@ class AdamW:
     def __init__(self, groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise MiniftError(f"AdamW betas must be in [0, 1), got {tuple(betas)}; the usual are (0.9, 0.999)")
-        if any("names" not in g for g in groups):
-            raise MiniftError("AdamW needs groups with parameter names; build them with minift.optim.param_groups")
+        groups = list(groups)
+        if not groups or any(not isinstance(g, dict) or "names" not in g for g in groups):
+            raise MiniftError("AdamW needs groups of named parameters: AdamW(param_groups(model.named_parameters(), "
+                              "weight_decay=0.01)), not model.parameters()")
         self.groups, self.lr, self.betas, self.eps = groups, lr, tuple(betas), eps
+        self.params = [p for g in groups for p in g["params"]]
         self.t = 0  # optimizer steps taken; one count for all parameters (they all step together)
         # State has the parameter's dtype: minift keeps fp32 master weights, so m and v are fp32 too.
         self.exp_avg = {n: torch.zeros_like(p) for g in groups for n, p in zip(g["names"], g["params"])}

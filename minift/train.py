@@ -1,57 +1,32 @@
-"""The training loop: batch -> forward -> loss -> backward -> clip -> AdamW -> schedule -> log.
+"""The training loop around one step (step.py): setup, the loop over batches, evaluation, checkpoints, the log.
 
-`train()` is one function a learner can step through. Around it: the settings (TrainConfig), seeding,
-precision, and checkpoints that resume exactly (model, AdamW state, every RNG, the position in the data).
+`train()` is the shell a learner steps through; the step itself is `minift.step.train_step`, exact resume
+and Ctrl-C live in resume.py, the settings and their checks in config.py.
 """
 import contextlib
 import json
 import math
+import os
 import random
-import shutil
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoints import atomic_write, load_state, read_safetensors, save_checkpoint
-from .data import batch_order, collate
+from .batching import batch_order, collate
+from .checkpoints import save_checkpoint
+from .config import TrainConfig, check_config
+from . import distributed
 from .errors import MiniftError
 from .evaluate import evaluate
-from .gpt2 import GPT2LMHeadModel
+from .freeze import describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
-from .optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups, warmup_steps_for
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = 2
-    batch_size: int = 32  # examples per optimizer step
-    grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size // grad_accum examples)
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"  # constant | linear | cosine
-    min_lr: float = 0.0
-    max_grad_norm: float = 1.0
-    dropout: float | None = None  # None: the checkpoint's own rates
-    precision: str = "fp32"  # fp32 | bf16 (autocast: bf16 matmuls, fp32 master weights and AdamW state) | auto
-    device: str = "auto"  # auto | cpu | cuda
-    backward: str = "manual"  # manual: our hand-written backward; autograd: PyTorch's (for new layers)
-    seed: int = 0
-    group_by_length: bool = True  # batches of similar lengths: less padding, same examples
-    eval_every: int = 0  # optimizer steps between evaluations; 0: once per epoch
-    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss
-    patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
-    log_every: int = 10
-    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); resumes keep counting
-
+from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
+from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
+                     save_training_state, set_rng_states, sigterm_as_interrupt)
+from .step import forward_backward, train_step  # noqa: F401  (forward_backward: the step's first half, for tests)
 
 def seed_everything(seed):
     """One call seeds Python, NumPy and torch (CPU and every CUDA device)."""
@@ -96,24 +71,9 @@ def set_dropout(model, p):
             m.p = p
 
 
-def forward_backward(model, batch, num_targets, cfg, class_weights=None):
-    """Loss of one micro-batch, with the gradients added into .grad. Returns the loss (a float)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if cfg.backward == "manual":
-        with torch.no_grad():  # nothing hidden: no graph is built, our backward does the work
-            logits = model(**inputs)
-            loss, dlogits = model.loss(logits, batch["labels"], num_targets, class_weights)
-            model.backward(dlogits)
-    else:
-        logits = model(**inputs)
-        loss, _ = model.loss(logits, batch["labels"], num_targets, class_weights)
-        loss.backward()
-    return loss.item()
-
-
 def micro_batches(examples, order, cfg, pad_id, padding_side, device):
     """Yield the micro-batches of one optimizer step: grad_accum pieces of one batch of indices."""
-    size = math.ceil(len(order) / cfg.grad_accum)
+    size = max(1, math.ceil(len(order) / cfg.grad_accum))  # (a rank's share of a last, small batch may be empty)
     for i in range(0, len(order), size):
         batch = collate([examples[j] for j in order[i:i + size]], pad_id, padding_side)
         yield {k: v.to(device) for k, v in batch.items()}
@@ -121,101 +81,146 @@ def micro_batches(examples, order, cfg, pad_id, padding_side, device):
 
 def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names=None,
           tokenizer_file=None, class_weights=None, padding_side="right", resume=False):
-    """Fine-tune `model` on encoded examples (see data.py). Returns a dict of what happened."""
-    if cfg.metric not in ("accuracy", "macro_f1", "loss"):
-        raise MiniftError(f"metric {cfg.metric!r} is unknown: choose accuracy, macro_f1 or loss")
-    if isinstance(model, GPT2LMHeadModel) and cfg.metric != "loss":
+    """Fine-tune `model` on encoded examples (see tasks.py). Returns a dict of what happened."""
+    check_config(cfg)
+    if model.task == "lm" and cfg.metric != "loss":
         raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
-    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
-        raise MiniftError(f"dropout {cfg.dropout} must be in [0, 1): it is the fraction of values zeroed (0.1 is usual)")
-    if cfg.backward not in ("manual", "autograd"):
-        raise MiniftError(f"backward {cfg.backward!r} is unknown: choose manual or autograd")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    dist = distributed.setup(cfg.device)  # None unless torchrun started several processes (distributed.py)
+    main = dist is None or dist.is_main  # the one process that prints, evaluates and writes
+    device = dist.device if dist else pick_device(cfg.device)
+    if dist and cfg.batch_size < dist.world_size:
+        raise MiniftError(f"batch_size {cfg.batch_size} is smaller than the {dist.world_size} processes: the batch "
+                          "is global (shared by all of them), so give at least one example per process")
     model.to(device).train()
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    groups = param_groups(model.named_parameters(), cfg.weight_decay)
-    optimizer = AdamW(groups, lr=cfg.lr)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
+    mark_frozen_below(model)
+    optimizer = AdamW(param_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     lengths = [len(e["input_ids"]) for e in train_examples]
     batches_per_epoch = len(batch_order(lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length))
     total_steps = math.ceil(cfg.epochs * batches_per_epoch)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_without_gain": 0}
     if resume:
         state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg)
-    elif (out_dir / "checkpoint").exists():
-        print(f"note: {out_dir} holds an earlier run; its checkpoint and best model will be replaced "
-              "(stop now and pass --resume to continue it instead, or choose another --out)")
-    print(describe_groups(groups))
+    else:
+        if main:
+            move_earlier_run_aside(out_dir)
+        seed_everything(cfg.seed)
+        state = LoopState()
+    if dist:  # every rank starts from rank 0's weights
+        dist.broadcast_weights(model)
+    print(describe_trainable(model) + " | " + describe_groups(optimizer.groups))
     print(schedule.describe())
     precision = fast_precision(device) if cfg.precision == "auto" else cfg.precision
     print(f"{len(train_examples)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
-          f"device {device}, {precision}, {cfg.backward} backward")
-    log = open(out_dir / "log.jsonl", "a" if resume else "w")
-    params = [p for g in groups for p in g["params"]]
-    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", dynamic_ncols=True)
+          f"device {device}, {precision}, {cfg.backward} backward"
+          + (f", {dist.world_size} processes sharing each batch" if dist else ""))
+    log = open_log(out_dir, state) if main else open(os.devnull, "w")
+    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
     tokens, t0, stop, rng_at_step_start = 0, time.perf_counter(), False, None
+    first_step, t_steps = state.step, None
+
+    def evaluate_now():  # validation metrics; the best model so far is saved. True when patience ran out
+        stop = main and evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side,
+                                               device, label_names, tokenizer_file, log)
+        return dist.decide(stop) if dist else stop  # rank 0 evaluated alone: its answer holds for all
+
+    def save():  # a resumable checkpoint of everything, the log up to here included
+        if main:
+            save_training_state(out_dir / "checkpoint", model, optimizer, state, cfg, label_names, tokenizer_file, log)
+
     try:
-        while state["step"] < total_steps and not stop:
-            order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"], group_by_length=cfg.group_by_length)
-            for batch_indices in order[state["batch"]:]:
-                rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step with the same dropout
-                # 1. forward + loss + backward over the micro-batches; the loss is divided by the count of
-                #    targets in the whole step, so grad_accum=4 gives the same gradient as one big batch
-                pieces = list(micro_batches(train_examples, batch_indices, cfg, pad_id, padding_side, device))
-                num_targets = sum(model.count_targets(b["labels"]) for b in pieces)
-                with autocast(device, cfg.precision):
-                    loss = sum(forward_backward(model, b, num_targets, cfg, class_weights) for b in pieces)
-                # 2. clip once per optimizer step, after accumulation; log the norm from before clipping
-                grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-                check_finite(loss, grad_norm, model, state["step"] + 1, schedule(state["step"]))
-                # 3. AdamW with this step's learning rate, then clear the gradients. The update, its count and
-                #    the new data position happen together: a Ctrl-C in between waits for the end of the block
-                lr = schedule(state["step"])
-                with interrupts_held():
-                    optimizer.step(lr)
-                    optimizer.zero_grad()
-                    epoch = state["epoch"]
-                    state["step"] += 1
-                    state["batch"] += 1
-                    end_of_epoch = state["batch"] == len(order)
-                    if end_of_epoch:
-                        state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                    rng_at_step_start = None  # the step is done: the RNG as it is now is where to continue
-                tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
-                # 4. log, evaluate, save
-                record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
-                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                    record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
-                log.write(json.dumps(record) + "\n")
-                due = state["step"] % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
-                if val_examples and (due or state["step"] == total_steps):
-                    stop = evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side,
-                                                  device, label_names, tokenizer_file, log)
-                if (cfg.save_every and state["step"] % cfg.save_every == 0) or due or state["step"] == total_steps:
-                    save_training_state(out_dir / "checkpoint", model, optimizer, state, cfg, label_names, tokenizer_file)
-                if stop or state["step"] >= total_steps or end_of_epoch:
-                    break
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            if state.eval_due:  # the run stopped during an evaluation: do it now, as the straight run did
+                stop = evaluate_now()
+                save()
+            while state.step < total_steps and not stop:
+                order = batch_order(lengths, cfg.batch_size, cfg.seed, state.epoch, group_by_length=cfg.group_by_length)
+                for batch_indices in order[state.batch:]:
+                    rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step, same dropout
+                    if dist:  # this rank's share of the global batch, its own dropout masks
+                        batch_indices = dist.share(batch_indices)
+                        dist.seed_dropout(cfg.seed, state.step)
+                    pieces = list(micro_batches(train_examples, batch_indices, cfg, pad_id, padding_side, device))
+                    lr = schedule(state.step)
+                    # a Ctrl-C during the step waits for its end: the update, its count and the new data
+                    # position happen together (an error inside leaves the step undone)
+                    with interrupts_held():
+                        with autocast(device, cfg.precision):
+                            loss, grad_norm = train_step(model, pieces, optimizer, lr, cfg, class_weights, sync=dist)
+                        epoch, end_of_epoch = state.epoch, state.batch + 1 == len(order)
+                        state.step, state.batch = state.step + 1, state.batch + 1
+                        if end_of_epoch:
+                            state.epoch, state.batch = state.epoch + 1, 0
+                        due = state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
+                        state.eval_due = bool(val_examples) and (due or state.step == total_steps)
+                        rng_at_step_start = None
+                        tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
+                        log_step(log, bar, state, cfg, total_steps, epoch, loss, lr, grad_norm,
+                                 tokens / (time.perf_counter() - t0))
+                    if state.step - first_step == ESTIMATE_AFTER:
+                        print_estimate(time.perf_counter() - t_steps, ESTIMATE_AFTER - 1, total_steps - state.step,
+                                       len(val_examples or []), cfg, batches_per_epoch)
+                    elif state.step - first_step == 1:
+                        t_steps = time.perf_counter()  # the first step warms up caches: time the ones after it
+                    if state.eval_due:
+                        stop = evaluate_now()
+                    if (cfg.save_every and state.step % cfg.save_every == 0) or due or state.step == total_steps:
+                        save()
+                    if stop or state.step >= total_steps or end_of_epoch:
+                        break
+        if dist:  # the others wait until rank 0 has written best/ and the checkpoint
+            dist.barrier()
+    except KeyboardInterrupt as e:
+        if dist:  # a Ctrl-C on one rank stops them all, before the next step's update
+            dist.fail(e)
         if rng_at_step_start is not None:  # the step was not applied: resume redoes it, with the same dropout masks
             set_rng_states(rng_at_step_start)
-        save_training_state(out_dir / "checkpoint", model, optimizer, state, cfg, label_names, tokenizer_file)
-        print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out_dir / 'checkpoint'}; "
+        save()
+        if dist:  # torchrun ends every rank once one exits: wait for rank 0's checkpoint
+            dist.barrier()
+        print(f"\ninterrupted at step {state.step}: checkpoint saved in {out_dir / 'checkpoint'}; "
               f"run the same command with --resume to continue")
+        raise
+    except Exception as e:
+        if dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
+            dist.fail(e)
         raise
     finally:
         bar.close()
         log.close()
-    return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"], "stopped_early": stop,
+    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "stopped_early": stop,
             "seconds": time.perf_counter() - t0, "out_dir": str(out_dir)}
+
+
+ESTIMATE_AFTER = 4  # steps timed before the estimate is printed (the first one is not counted)
+
+
+def print_estimate(seconds, steps_timed, steps_left, val_rows, cfg, batches_per_epoch):
+    """Say early how long the run will take, so nobody waits an hour unwarned. An evaluation pass runs the
+    forward only, about a third of a training step's work per example."""
+    per_step = seconds / steps_timed
+    evals = math.ceil(steps_left / (cfg.eval_every or batches_per_epoch)) if val_rows else 0
+    eval_seconds = evals * math.ceil(val_rows / cfg.batch_size) * per_step / 3
+    total = per_step * steps_left + eval_seconds
+    tqdm.write(f"time estimate: {per_step:.2f} s a step, about {total / 60:.1f} min for the {steps_left} steps left"
+               + (f" and {evals} evaluations" if evals else "") + " (from the steps just timed)")
+
+
+def log_step(log, bar, state, cfg, total_steps, epoch, loss, lr, grad_norm, tokens_per_s):
+    """One line of log.jsonl per optimizer step, and the progress bar."""
+    record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+    if state.step % cfg.log_every == 0 or state.step == total_steps:
+        record["tokens_per_s"] = tokens_per_s
+    log.write(json.dumps(record) + "\n")
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:.0f}")
 
 
 def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side, device, label_names,
@@ -225,107 +230,15 @@ def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, pad
         metrics = evaluate(model, val_examples, pad_id, batch_size=2 * cfg.batch_size, padding_side=padding_side,
                            label_names=label_names, device=device)
     value = metrics[cfg.metric]
-    better = state["best"] is None or (value < state["best"] if cfg.metric == "loss" else value > state["best"])
+    better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
     if better:
-        state["best"], state["best_step"], state["evals_without_gain"] = value, state["step"], 0
+        state.best, state.best_step, state.evals_without_gain = value, state.step, 0
         save_checkpoint(model, out_dir / "best", label_names, tokenizer_file)
     else:
-        state["evals_without_gain"] += 1
+        state.evals_without_gain += 1
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    log.write(json.dumps({"step": state["step"], "eval": shown}) + "\n")
-    tqdm.write(f"step {state['step']}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    log.write(json.dumps({"step": state.step, "eval": shown}) + "\n")
+    tqdm.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
                + (" (best so far, saved)" if better else ""))
-    return bool(cfg.patience) and state["evals_without_gain"] >= cfg.patience
-
-
-def check_finite(loss, grad_norm, model, step, lr):
-    """Stop on NaN/inf before the update, naming the step (numbered as in log.jsonl), the lr and the first bad
-    parameter: a weight that is already NaN/inf (the cause) if there is one, else the first bad gradient."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    named = list(model.named_parameters())
-    bad = next((f"weight {n}" for n, p in named if not torch.isfinite(p).all()), None) or next(
-        (f"gradient of {n}" for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()),
-        "none (the loss itself)")
-    raise MiniftError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}, lr {lr:.3g}, "
-                      f"first bad parameter: {bad}; the last checkpoint is intact: lower the lr or use fp32")
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it at the end, so the block runs whole."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-
-
-def rng_states():
-    states = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"torch_cuda{i}"] = s
-    return states
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch_cpu"])
-    cuda = sorted(k for k in states if k.startswith("torch_cuda"))
-    if cuda and torch.cuda.is_available():  # a checkpoint from a GPU machine resumes on a CPU-only one
-        torch.cuda.set_rng_state_all([states[k] for k in cuda])
-
-
-def save_training_state(folder, model, optimizer, state, cfg, label_names, tokenizer_file):
-    """Everything needed to continue exactly: weights, AdamW m/v/step, RNGs, position in the data.
-
-    Written to a new folder and swapped in by renames, so a crash leaves the previous checkpoint whole."""
-    folder = Path(folder)
-    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(new, ignore_errors=True)
-    save_checkpoint(model, new, label_names, tokenizer_file)
-    tensors, meta = optimizer.state_dict()
-    tensors.update({"rng." + k: v for k, v in rng_states().items()})
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(new / "optimizer.safetensors"))
-    extra = {"python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
-    extra["numpy_rng"] = [extra["numpy_rng"][0], extra["numpy_rng"][1].tolist(), *extra["numpy_rng"][2:]]
-    trainer_state = {"state": state, "optimizer": meta, "config": asdict(cfg), **extra}
-    atomic_write(new / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(trainer_state)))
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    new.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_training_state(folder, model, optimizer, cfg=None):
-    """Restore the weights, the AdamW state and every RNG saved in `folder`; return the loop's position.
-    With `cfg` (this run's settings), say which settings differ from the saved run's."""
-    folder = Path(folder)
-    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
-        folder = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
-    if not (folder / "trainer_state.json").is_file():
-        raise MiniftError(f"nothing to resume in {folder}: no trainer_state.json (start without --resume)")
-    load_state(model, read_safetensors(folder))
-    saved = json.loads((folder / "trainer_state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    rngs = {k[len("rng."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
-    set_rng_states(rngs)
-    optimizer.load_state_dict(tensors, saved["optimizer"])
-    py = saved["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = saved["numpy_rng"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    print(f"resumed from {folder} at step {saved['state']['step']}")
-    if cfg is not None:
-        changed = [f"{k} {old} -> {getattr(cfg, k)}" for k, old in saved["config"].items()
-                   if getattr(cfg, k, old) != old]
-        if changed:  # allowed (more epochs, a lower lr ...), but the run is no longer the one that was saved
-            print("note: settings changed since the checkpoint: " + ", ".join(changed))
-    return saved["state"]
+    state.eval_due = False
+    return bool(cfg.patience) and state.evals_without_gain >= cfg.patience

@@ -231,10 +231,10 @@ def test_truncated_safetensors(keep, hf_checkpoint):
 def test_unsupported_model_type(hf_checkpoint):
     _, folder = hf_checkpoint("BertModel", 0)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     with pytest.raises(MiniftError) as e:
         load_checkpoint(folder)
-    assert "'llama'" in one_line(e) and "not supported" in one_line(e)
+    assert "'mamba'" in one_line(e) and "not supported" in one_line(e)
 
 
 def test_unknown_task(hf_checkpoint):

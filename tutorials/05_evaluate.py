@@ -32,9 +32,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import minift
-from minift.data import encode_classification
 from minift.finetune import load_classification_splits
 from minift.plots import plot_confusion, plot_learning_curves
+from minift.tasks import encode_classification
 
 parser = argparse.ArgumentParser(description="Stage 5: over-fitting, under-fitting and early stopping")
 parser.add_argument("--quick", action="store_true", help="fewer rows and epochs (under a minute, for CI)")

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 import minift
-from minift.data import encode_classification, load_splits
+from minift.data import load_splits
 from minift.finetune import finetune_classifier, load_classification_splits, look_at_test_set, predict, \
     split_folder
+from minift.tasks import encode_classification
 from minift.train import TrainConfig
 
 parser = argparse.ArgumentParser(description="Stage 7: one look at the test set, then save, reload, predict, export")

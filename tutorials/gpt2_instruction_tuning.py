@@ -38,7 +38,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import minift
 from minift.checkpoints import build_model
-from minift.data import ALPACA_TEMPLATE, encode_instruction, read_jsonl, split
+from minift.data import read_jsonl, split
+from minift.tasks import ALPACA_TEMPLATE, encode_instruction
 from minift.train import TrainConfig, train
 
 parser = argparse.ArgumentParser(description="GPT-2 instruction tuning (a tiny random-init GPT-2 without weights)")

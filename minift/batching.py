@@ -1,0 +1,58 @@
+"""From encoded examples to batches: which examples go together, and padding them into tensors.
+
+This is all the training loop and evaluate() need from the data side. Examples come tokenized once and
+unpadded (see tasks.py); each batch is padded only to its own longest row.
+
+    for idx in batch_order([len(e["input_ids"]) for e in train], 32, seed=0, epoch=0):
+        batch = collate([train[i] for i in idx], tok.pad_id)   # input_ids, attention_mask, labels
+"""
+import numpy as np
+import torch
+
+from .errors import MiniftError
+
+
+def _pad(seq, value, n, side):
+    return seq + [value] * n if side == "right" else [value] * n + seq
+
+
+def collate(examples, pad_id, padding_side="right"):
+    """Pad a list of examples to the longest one: input_ids, attention_mask, labels (LongTensors).
+
+    Classification: labels is [B]. Language modelling / instructions: labels is [B, T], padded with -100
+    on the same side as input_ids, so padding is never a target."""
+    if not examples:
+        raise MiniftError("collate got no examples; check the batch indices")
+    if padding_side not in ("right", "left"):
+        raise MiniftError(f"padding_side={padding_side!r}; use 'right' or 'left'")
+    width = max(len(e["input_ids"]) for e in examples)
+    ids, mask, labels = [], [], []
+    for e in examples:
+        n_pad = width - len(e["input_ids"])
+        ids.append(_pad(e["input_ids"], pad_id, n_pad, padding_side))
+        mask.append(_pad([1] * len(e["input_ids"]), 0, n_pad, padding_side))
+        labels.append(e["label"] if "label" in e else _pad(e["labels"], -100, n_pad, padding_side))
+    return {"input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def batch_order(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=False, drop_last=False):
+    """The batches of one epoch, as lists of example indices; each index appears exactly once.
+
+    It depends only on (seed, epoch), so a resumed run rebuilds the same order and skips to batch k.
+    group_by_length: shuffle, sort each chunk of 50 batches by length (longest first), cut into batches,
+    shuffle the batches. Rows of similar length share a batch: less padding, still random."""
+    rng = np.random.default_rng((seed, epoch))
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if group_by_length:
+        chunk = 50 * batch_size
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                                for c in np.split(order, range(chunk, len(order), chunk))])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length and shuffle:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return batches

@@ -1,0 +1,91 @@
+"""The training settings, and the one check of them that the Python API, the command line, the TOML file and
+the sweep all go through: every value of the right type and in range, or one line that says how to fix it.
+"""
+import math
+from dataclasses import dataclass, field, fields
+
+from .errors import MiniftError
+
+
+@dataclass
+class TrainConfig:
+    """The main job's training settings (recipe.py holds the rest of the main job: model, data, max_length)."""
+    epochs: float = 2
+    batch_size: int = 32  # examples per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size // grad_accum examples)
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"  # constant | linear | cosine
+    min_lr: float = 0.0
+    max_grad_norm: float = 1.0
+    dropout: float | None = None  # None: the checkpoint's own rates
+    precision: str = "auto"  # auto: bf16 where the hardware runs it natively, else fp32 | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backward: str = "manual"  # manual: our hand-written backward; autograd: PyTorch's (for new layers)
+    seed: int = 0
+    group_by_length: bool = True  # batches of similar lengths: less padding, same examples
+    eval_every: int = 0  # optimizer steps between evaluations; 0: once per epoch
+    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss
+    patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); resumes keep counting
+    freeze: list = field(default_factory=list)  # parameters not trained: "embeddings", "layers:N", name prefixes
+
+
+CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
+           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss")}
+# (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
+RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
+          "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"), "weight_decay": (0, True, "e.g. 0.01"),
+          "warmup_ratio": (0, True, "between 0 and 1, e.g. 0.06"), "min_lr": (0, True, "0 decays to zero"),
+          "max_grad_norm": (0, False, "e.g. 1.0; a negative norm would turn training into gradient ascent"),
+          "seed": (0, True, "any whole number >= 0"), "eval_every": (0, True, "0 = once per epoch"),
+          "patience": (0, True, "0 = never stop early"), "log_every": (1, True, "e.g. 10"),
+          "save_every": (0, True, "0 = at each evaluation"), "max_steps": (0, True, "0 = run all epochs")}
+
+
+def check_config(cfg):
+    """Raise MiniftError naming the first setting that is of the wrong type or out of range."""
+    if not isinstance(cfg, TrainConfig):
+        raise MiniftError(f"settings must be a minift.TrainConfig, not {type(cfg).__name__}")
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        _check_type(f, value)
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise MiniftError(f"{f.name} {value!r} is unknown: choose {', '.join(CHOICES[f.name])}")
+        if f.name in RANGES:
+            low, inclusive, hint = RANGES[f.name]
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                raise MiniftError(f"{f.name} = {value} is out of range: {hint}")
+    if cfg.warmup_ratio > 1:
+        raise MiniftError(f"warmup_ratio = {cfg.warmup_ratio} is out of range: between 0 and 1, e.g. 0.06")
+    if cfg.min_lr > cfg.lr:
+        raise MiniftError(f"min_lr {cfg.min_lr:g} is above the peak lr {cfg.lr:g}: the floor must be lower")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise MiniftError(f"dropout {cfg.dropout} must be in [0, 1): it is the fraction of values zeroed (0.1 is usual)")
+    if cfg.grad_accum > cfg.batch_size:
+        raise MiniftError(f"grad_accum {cfg.grad_accum} is more than batch_size {cfg.batch_size}: each micro-batch "
+                          "needs at least one example")
+    if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+        raise MiniftError(f"device {cfg.device!r} is unknown: choose auto, cpu, cuda or cuda:N")
+    if any(not isinstance(p, str) or not p for p in cfg.freeze):
+        raise MiniftError(f"freeze {cfg.freeze!r}: give a list of name patterns, e.g. ['embeddings'] or ['layers:3']")
+    return cfg
+
+
+KINDS = {float: ((int, float), "a number"), int: ((int,), "a whole number"), str: ((str,), "text"),
+         bool: ((bool,), "true or false"), list: ((list, tuple), "a list")}
+
+
+def _check_type(f, value):
+    """bool is not a number here and 8.5 is not a batch size; an int is a fine float."""
+    if f.name == "dropout":  # float | None
+        if value is None:
+            return
+        wanted, kind = KINDS[float]
+    else:
+        wanted, kind = KINDS[f.type]
+    if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
+        raise MiniftError(f"{f.name} = {value!r} is {type(value).__name__}: it must be {kind}")

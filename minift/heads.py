@@ -1,0 +1,109 @@
+"""What every family shares above the layers: head split/merge, positions, pooling and row picking with their
+backward, and the three task contracts (classify, lm, encode) that the loop and `evaluate` rely on.
+
+The model contract, written down once. A minift task model is one of the classes below and has:
+- `config`, a family config with `model_type` (checkpoints.py finds the family by it),
+- `task`: "classify" (logits (batch, labels)), "lm" (logits (batch, time, vocab)) or "encode" (hidden states),
+- `forward(input_ids, attention_mask=None, ...)` -> logits,
+- `loss(logits, labels, num_targets=None, class_weights=None)` -> (loss, dlogits); dlogits is None in eval
+  mode or with autograd on,
+- `count_targets(labels)`: how many supervised targets the labels hold (the loss divides by the count over
+  a whole optimizer step, so micro-batches add up to the big batch),
+- `backward(dlogits)`: fills every trainable parameter's `.grad`.
+The loop asks `model.task`, never `isinstance`.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .generate import generate
+from .layers import cross_entropy
+
+
+def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
+    B, T, D = x.shape
+    # contiguous once here: otherwise each matmul that uses this view (two in forward, more in backward)
+    # would copy it into a contiguous tensor again
+    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2).contiguous()
+
+
+def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def positions_from_mask(attention_mask, offset=0):
+    """Position of each token counted over the real tokens only, so left padding does not shift them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
+
+
+def last_real_token(attention_mask):
+    """Index of the last 1 in each row of the mask: works for left and right padding alike."""
+    T = attention_mask.shape[1]
+    return (attention_mask * torch.arange(T, device=attention_mask.device)).argmax(-1)
+
+
+def pick_rows(hidden, rows):
+    """hidden[b, rows[b]] for every b: one vector per text (BERT's [CLS], a decoder's last token)."""
+    return hidden[torch.arange(len(hidden), device=hidden.device), rows]
+
+
+def pick_rows_backward(dpicked, rows, hidden_shape):
+    """The gradient of pick_rows: each picked row gets its gradient back, every other position gets 0."""
+    dhidden = torch.zeros(hidden_shape, dtype=dpicked.dtype, device=dpicked.device)
+    dhidden[torch.arange(hidden_shape[0], device=dpicked.device), rows] = dpicked
+    return dhidden
+
+
+def mean_pool(hidden, attention_mask):
+    """The mean of the real tokens' vectors. Returns (pooled, kept): kept = (mask, count) is what the backward
+    needs, since d pooled / d hidden[t] = mask[t] / count."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    count = mask.sum(1).clamp(min=1)
+    return (hidden * mask).sum(1) / count, (mask, count)
+
+
+def mean_pool_backward(dpooled, kept):
+    mask, count = kept
+    return dpooled.unsqueeze(1) * mask / count.unsqueeze(1)
+
+
+class Classifier(nn.Module):
+    """A text classifier: one target per text, softmax cross-entropy over the classes."""
+    task = "classify"
+
+    def loss(self, logits, labels, num_targets=None, class_weights=None):
+        """Mean cross-entropy over the examples (or over `num_targets` for a whole accumulated step)."""
+        labels = torch.as_tensor(labels, device=logits.device)  # a Python list of ids works too
+        return cross_entropy(logits, labels, num_targets, class_weights, want_grad=self.training)
+
+    def count_targets(self, labels):
+        return len(labels)
+
+
+class CausalLM(nn.Module):
+    """A language model: position t predicts token t+1; labels -100 (prompt, padding) are not targets.
+    Its forward also takes `caches` (a list from new_cache()), which generate() uses."""
+    task = "lm"
+
+    def loss(self, logits, labels, num_targets=None, class_weights=None):
+        """Next-token cross-entropy over the supervised tokens."""
+        labels = torch.as_tensor(labels, device=logits.device)
+        # shift the labels, not the logits: the last position gets the target -100 (nothing follows it), so
+        # the loss skips it and its gradient is 0, with no copy of the (batch, time, vocab) logits
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
+                                      want_grad=self.training)
+        return loss, None if dlogits is None else dlogits.view(logits.shape)
+
+    def count_targets(self, labels):
+        return int((torch.as_tensor(labels)[:, 1:] != -100).sum())
+
+    def generate(self, input_ids, **kwargs):
+        """Continue the prompts: see minift.generate.generate for the options."""
+        return generate(self, input_ids, **kwargs)
+
+
+class Encoder(nn.Module):
+    """A bare encoder: token ids -> contextual vectors, for embeddings; it has no loss of its own."""
+    task = "encode"

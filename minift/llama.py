@@ -1,0 +1,345 @@
+"""The Llama family (Llama, SmolLM/SmolLM2, TinyLlama, Qwen2/2.5, Mistral), built from minift's layers.
+
+Four things make a Llama out of a GPT-2 (compare gpt2.py side by side):
+- RMSNorm instead of LayerNorm (no mean, no bias);
+- no position table: rotary position embedding (RoPE) turns q and k by an angle that grows with the position;
+- the MLP is SwiGLU: down(silu(gate(x)) * up(x)), three matrices and no GELU;
+- grouped-query attention (GQA): fewer key/value heads than query heads, each k/v head shared by a group of
+  query heads (SmolLM2-135M: 9 query heads, 3 k/v heads, groups of 3). The k/v cache is that much smaller.
+Module names follow the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj`, `model.norm`,
+`lm_head`), so loading is the identity map. Qwen2 adds biases to q, k and v; Mistral is Llama with an
+optional sliding window, which minift does not implement: a sequence longer than an active window is refused.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .errors import MiniftError
+from .heads import (CausalLM, Classifier, Encoder, last_real_token, merge_heads, pick_rows, pick_rows_backward,
+                    positions_from_mask, split_heads)
+from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, accumulate_grad, apply_rope,
+                     apply_rope_backward, cast_for_matmul, frozen_below, keeps_for_backward)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: as many as query heads (no grouping)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False  # Llama: biases on q, k, v and o (Qwen2 always has q, k, v biases, no o bias)
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0  # the only dropout a Llama has
+    tie_word_embeddings: bool = False  # True: the LM head is the token embedding (SmolLM2, Qwen2.5-0.5B)
+    sliding_window: int | None = None  # an ACTIVE window only (see from_dict); None: full causal attention
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    num_labels: int = 2  # for LlamaForSequenceClassification
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MiniftError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}: check config.json")
+        if self.head_dim % 2:
+            raise MiniftError(f"head_dim {self.head_dim} is odd: rotary embedding turns pairs of coordinates")
+
+    @property
+    def qkv_bias(self):
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self):
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @classmethod
+    def from_dict(cls, d):
+        """An HF config.json dict -> LlamaConfig; what minift cannot run exactly is refused, never approximated."""
+        kind = d.get("model_type", "llama")
+        if kind not in MODEL_TYPES:
+            raise MiniftError(f"model_type {kind!r} is not a Llama-family model minift runs: {', '.join(MODEL_TYPES)}")
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise MiniftError(f"hidden_act {d['hidden_act']!r} is not supported: the Llama family in minift uses silu")
+        if any(d.get(k) for k in MOE_KEYS):
+            raise MiniftError("mixture-of-experts models are not supported: minift runs dense Llama-family models "
+                              f"(config.json has {', '.join(k for k in MOE_KEYS if d.get(k))})")
+        # transformers 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta + rope_scaling
+        rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise MiniftError(f"rope scaling {rope_type!r} is not supported: minift implements plain RoPE "
+                              "(rope_type 'default'); use a checkpoint without rope_scaling")
+        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise MiniftError("partial_rotary_factor is not supported: minift rotates every coordinate of a head")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        known = {f.name for f in fields(cls)} - {"rope_theta", "sliding_window"}
+        if "id2label" in d and "num_labels" not in d:
+            d = {**d, "num_labels": len(d["id2label"])}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None},
+                   rope_theta=theta, sliding_window=_active_window(d))
+
+
+def _active_window(d):
+    """The sliding window that transformers would apply, or None when every layer attends to all past tokens.
+
+    Llama has none. Mistral applies `sliding_window` to every layer when it is set (Mistral-7B-v0.1: 4096;
+    v0.2 and later: null). Qwen2 only when `use_sliding_window` is true, and then only in the layers that
+    `layer_types` (or, in older files, `max_window_layers`) marks as sliding. A window longer than the
+    sequence changes nothing, so minift keeps the window and refuses, in forward, a sequence longer than it.
+    """
+    window = d.get("sliding_window")
+    if window is None or d.get("model_type", "llama") == "llama":
+        return None
+    if d.get("model_type") == "qwen2":
+        if not d.get("use_sliding_window", False):
+            return None
+        n, first = d.get("num_hidden_layers", 32), d.get("max_window_layers", 28)
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        if "sliding_attention" not in types:
+            return None
+    return window
+
+
+def repeat_kv(x, n_rep):
+    """(B, Hkv, T, hd) -> (B, Hkv * n_rep, T, hd): k/v head j serves query heads j*n_rep ... j*n_rep + n_rep-1."""
+    if n_rep == 1:
+        return x
+    B, Hkv, T, hd = x.shape
+    return x[:, :, None].expand(B, Hkv, n_rep, T, hd).reshape(B, Hkv * n_rep, T, hd)
+
+
+def sum_groups(dx, n_kv_heads):
+    """The backward of repeat_kv: a k/v head was used by every query head of its group, so its gradient is
+    the sum of theirs. (B, H, T, hd) -> (B, Hkv, T, hd)."""
+    B, H, T, hd = dx.shape
+    if H == n_kv_heads:
+        return dx
+    return dx.view(B, n_kv_heads, H // n_kv_heads, T, hd).sum(2)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with rotary positions: q, k rotated by RoPE, k/v shared by groups of q heads."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.attn = Attention(c.attention_dropout)  # the same softmax(q k^T / sqrt(d) + mask) v as BERT and GPT-2
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+
+    def forward(self, x, cos, sin, allowed, cache=None):
+        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        if cache is not None:  # generation: the cache holds the rotated keys of the k/v heads, not repeated
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        if keeps_for_backward(self):
+            self.cos, self.sin = cos, sin  # keeps: the angles (shared by every layer), to turn the gradients back
+        n_rep = self.n_heads // self.n_kv_heads
+        return self.o_proj(merge_heads(self.attn(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), allowed)))
+
+    def backward(self, dout):
+        cos, sin = self.cos, self.sin
+        del self.cos, self.sin
+        dq, dk, dv = self.attn.backward(split_heads(self.o_proj.backward(dout), self.n_heads))
+        dk, dv = sum_groups(dk, self.n_kv_heads), sum_groups(dv, self.n_kv_heads)  # the GQA lesson
+        dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
+        # x fed three projections: its gradient is the sum of the three
+        dx = self.q_proj.backward(merge_heads(dq))
+        dx += self.k_proj.backward(merge_heads(dk))
+        return dx.add_(self.v_proj.backward(merge_heads(dv)))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per feature, how much of `up` passes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.act = SwiGLU()
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+    def backward(self, dout):
+        dgate, dup = self.act.backward(self.down_proj.backward(dout))
+        return self.gate_proj.backward(dgate).add_(self.up_proj.backward(dup))  # x fed both: gradients add
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block, as GPT-2's: x + attn(norm(x)), then + mlp(norm(x)); no dropout on residuals."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, x, cos, sin, allowed, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def backward(self, dout):
+        # a residual passes its gradient through unchanged and adds the branch's
+        dx = dout + self.post_attention_layernorm.backward(self.mlp.backward(dout))
+        return dx + self.input_layernorm.backward(self.self_attn.backward(dx))
+
+
+class LlamaModel(Encoder):
+    """Token ids -> last hidden states (after the final RMSNorm). Checkpoint keys without the `model.` prefix."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        # padding_idx as in HF: the pad row gets no gradient from the input side
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta)  # no parameters: angles from positions
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+        """caches: a list of one [] per layer (new_cache()), filled and extended by generation; None in training."""
+        B, T = input_ids.shape
+        past = caches[0][0].shape[2] if caches and caches[0] else 0
+        window = self.config.sliding_window
+        if window is not None and past + T > window:
+            raise MiniftError(f"sequence of {past + T} tokens is longer than the model's sliding window of {window}: "
+                              f"minift has no sliding-window attention; keep max_length (+ max_new_tokens) <= {window}")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:  # counted over real tokens only, so a left-padded row starts at 0 too
+            position_ids = positions_from_mask(attention_mask)[:, past:]
+        # query i may see key j if j <= i (causal) and j is a real token (padding mask)
+        causal = torch.ones(past + T, past + T, dtype=torch.bool, device=input_ids.device).tril()[past:]
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)  # computed once, used by every layer
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, allowed, caches[i] if caches is not None else None)
+        return self.norm(x)
+
+    def new_cache(self):
+        return [[] for _ in self.layers]
+
+    def stages(self):
+        """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
+        return [self.embed_tokens, *self.layers]
+
+    def backward(self, dhidden):
+        d = self.norm.backward(dhidden)
+        for layer in reversed(self.layers):
+            if frozen_below(layer):
+                return  # no trainable weight below this layer: no gradient left to compute
+            d = layer.backward(d)
+        self.embed_tokens.backward(d)
+
+
+class LlamaForCausalLM(CausalLM):
+    """LlamaModel + the LM head: its own matrix `lm_head`, or the token embedding itself when tied.
+    The loss (shifted labels), count_targets and generate() come from heads.CausalLM."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.model = LlamaModel(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def new_cache(self):
+        return self.model.new_cache()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+        hidden = self.model(input_ids, attention_mask, position_ids, caches)
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(hidden)
+        hidden = cast_for_matmul(hidden)
+        if keeps_for_backward(self) and self.model.embed_tokens.weight.requires_grad:
+            self.hidden = hidden  # keeps: the input of the head, for d(embed) += dlogits.T @ hidden
+        return hidden @ self.model.embed_tokens.weight.T  # tied: logits = h @ E.T
+
+    def backward(self, dlogits):
+        if not self.config.tie_word_embeddings:
+            return self.model.backward(self.lm_head.backward(dlogits))
+        weight = self.model.embed_tokens.weight
+        dlogits = cast_for_matmul(dlogits)
+        if weight.requires_grad:  # the second use of the tied weight: its gradient adds to the embedding's own
+            hidden = self.hidden
+            del self.hidden
+            accumulate_grad(weight, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
+        self.model.backward(dlogits @ weight)
+
+
+class LlamaForSequenceClassification(Classifier):
+    """A decoder reads left to right, so the last real (non-pad) token is the one that has seen the whole text."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.model = LlamaModel(c)
+        self.score = Linear(c.hidden_size, c.num_labels, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids)
+        last = last_real_token(attention_mask)  # the last 1 of the mask: left and right padding alike
+        if keeps_for_backward(self):
+            self.last, self.hidden_shape = last, hidden.shape  # keeps: where the picked rows came from
+        return self.score(pick_rows(hidden, last))
+
+    def backward(self, dlogits):
+        dhidden = pick_rows_backward(self.score.backward(dlogits), self.last, self.hidden_shape)
+        del self.last, self.hidden_shape
+        self.model.backward(dhidden)
+
+
+# ---- what checkpoints.py needs from a family -------------------------------------------------------------
+
+Config = LlamaConfig
+TASKS = {"classify": LlamaForSequenceClassification, "lm": LlamaForCausalLM, "encode": LlamaModel}
+NEW_HEADS = ("score.",)  # a classification head is trained from scratch
+UNUSED_HEADS = ("lm_head.",)  # a causal LM's head, in a classifier (or a tied copy in a tied model's file)
+_FAMILY_NAME = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_TASK_SUFFIX = {"lm": "ForCausalLM", "classify": "ForSequenceClassification", "encode": "Model"}
+
+
+def hf_to_ours(key, tensor, model):
+    """An HF checkpoint key -> (our parameter name, tensor), or (None, tensor) for a key to skip."""
+    if key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved RoPE's frequencies: we compute them
+        return None, tensor
+    if isinstance(model, LlamaModel):  # a base model: HF's LlamaModel keys have no "model." prefix
+        return (key[len("model."):] if key.startswith("model.") else key), tensor
+    if key.startswith(("model.",) + NEW_HEADS + UNUSED_HEADS):
+        return key, tensor
+    return "model." + key, tensor  # a base model's checkpoint loaded into a task model
+
+
+def hf_state_dict(model):
+    """Our parameters under transformers' names: the identity (a tied head is the embedding, listed once)."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+
+
+def architecture(model):
+    """The `architectures` entry of config.json: LlamaForCausalLM, Qwen2ForSequenceClassification, ..."""
+    return _FAMILY_NAME[model.config.model_type] + _TASK_SUFFIX[model.task]

@@ -1,0 +1,13 @@
+"""The main job's defaults, in one place: all-MiniLM-L6-v2 fine-tuned on 3-class tweet sentiment.
+
+`minift finetune`, `finetune_classifier()`, `minift sweep`, the tutorials and bench/ all start from these;
+the training settings are TrainConfig's own defaults (config.py). Change the recipe here and everything
+that says "the default" changes with it.
+"""
+MODEL = "minilm"  # a name (minilm, smollm2, gpt2) or a checkpoint folder
+DATA = None  # None: the bundled tweets (negative / neutral / positive), split 80/10/10 with the seed
+OUT = "runs/minilm-tweets"
+MAX_LENGTH = 64  # tokens per text; the length report before training says how many a length cuts
+POOLING = "mean"  # all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors
+
+MAIN_JOB = {"model": MODEL, "data": DATA, "out": OUT, "max_length": MAX_LENGTH, "pooling": POOLING}

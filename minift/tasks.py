@@ -1,0 +1,168 @@
+"""Stage 2, the task: rows of text become the examples a model trains on.
+
+    classification   {"text", "label"}                -> {"input_ids", "label": the model's class id}
+    instructions     {"instruction", "input", "output"} or {"prompt", "response"}
+                                                      -> {"input_ids", "labels": -100 on the prompt}
+    causal LM        raw texts                        -> full blocks, {"input_ids", "labels"}
+
+Tokenized once, not padded: batching.collate pads each batch. Labels are matched to the model's classes
+by NAME, always (label_ids), so a data set that holds only some of a model's classes still lines up.
+"""
+import numpy as np
+import torch
+
+from .errors import MiniftError
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Classification
+
+def class_names(rows, what="the training rows", at_least=2):
+    """The classes of labelled rows as sorted texts: the label names a new classifier is built with.
+
+    A classifier needs two classes at least; at_least=1 for data that is only scored (evaluate)."""
+    missing = next((n for n, r in enumerate(rows, 1) if "label" not in r), None)
+    if missing is not None:
+        raise MiniftError(f"row {missing} of {what} has no 'label'; map one with columns={{'label': ...}} "
+                          f"(--label-column) when reading")
+    names = tuple(sorted({str(r["label"]) for r in rows}))
+    if len(names) < at_least:
+        found = f"only one class ({names[0]!r})" if names else "no rows"
+        raise MiniftError(f"{what} have {found}; a classifier needs at least two classes: check the "
+                          f"label column (--label-column) and the data")
+    return names
+
+
+def label_ids(rows, label_names):
+    """Each row's label as the model's class id, matched by name: label_names[i] names class i (a
+    model's id2label, or class_names() for a new one). A number is matched as text (2 as "2"), never
+    taken as an id itself, so the data's classes mean what the model's classes mean."""
+    index = {str(name): i for i, name in enumerate(label_names)}
+    ids = []
+    for n, row in enumerate(rows, 1):
+        if "label" not in row:
+            raise MiniftError(f"row {n} has no 'label' (it has {', '.join(row)}); map one with "
+                              f"columns={{'label': ...}} when reading")
+        name = str(row["label"])
+        if name not in index:
+            raise MiniftError(f"row {n}: label {row['label']!r} is not one of the model's labels "
+                              f"({', '.join(map(str, label_names))}); drop such rows with "
+                              f"clean(rows, labels=...) or use a model that has that class")
+        ids.append(index[name])
+    return ids
+
+
+def encode_classification(rows, tokenizer, label_names, max_length):
+    """[{"input_ids": [...], "label": class id}] (no padding: collate pads each batch).
+
+    label_names[i] is the name of the model's class i; each row's label is matched to it by name."""
+    ids = tokenizer.encode_batch([r["text"] for r in rows], max_length=max_length)
+    return [{"input_ids": i, "label": y} for i, y in zip(ids, label_ids(rows, label_names))]
+
+
+def class_weights(rows_or_labels, num_labels):
+    """Inverse-frequency weights for the loss, scaled to mean 1 (a rare class counts more)."""
+    labels = [r["label"] if isinstance(r, dict) else r for r in rows_or_labels]
+    if not all(isinstance(y, (int, np.integer)) and 0 <= y < num_labels for y in labels):
+        raise MiniftError(f"class_weights needs class indices 0..{num_labels - 1}; pass rows from "
+                          f"encode_classification or a list of label ids")
+    counts = np.bincount(np.array(labels, dtype=np.int64), minlength=num_labels)
+    if (counts == 0).any():
+        raise MiniftError(f"class {int(np.argmin(counts))} has no examples, so it has no weight; "
+                          f"check the labels or num_labels")
+    weights = 1.0 / counts
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Instructions and raw text (causal LM)
+
+# The prompts of Stanford Alpaca, with and without an input. Its train.py ends them at "### Response:";
+# we add the newline (as alpaca-lora and torchtune do), so the response starts on a line of its own.
+ALPACA_TEMPLATE = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+
+
+def _prompt_and_response(row, template, n):
+    if "prompt" in row and "response" in row:
+        return row["prompt"], row["response"]  # the prompt is used as written, no template
+    if "instruction" in row and "output" in row:
+        key = "prompt_input" if row.get("input") else "prompt_no_input"
+        return template[key].format(instruction=row["instruction"], input=row.get("input")), row["output"]
+    raise MiniftError(f"row {n} has fields {', '.join(row)}; an instruction row needs instruction and "
+                      f"output (input optional) or prompt and response; map them with columns= when reading")
+
+
+def encode_instruction(rows, tokenizer, max_length, template=ALPACA_TEMPLATE):
+    """Prompt + response + EOS as one sequence; returns (examples, dropped).
+
+    labels[i] is the target for position i (the model's loss shifts by one, as in Hugging Face):
+    -100 on every prompt token, the token itself on the response and on EOS (so the model learns to
+    stop). Too long: cut from the right, so the prompt survives if it fits; an example left with no
+    supervised token is dropped and counted in `dropped`."""
+    if tokenizer.eos_id is None:
+        raise MiniftError("this tokenizer has no end-of-text token; instruction tuning needs one to stop")
+    if not rows:
+        return [], 0
+    prompts, responses = zip(*(_prompt_and_response(r, template, n) for n, r in enumerate(rows, 1)))
+    # Prompt and response are tokenized apart, so the boundary between them is exact.
+    prompt_ids = tokenizer.encode_batch(prompts, add_special_tokens=False)
+    response_ids = tokenizer.encode_batch(responses, add_special_tokens=False)
+    examples, dropped = [], 0
+    for p, r in zip(prompt_ids, response_ids):
+        r = r + [tokenizer.eos_id]
+        ids = (p + r)[:max_length]
+        labels = ([-100] * len(p) + r)[:max_length]
+        if all(label == -100 for label in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, dropped
+
+
+def pack_blocks(texts, tokenizer, block_size):
+    """Causal-LM examples from raw text: documents joined with EOS after each, cut into full blocks.
+
+    labels == input_ids (the loss shifts). The tail shorter than one block is left out."""
+    if tokenizer.eos_id is None:
+        raise MiniftError("this tokenizer has no end-of-text token to separate documents")
+    stream = []
+    for ids in tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream += ids + [tokenizer.eos_id]  # marks where one document ends and the next begins
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise MiniftError(f"the text is {len(stream)} tokens, less than one block of {block_size}; "
+                          f"use a smaller block_size or more text")
+    blocks = [stream[k * block_size:(k + 1) * block_size] for k in range(n_blocks)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def show_supervised(batch, tokenizer):
+    """Each row of an LM/instruction batch with only the tokens the loss trains on visible; the others
+    (prompt) show as '·', padding is left out. Newlines show as \\n."""
+    if batch["labels"].dim() != 2:
+        raise MiniftError("show_supervised needs a language-model batch (labels per token), not one "
+                          "label per row")
+    lines = []
+    for b, (labels, mask) in enumerate(zip(batch["labels"].tolist(), batch["attention_mask"].tolist())):
+        parts, run = [], []
+        for label, m in zip(labels + [-100], mask + [1]):  # a final -100 flushes the last run (its · is cut)
+            if not m:
+                continue
+            if label != -100:
+                run.append(label)
+                continue
+            if run:  # decode runs together: byte-level tokens only make sense side by side
+                parts.append(tokenizer.decode(run, skip_special_tokens=False).replace("\n", "\\n"))
+                run = []
+            parts.append("·")
+        n_sup = sum(label != -100 for label in labels)
+        lines.append(f"row {b} ({n_sup} of {sum(mask)} tokens trained): " + "".join(parts[:-1]))
+    return "\n".join(lines)
