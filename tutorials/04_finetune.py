@@ -12,7 +12,9 @@
 #
 # We first write a few steps out by hand, check our hand-written gradient against PyTorch's autograd, and
 # then run the real thing with `minift.finetune.finetune_classifier`, which wraps the same steps in
-# `minift.train.train` (batching, evaluation, checkpoints, logging).
+# `minift.train.train` (batching, evaluation, checkpoints, logging). The loop's step is the function
+# `minift.step.train_step`: its body is these six lines with a loop over micro-batches; put a breakpoint
+# there to watch a real run.
 #
 #     python tutorials/04_finetune.py --quick    # < 1 min: 400 training rows, 1 epoch, bf16 where the CPU has it
 #     python tutorials/04_finetune.py            # the default recipe: 29,794 rows, 2 epochs (~15-30 min, 2 cores)
@@ -95,6 +97,26 @@ for step, indices in enumerate(order[:n_steps]):
     print(f"{step:>4} {loss.item():>8.4f} {grad_norm:>10.3f} {lr:>10.2e}  {tuple(batch['input_ids'].shape)}")
 
 # %% [markdown]
+# ## What the forward keeps for the backward
+#
+# With autograd off, a layer keeps only what its own backward needs (the "keeps:" comments in
+# minift/layers.py): a Linear its input (for dW = dy^T x), the attention its probabilities, dropout its mask.
+# `minift.memory.kept_for_backward` lists them after one forward of a default batch (32 tweets, up to 64
+# tokens); the backward frees them all again.
+
+# %%
+from minift.memory import format_kept, kept_for_backward  # noqa: E402
+
+default_batch = collate([examples[i] for i in batch_order(lengths, 32, seed=0, epoch=0)[0]], tok.pad_id)
+with torch.no_grad():
+    logits = model(default_batch["input_ids"], default_batch["attention_mask"])
+print(format_kept(kept_for_backward(model), top=12))
+with torch.no_grad():  # and the backward frees them (its gradients are thrown away here)
+    model.backward(model.loss(logits, default_batch["labels"])[1])
+optimizer.zero_grad()
+assert kept_for_backward(model) == []
+
+# %% [markdown]
 # ## 4.3 Is our backward right? Compare with autograd
 #
 # The same forward with autograd *on* is the reference: PyTorch records the graph and `loss.backward()`
@@ -143,19 +165,18 @@ del model, optimizer
 # end of each epoch, saving the best model, resumable checkpoints) and report. `test=False`: the test set
 # waits for stage 7, where we look at it once.
 #
-# The default recipe (`TrainConfig()`): 2 epochs, batch 32, AdamW lr 5e-5, weight decay 0.01, 6% warmup then
-# linear decay, clipping at 1.0, max_length 64, fp32. `--quick` trains on 400 rows for 1 epoch (25 steps)
-# with a higher peak lr (1e-4) so that something visible happens, in bf16 where the hardware supports it
-# (bf16 matmuls, fp32 master weights).
+# The default recipe is the main job's (`minift finetune`; minift/recipe.py and `TrainConfig()`): MiniLM with
+# mean pooling, max_length 64, 2 epochs, batch 32, AdamW lr 5e-5, weight decay 0.01, 6% warmup then linear
+# decay, clipping at 1.0, bf16 where the hardware multiplies bf16 natively (else fp32). `--quick` differs on
+# purpose: 400 rows, 1 epoch (25 steps), batch 16 and a higher peak lr (1e-4), so that something visible
+# happens in under a minute.
 #
 # The number to beat is the **majority baseline**: always answer the most common class. On these tweets it
 # scores 0.43; a model below it has learnt nothing useful.
 
 # %%
 if args.quick:
-    # precision "auto": bf16 where the hardware multiplies bf16 natively (recent GPUs; CPUs with AVX512-BF16
-    # or AMX), else fp32
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-4, precision="auto", log_every=5)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-4, log_every=5)
     limit = 400
 else:
     cfg = TrainConfig()  # the default recipe

@@ -1,0 +1,424 @@
+"""GGUF, llama.cpp's one-file model format: read it, dequantize it, write a Hugging Face folder.
+
+A GGUF file is three parts back to back, little-endian throughout:
+
+    header     b"GGUF", version (u32), number of tensors (u64), number of metadata pairs (u64)
+    metadata   key -> typed value: the config ("llama.block_count" ...), the tokenizer's vocabulary,
+               merges and special ids, the chat template
+    tensors    a table (name, shape, type, offset), then the tensors' bytes, aligned to 32 bytes
+
+Weights are usually quantized: cut into blocks of 32 numbers that share one fp16 scale, each number
+kept in 8 or 4 bits. We turn every tensor back into float32, undo llama.cpp's reordering of the q and k
+rows, and write config.json, model.safetensors, tokenizer.json and tokenizer_config.json, so the rest of
+minift (and transformers) reads the model like any other checkpoint:
+
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2")
+
+Only numpy here: the `gguf` package is the tests' reference, never imported by minift.
+"""
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+
+from .errors import MiniftError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
+DEFAULT_ALIGNMENT = 32
+
+# ---------------------------------------------------------------------------------------------------
+# Metadata values. Each value is tagged with its type id; fixed-size types map to a struct format,
+# which numpy also understands (np.dtype("<u4")), so one table serves single values and arrays.
+
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                  10: "<Q", 11: "<q", 12: "<d"}  # u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64
+STRING, ARRAY = 8, 9
+U32, U64 = 4, 10
+
+
+class Cursor:
+    """Walks the header and metadata. Every read checks that the bytes are there, so a cut-off file
+    gives one clear line instead of a numpy or struct traceback."""
+
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> int:
+        """Claim the next n bytes; return where they start."""
+        if n < 0 or self.pos + n > len(self.buf):
+            raise MiniftError(f"{self.path} is truncated ({len(self.buf)} bytes, the header needs more): "
+                              f"the download or copy stopped early; fetch the file again")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def scalar(self, vtype: int):
+        fmt = SCALAR_FORMATS[vtype]
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar(U64)
+        start = self.take(n)
+        return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        """One metadata value: a number, bool, string, or a list of them (arrays may nest)."""
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            item_type, count = self.scalar(U32), self.scalar(U64)
+            if item_type in SCALAR_FORMATS:  # numbers in bulk (49,152 token types): one numpy read
+                dtype = np.dtype(SCALAR_FORMATS[item_type])
+                start = self.take(dtype.itemsize * count)
+                return np.frombuffer(self.buf, dtype, count, start).tolist()
+            return [self.value(item_type) for _ in range(count)]
+        if vtype in SCALAR_FORMATS:
+            return self.scalar(vtype)
+        raise MiniftError(f"{self.path}: metadata value of unknown type {vtype} at byte {self.pos}: "
+                          f"the file is corrupt or from a newer GGUF version; re-export it")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor types. Quantized types store `block` numbers in `nbytes` bytes.
+
+TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+              17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+              34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 2 + 32), 2: (32, 2 + 16), 3: (32, 2 + 2 + 16)}
+
+
+def dequantize_f32(raw):
+    return raw.view("<f4")
+
+
+def dequantize_f16(raw):
+    return raw.view("<f2").astype(np.float32)
+
+
+def dequantize_bf16(raw):
+    """bf16 is the top half of a float32: shift the 16 bits up and read them as float32."""
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def dequantize_q8_0(raw):
+    """Block of 34 bytes: fp16 scale d, then 32 signed bytes q. value = d * q."""
+    blocks = raw.reshape(-1, 34)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n, 1)
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)       # (n, 32)
+    return (q * d).reshape(-1)
+
+
+def nibbles(qs):
+    """16 bytes -> 32 numbers 0..15: the low nibbles are values 0-15 of the block, the high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def dequantize_q4_0(raw):
+    """Block of 18 bytes: fp16 scale d, 16 bytes of 4-bit q. value = d * (q - 8), so q spans -8..7."""
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    q = nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
+    return (d * q.astype(np.float32)).reshape(-1)
+
+
+def dequantize_q4_1(raw):
+    """Block of 20 bytes: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q. value = d * q + m."""
+    blocks = raw.reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    q = nibbles(blocks[:, 4:]).astype(np.float32)
+    return (d * q + m).reshape(-1)
+
+
+DEQUANTIZE = {0: dequantize_f32, 1: dequantize_f16, 30: dequantize_bf16,
+              8: dequantize_q8_0, 2: dequantize_q4_0, 3: dequantize_q4_1}
+SUPPORTED = ", ".join(TYPE_NAMES[t] for t in DEQUANTIZE)
+
+
+def type_name(ggml_type: int) -> str:
+    return TYPE_NAMES.get(ggml_type, f"unknown type {ggml_type}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The file
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple  # numpy order, (rows, cols): GGUF lists dimensions innermost first, we reverse them
+    type: int     # a TYPE_NAMES key
+    offset: int   # where its bytes start, counted from the start of the file
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict   # key -> int, float, bool, str or list
+    tensors: dict    # name -> TensorInfo, in file order
+    buf: np.ndarray  # the whole file, memory-mapped (uint8): tensors are read from it on demand
+
+
+def read_gguf(path) -> GGUFFile:
+    """Parse header, metadata and tensor table; tensor bytes stay on disk until dequantize() asks."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiniftError(f"{path}: no such file; pass the path of a .gguf file")
+    if path.stat().st_size < 4:
+        raise MiniftError(f"{path} is {path.stat().st_size} bytes, too short to be a GGUF file; fetch it again")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    if bytes(buf[:4]) != MAGIC:
+        raise MiniftError(f"{path} is not a GGUF file (it starts with {bytes(buf[:4])!r}, not b'GGUF'); "
+                          f"pass a llama.cpp .gguf file")
+    cur = Cursor(buf, path)
+    cur.take(4)
+    version = cur.scalar(U32)
+    if version not in VERSIONS:
+        raise MiniftError(f"{path}: GGUF version {version}, minift reads versions 2 and 3 (little-endian); "
+                          f"re-export it with a current llama.cpp")
+    n_tensors, n_kv = cur.scalar(U64), cur.scalar(U64)
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar(U32))
+    tensors = {}
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.scalar(U64) for _ in range(cur.scalar(U32))]
+        ggml_type, offset = cur.scalar(U32), cur.scalar(U64)
+        tensors[name] = TensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
+    # The tensors' bytes start at the next multiple of the alignment; offsets count from there.
+    align = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    data_start = -(-cur.pos // align) * align
+    for t in tensors.values():
+        t.offset += data_start
+        if t.type in BLOCKS and t.offset + tensor_nbytes(t) > len(buf):
+            raise MiniftError(f"{path} is truncated: tensor {t.name} ends at byte {t.offset + tensor_nbytes(t)}, "
+                              f"the file has {len(buf)}; the download or copy stopped early, fetch it again")
+    return GGUFFile(path, version, metadata, tensors, buf)
+
+
+def tensor_nbytes(t: TensorInfo) -> int:
+    block, nbytes = BLOCKS[t.type]
+    n = int(np.prod(t.shape))
+    if n % block:
+        raise MiniftError(f"tensor {t.name} has {n} values, not a whole number of {type_name(t.type)} "
+                          f"blocks of {block}: the file is corrupt")
+    return n // block * nbytes
+
+
+def check_supported(t: TensorInfo):
+    if t.type not in DEQUANTIZE:
+        raise MiniftError(f"tensor {t.name} is {type_name(t.type)}, minift dequantizes {SUPPORTED}; take a "
+                          f"file in one of those (or re-quantize it with llama.cpp's llama-quantize)")
+
+
+def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
+    """Tensor `name` as a float32 numpy array of its (rows, cols) shape."""
+    t = gguf.tensors[name]
+    check_supported(t)
+    raw = np.asarray(gguf.buf[t.offset:t.offset + tensor_nbytes(t)])
+    return DEQUANTIZE[t.type](raw).reshape(t.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# llama: config, tensor names, the q/k row order
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q_proj / k_proj rows (n_heads: the kv heads for k_proj).
+
+    RoPE rotates pairs of numbers in each head. Hugging Face pairs row j with row j + half
+    (`rotate_half`); llama.cpp pairs neighbours, so its converter interleaves the two halves of each
+    head: HF rows (0, half, 1, half+1, ...) come out as (0, 1, 2, 3, ...). Here we read each head as
+    (half, 2) and transpose it back to (2, half)."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise MiniftError(f"a q/k projection has {rows} rows, not a multiple of 2 x {n_heads} heads: "
+                          f"the head counts in the file's metadata do not match its tensors")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(name: str) -> str:
+    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM key."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
+    raise MiniftError(f"tensor {name} has no place in a Llama model (rope scaling, biases and mixtures of "
+                      f"experts are not supported); convert a plain Llama-architecture GGUF")
+
+
+def shortest(x: float) -> float:
+    """A float32 from the file as its shortest decimal (9.999999747e-06 -> 1e-05, as in config.json)."""
+    return float(str(np.float32(x)))
+
+
+def llama_config(meta: dict, tensors: dict) -> dict:
+    """The config.json of Hugging Face's LlamaConfig, from the file's `llama.*` metadata."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts 'llama' models only "
+                          f"(SmolLM2, TinyLlama, Llama 2/3 ...)")
+
+    def need(key):
+        if f"llama.{key}" not in meta:
+            raise MiniftError(f"the GGUF has no llama.{key} in its metadata: the file is incomplete; re-export it")
+        value = meta[f"llama.{key}"]
+        if isinstance(value, list):
+            raise MiniftError(f"llama.{key} differs per layer in this GGUF; minift supports one value for all")
+        return value
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    kv_heads = meta.get("llama.attention.head_count_kv", heads)
+    head_dim = meta.get("llama.attention.key_length", hidden // heads)
+    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+        raise MiniftError("this GGUF rotates only part of each head (llama.rope.dimension_count != head size); "
+                          "minift's Llama rotates whole heads")
+    if meta.get("llama.rope.scaling.type", "none") != "none":
+        raise MiniftError(f"this GGUF uses rope scaling ({meta['llama.rope.scaling.type']}), which minift's "
+                          f"Llama does not implement; pick a model without it")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else tensors["token_embd.weight"].shape[0])
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama",
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, hidden_act="silu", max_position_embeddings=need("context_length"),
+        rms_norm_eps=shortest(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=shortest(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
+        attention_bias=False, attention_dropout=0.0, mlp_bias=False, initializer_range=0.02,
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tokenizer: the vocabulary and merges are in the metadata; how text is split before BPE is named
+# by tokenizer.ggml.pre, and we rebuild that split with the `tokenizers` library.
+
+def byte_level():
+    # GPT-2's split (words, numbers, punctuation, spaces), then bytes -> printable characters (Ġ = space)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+PRE_TOKENIZERS = {
+    "gpt-2": byte_level,
+    # SmolLM2 (and StarCoder): every digit on its own first, then as GPT-2
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level()]),
+}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values: special tokens, added plain tokens
+
+
+def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer built from the file's vocabulary, merges and token types."""
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    if kind != "gpt2":
+        raise MiniftError(f"the GGUF's tokenizer is {kind!r}; minift rebuilds byte-level BPE ('gpt2') only")
+    if pre not in PRE_TOKENIZERS:
+        raise MiniftError(f"the GGUF's pre-tokenizer is {pre!r}; minift knows {', '.join(PRE_TOKENIZERS)} "
+                          f"(another split would give the model ids it was not trained on)")
+    tokens = meta["tokenizer.ggml.tokens"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise MiniftError("the GGUF's vocabulary lists a token twice: the file is corrupt; re-export it")
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if meta.get("tokenizer.ggml.add_bos_token"):  # Llama-2 style files: every text starts with BOS
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
+    types = meta.get("tokenizer.ggml.token_type", [])
+    # Kept whole in any text (never split by BPE); specials are also dropped by decode(skip_special_tokens).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+    return tok
+
+
+def tokenizer_config(meta: dict) -> dict:
+    """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+              "model_max_length": meta.get("llama.context_length")}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and 0 <= i < len(tokens):
+            config[name] = tokens[i]
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF -> Hugging Face folder
+
+def convert_gguf(gguf_path, out_dir) -> Path:
+    """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
+    for a llama GGUF into out_dir. Everything is written to a temp folder first and renamed into place,
+    so an interrupted conversion leaves out_dir as it was."""
+    gguf, out_dir = read_gguf(gguf_path), Path(out_dir)
+    meta = gguf.metadata
+    config = llama_config(meta, gguf.tensors)  # everything that can be refused is refused before any work
+    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
+    names = {name: hf_name(name) for name in gguf.tensors}
+    for t in gguf.tensors.values():
+        check_supported(t)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+    tmp.mkdir()
+    try:
+        weights = {}
+        for name in tqdm(gguf.tensors, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
+            w = dequantize(gguf, name)
+            if name.endswith("attn_q.weight"):
+                w = unpermute(w, config["num_attention_heads"])
+            elif name.endswith("attn_k.weight"):
+                w = unpermute(w, config["num_key_value_heads"])
+            weights[names[name]] = np.ascontiguousarray(w)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del weights
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors creates it 0600; like the others
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        tok.save(str(tmp / "tokenizer.json"))
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)  # the whole folder appears at once
+        else:
+            for f in tmp.iterdir():  # folder already there: file by file, each rename whole
+                os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

