@@ -25,7 +25,9 @@ except ImportError:  # Python 3.10
 
 def convert(f, text):
     """A TrainConfig field's value from command-line text, or one line that says what was expected."""
-    if f.type is bool:
+    if f.type is bool:  # anything but a clear yes or no is a mistake, not a silent False
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise MiniftError(f"--{f.name.replace('_', '-')} {text!r}: expected true or false")
         return text.lower() in ("1", "true", "yes")
     if f.type is list:  # --freeze embeddings,layers:2
         return [t for t in text.split(",") if t]
@@ -70,9 +72,29 @@ def read_settings(args):
 def cmd_finetune(args):
     from .finetune import finetune_classifier
 
+    if args.lora and args.lora_r is None:
+        args.lora_r = 8  # --lora alone: rank 8 adapters (the other settings from TrainConfig)
     cfg, o = read_settings(args)
+    check_out_dir(o["out"])
+    from .distributed import setup
+    setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
     finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
                         args.label_column, args.limit, resume=args.resume)
+
+
+def check_out_dir(out):
+    """Refuse an output folder that cannot be one (a file) or cannot be written, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MiniftError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".minift-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MiniftError(f"--out {out} cannot be written ({e.strerror or e}): choose another --out "
+                          "or fix its permissions") from None
 
 
 def cmd_evaluate(args):
@@ -81,7 +103,7 @@ def cmd_evaluate(args):
     from .tasks import encode_classification
     from .tokenizer import Tokenizer
 
-    model, names = load_classifier(args.checkpoint)
+    model, names = load_classifier(args.checkpoint, args.adapter)
     splits, _ = load_classification_splits(args.data, args.text_column, args.label_column, args.seed,
                                            for_training=False)
     if args.split == "test":
@@ -92,12 +114,16 @@ def cmd_evaluate(args):
     print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
 
 
-def load_classifier(folder):
-    """(model, class names) of a saved classifier; a warning when its head was never trained."""
+def load_classifier(folder, adapter=None):
+    """(model, class names) of a saved classifier (plus a LoRA adapter folder, peft's layout); a warning when
+    its head was never trained."""
     from .checkpoints import load_checkpoint
+    from .lora import load_adapter
 
-    model = load_checkpoint(folder, "classify", verbose=False)
-    if model.load_report.new_head:
+    model = load_checkpoint(folder, "classify", verbose=False, num_labels=adapter_labels(adapter))
+    if adapter:
+        load_adapter(model, adapter)
+    elif model.load_report.new_head:
         print(f"warning: {folder} has no trained classification head ({', '.join(model.load_report.new_head)} "
               "drawn at random): its answers mean nothing until it is fine-tuned (minift finetune --model ...)",
               file=sys.stderr)
@@ -109,9 +135,54 @@ def cmd_predict(args):
     from .finetune import predict
     from .tokenizer import Tokenizer
 
-    model, names = load_classifier(args.checkpoint)
+    model, names = load_classifier(args.checkpoint, args.adapter)
     for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts, names)):
         print(f"{label:>10s} {p:.3f}  {text}")
+
+
+def adapter_labels(adapter):
+    """The number of classes of the task head an adapter folder carries (None: take the checkpoint's)."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise MiniftError(f"{adapter} has no adapter_model.safetensors: give the adapter folder a LoRA run wrote "
+                          "(OUT/adapter)")
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
+                 if k.endswith(("classifier.weight", "classifier.out_proj.weight", "score.weight"))]
+    return heads[0] if heads else None
+
+
+def cmd_convert(args):
+    from .gguf import convert_gguf
+
+    print(convert_gguf(args.gguf, args.out))
+
+
+def cmd_generate(args):
+    """Continue a prompt (or answer it as a chat turn, with the model's chat template)."""
+    from .checkpoints import load_checkpoint
+    from .hub import resolve_model
+    from .lora import load_adapter
+    from .tokenizer import Tokenizer
+
+    path = resolve_model(args.model)
+    model, tok = load_checkpoint(path, "lm", verbose=False), Tokenizer.from_file(path)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    batch = tok([text], add_special_tokens=not args.chat)
+    out = model.generate(batch["input_ids"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, attention_mask=batch["attention_mask"],
+                         eos_token_id=tok.eos_id, generator=torch_generator(args.seed))
+    print(tok.decode(out[0, batch["input_ids"].shape[1]:].tolist()))
+
+
+def torch_generator(seed):
+    import torch
+    return torch.Generator().manual_seed(seed)
 
 
 def cmd_sweep(args):
@@ -124,6 +195,7 @@ def cmd_sweep(args):
     fixed = {k: v for k, v in MAIN_JOB.items() if k in TRAIN_KEYS}
     base = check_config(TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}}))
     space = {k: v for k, v in space.items() if len(v) > 1}
+    check_out_dir(args.out)
     run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,
               pooling=MAIN_JOB["pooling"], text_column=args.text_column, label_column=args.label_column)
 
@@ -169,6 +241,8 @@ def build_parser():
     f.add_argument("--limit", type=int, help="use only the first N training rows (a quick try)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
     f.add_argument("--config", help="a TOML file of settings (flags win over it)")
+    f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
+                   "every weight; --lora-alpha, --lora-dropout, --lora-targets query,value")
     add_train_flags(f)
     f.set_defaults(run=cmd_finetune)
 
@@ -180,11 +254,13 @@ def build_parser():
     e.add_argument("--label-column", default="label")
     e.add_argument("--max-length", type=int, default=64)
     e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
+    e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
     e.set_defaults(run=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify new texts with a saved classifier")
     pr.add_argument("checkpoint")
     pr.add_argument("texts", nargs="+")
+    pr.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
     pr.set_defaults(run=cmd_predict)
 
     s = sub.add_parser("sweep", help="try hyperparameters; every trial is recorded, the best chosen on validation")
@@ -207,15 +283,37 @@ def build_parser():
     i = sub.add_parser("info", help="architecture and parameter counts of a model")
     i.add_argument("model")
     i.set_defaults(run=cmd_info)
+
+    c = sub.add_parser("convert", help="a GGUF file (llama architecture) -> a Hugging Face folder minift loads")
+    c.add_argument("gguf")
+    c.add_argument("out")
+    c.set_defaults(run=cmd_convert)
+
+    g = sub.add_parser("generate", help="continue a prompt with a language model (smollm2, gpt2, a folder)")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    g.add_argument("--adapter", help="a LoRA adapter folder (peft's layout)")
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(run=cmd_generate)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside the try: a flag's value is checked as it is parsed
         args.run(args)
     except MiniftError as e:
         print(f"minift: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the last net for what the file system refuses (permissions, a full disk ...)
+        where = f" {e.filename}" if e.filename else ""
+        print(f"minift: error: cannot write or read{where}: {e.strerror or e}; check the path, its permissions "
+              "and free space (or choose another --out)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
