@@ -69,7 +69,7 @@ def read_safetensors(folder):
     if single.is_file():
         files = [single]
     elif index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = shard_files(index)
     else:
         raise MiniftError(f"{folder} has no model.safetensors (nor model.safetensors.index.json): "
                           "minift reads safetensors only; convert a .bin checkpoint with transformers first")
@@ -80,6 +80,22 @@ def read_safetensors(folder):
         except (SafetensorError, OSError) as e:
             raise MiniftError(f"{f} is damaged or truncated ({e}): download it again") from None
     return tensors
+
+
+def shard_files(index):
+    """The shard files named by model.safetensors.index.json ({"weight_map": {tensor name: file name}})."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+        weight_map = e  # not JSON, or JSON but not an object
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise MiniftError(f"{index} is malformed: it needs {{\"weight_map\": {{tensor name: shard file}}}}; "
+                          "download the checkpoint again")
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MiniftError(f"{index} names {missing[0]}, which is not in {index.parent}: download the checkpoint again")
+    return files
 
 
 @dataclass
