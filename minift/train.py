@@ -230,15 +230,16 @@ def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, pad
         metrics = evaluate(model, val_examples, pad_id, batch_size=2 * cfg.batch_size, padding_side=padding_side,
                            label_names=label_names, device=device)
     value = metrics[cfg.metric]
-    better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
-    if better:
-        state.best, state.best_step, state.evals_without_gain = value, state.step, 0
-        save_checkpoint(model, out_dir / "best", label_names, tokenizer_file)
-    else:
-        state.evals_without_gain += 1
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    log.write(json.dumps({"step": state.step, "eval": shown}) + "\n")
-    tqdm.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-               + (" (best so far, saved)" if better else ""))
-    state.eval_due = False
+    with interrupts_held():  # the choice of best, best/, the log record and eval_due change together
+        better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
+        if better:
+            state.best, state.best_step, state.evals_without_gain = value, state.step, 0
+            save_checkpoint(model, out_dir / "best", label_names, tokenizer_file)
+        else:
+            state.evals_without_gain += 1
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        log.write(json.dumps({"step": state.step, "eval": shown}) + "\n")
+        tqdm.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                   + (" (best so far, saved)" if better else ""))
+        state.eval_due = False
     return bool(cfg.patience) and state.evals_without_gain >= cfg.patience

@@ -217,11 +217,9 @@ def test_the_straight_run_evaluates_and_moves(tmp_path_factory):
     ("save", 2, signal.SIGINT, True),  # Ctrl-C while the step-6 checkpoint is written: the save finishes
     ("eval", 2, signal.SIGINT, True),  # Ctrl-C during the mid-run evaluation at step 6
     ("eval", 4, signal.SIGINT, True),  # Ctrl-C during the final evaluation (step 12)
-    # Ctrl-C while best/ is written after the step-6 evaluation (the best): state.best is already set, so the
-    # evaluation redone on resume is "no gain", and patience stops the run at step 9 instead of 12
-    pytest.param("best", 2, signal.SIGINT, True, marks=pytest.mark.xfail(strict=True, reason=(
-        "train.py's evaluate_and_keep_best must hold interrupts (resume.interrupts_held) from the state update "
-        "through best/ and the log record"))),
+    # Ctrl-C while best/ is written after the step-6 evaluation (the best): held until best/, the state and
+    # the log record are all written, so the resumed run neither redoes nor loses that evaluation
+    ("best", 2, signal.SIGINT, True),
     ("step", 8, signal.SIGKILL, True),  # no chance to save: resume from the step-6 checkpoint and its log
     ("save", 3, signal.SIGKILL, True),  # killed mid-save: the previous checkpoint is whole
 ])

@@ -26,6 +26,7 @@ KEY_LINES = {
     "04b_lora.py": "merged vs unmerged logits",
     "05_evaluate.py": "all checks passed",
     "06_tune_hyperparameters.py": "best on validation accuracy",
+    "08_data_parallel.py": "two processes reached the weights of one",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",
 }
 

@@ -1,0 +1,195 @@
+"""Data parallel training, written out: N processes (ranks), one copy of the model each, one global batch.
+
+    torchrun --nproc_per_node 2 -m minift finetune ...
+
+Each optimizer step, every rank takes its share of the same global batch (`share`), runs the hand-written
+forward and backward on it, and then the ranks add up what they found (all-reduce):
+1. the count of supervised targets of the whole global batch, BEFORE the loss is normalised (`count`), so
+   every rank divides by the same number;
+2. the gradients (`gradients`), in a few flat buckets rather than one call per tensor.
+Since each rank's gradient is (sum over its targets) / (global count), their sum is exactly the gradient of
+one process that saw the whole batch: N ranks with B examples each compute the update of one process with
+N*B. Every rank then holds the same gradient, clips it by the same global norm and makes the same AdamW
+step, so the weights stay identical without ever being sent again (only once, at the start).
+
+PyTorch's DistributedDataParallel does step 2 with hooks on autograd; our backward does not use autograd,
+so the hooks would never fire. Here it is one function you can step through.
+
+Two rules keep N processes from hanging:
+- every rank must reach every collective call (all-reduce, broadcast, barrier) in the same order; an
+  exception on one rank would leave the others waiting forever. So every collective starts with `_agree`:
+  the ranks first add up a "did anyone fail?" flag, and a rank that fails calls `fail(error)`, which is that
+  same flag call; everyone then stops with the failing rank's message.
+- only rank 0 writes (logs, checkpoints, best model) and prints (the others' stdout goes to /dev/null; their
+  errors still reach stderr).
+"""
+import atexit
+import datetime
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as td
+
+from .errors import MiniftError
+
+BUCKET_ELEMENTS = 8 * 2**20  # 32 MB of fp32 per all-reduce: a few calls for a whole model, as DDP does (25 MB)
+MESSAGE_BYTES = 1000  # room for a failing rank's one-line message
+# How long a rank waits in a collective before giving up. Rank 0 evaluates alone while the others wait,
+# so this must exceed the longest evaluation; a crash is caught much sooner by `_agree` or by torchrun.
+TIMEOUT = datetime.timedelta(minutes=30)
+
+_current = None  # the one Distributed of this process (train() may be called several times)
+
+
+def setup(device="auto"):
+    """The Distributed of this process when torchrun started several; None for a plain single process.
+
+    torchrun sets RANK (this process among all), LOCAL_RANK (among this machine's), WORLD_SIZE (how many)
+    and MASTER_ADDR/MASTER_PORT (where rank 0 listens). `device` is TrainConfig.device: on CUDA each rank
+    takes its own GPU, cuda:LOCAL_RANK, and the ranks talk over NCCL; on CPU over gloo."""
+    global _current
+    if _current is not None:
+        return _current
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 and not td.is_initialized():
+        return None
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise MiniftError(f"WORLD_SIZE is set but {name} is not: start several processes with torchrun "
+                              "(torchrun --nproc_per_node 2 -m minift finetune ...), or unset WORLD_SIZE")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise MiniftError(f"local rank {local_rank} has no GPU (torch sees {torch.cuda.device_count()}): "
+                              "start at most that many processes per machine, or use --device cpu")
+        torch.cuda.set_device(local_rank)  # "cuda" now means this rank's own GPU, here and in evaluate()
+    if not td.is_initialized():  # a script may have made the process group itself
+        td.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        atexit.register(td.destroy_process_group)
+    _current = Distributed(rank, td.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one rank prints; N copies of every line help nobody
+    return _current
+
+
+def is_main():
+    """True in rank 0 and in a plain single process: the one that prints and writes."""
+    return _current is None or _current.is_main
+
+
+class Distributed:
+    """This rank's place among the others, and the collective calls the training loop needs."""
+
+    def __init__(self, rank, world_size, device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.is_main = rank == 0
+        self.stopped = False  # set once the ranks agreed that one of them failed
+
+    # --- the data ----------------------------------------------------------------------------------------
+
+    def share(self, batch_indices):
+        """This rank's slice of a global batch: every world_size-th index. With length-grouped batches
+        (longest first) a strided slice gives every rank a similar amount of work."""
+        return batch_indices[self.rank::self.world_size]
+
+    def seed_dropout(self, seed, step):
+        """Seed this rank's dropout for this step from (seed, step, rank): different masks on every rank,
+        the same ones again on a rerun or a resume, with no per-rank RNG state to save."""
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, self.rank]).generate_state(1)[0]))
+
+    # --- the two calls of train_step (step.py) ------------------------------------------------------------
+
+    def count(self, num_targets):
+        """The number of supervised targets in the whole global batch (all ranks' counts added up)."""
+        self._agree()
+        total = torch.tensor([num_targets], dtype=torch.int64, device=self.device)
+        td.all_reduce(total)  # SUM
+        return int(total)
+
+    def gradients(self, params, loss):
+        """Add up every rank's .grad, in place, in a few flat buckets; return the global loss.
+
+        Each rank's loss and gradients were already divided by the global count, so a plain sum is the
+        whole batch's mean. A parameter with no gradient on some rank (a rank whose share was empty) counts
+        as zeros there; one with no gradient on every rank (a frozen or unused one) keeps None."""
+        self._agree()
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        numbers = torch.tensor([loss], dtype=torch.float64, device=self.device)
+        td.all_reduce(has)
+        td.all_reduce(numbers)
+        used = [p for p, h in zip(params, has.tolist()) if h > 0]
+        for bucket in buckets(used):
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            td.all_reduce(flat)  # the one line that makes N processes act as one
+            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = g.view_as(p)  # a view into the bucket: no copy
+        return float(numbers)
+
+    # --- the rest of the loop -----------------------------------------------------------------------------
+
+    def broadcast_weights(self, model):
+        """Rank 0's weights to every rank, so that all start from the same point (a new head drawn at
+        random differs per rank unless every rank seeded alike)."""
+        self._agree()
+        for bucket in buckets([p for p in model.parameters()]):
+            flat = torch.cat([p.detach().reshape(-1) for p in bucket])
+            td.broadcast(flat, src=0)
+            for p, w in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.data.copy_(w.view_as(p))
+
+    def decide(self, flag):
+        """Rank 0's decision (e.g. "stop early", which only rank 0 can know: it evaluated) for every rank."""
+        self._agree()
+        value = torch.tensor([int(bool(flag))], device=self.device)
+        td.broadcast(value, src=0)
+        return bool(value)
+
+    def barrier(self):
+        """Wait here until every rank arrives (e.g. until rank 0 has written best/)."""
+        self._agree()
+        td.barrier()
+
+    # --- failure: no hangs ---------------------------------------------------------------------------------
+
+    def fail(self, error):
+        """Called by a rank whose loop raised: take part in the `_agree` that the others are waiting in, so
+        that they stop too (with this rank's message). Then the caller re-raises its own error."""
+        if not self.stopped:  # not when the error came from `_agree` itself (the others know already)
+            self._agree(error)
+
+    def _agree(self, error=None):
+        """Every collective starts here: each rank puts 0 (fine), 1 (failed) or 2 (interrupted) in its own
+        slot, the slots are added up, and if any is set every rank learns which and why."""
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = 0 if error is None else 2 if isinstance(error, KeyboardInterrupt) else 1
+        td.all_reduce(flags)
+        flags = flags.tolist()
+        if not any(flags):
+            return
+        self.stopped = True
+        src = flags.index(1) if 1 in flags else flags.index(2)  # an error says more than a Ctrl-C
+        text = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            raw = f"{type(error).__name__}: {error}".replace("\n", " ").encode()[:MESSAGE_BYTES]
+            text[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        td.broadcast(text, src=src)  # bytes, not pickle: nothing is ever unpickled
+        if error is not None:
+            return  # this rank has its own error to raise
+        if flags[src] == 2:
+            raise KeyboardInterrupt(f"rank {src} was interrupted")
+        message = bytes(text.tolist()).rstrip(b"\0").decode(errors="replace")
+        raise MiniftError(f"rank {src} of {self.world_size} failed, so every rank stops: {message}")
+
+
+def buckets(params):
+    """Cut a list of tensors into groups of about BUCKET_ELEMENTS elements (a big tensor is a group alone)."""
+    groups, size = [[]], 0
+    for p in params:
+        if groups[-1] and size + p.numel() > BUCKET_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel()
+    return [g for g in groups if g]
