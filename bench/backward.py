@@ -33,7 +33,14 @@ CONFIGS = {
                       config=dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
     "gpt2-4x256": dict(kind="lm", batch=8, seq=128, hf="GPT2LMHeadModel",
                        config=dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=256, n_layer=4, n_head=4)),
+    # SmolLM2-135M's shape (the offline decoder): 30 blocks, 576 wide, 9 query / 3 key-value heads, tied head
+    "smollm2-135M": dict(kind="lm", batch=4, seq=256, hf="LlamaForCausalLM",
+                         config=dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                     tie_word_embeddings=True)),
 }
+HF_CONFIG = {"bert": "BertConfig", "gpt2": "GPT2Config", "llama": "LlamaConfig"}
 
 
 def time_in_turns(steps, rounds, warmup=3):
@@ -94,7 +101,7 @@ def hf_step(spec, batch, precision):
 
     hf_config = dict(spec["config"])
     kind = hf_config.pop("model_type")
-    config = (transformers.BertConfig if kind == "bert" else transformers.GPT2Config)(**hf_config)
+    config = getattr(transformers, HF_CONFIG[kind])(**hf_config)
     model = getattr(transformers, spec["hf"])(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
 

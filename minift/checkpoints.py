@@ -177,9 +177,11 @@ def save_checkpoint(model, folder, label_names=None, tokenizer_file=None):
     tensors = {k: t.contiguous().cpu() for k, t in family.hf_state_dict(model).items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    if tokenizer_file is not None:
-        data = Path(tokenizer_file).read_bytes()
-        atomic_write(folder / "tokenizer.json", lambda tmp: Path(tmp).write_bytes(data))
+    if tokenizer_file is not None:  # the tokenizer, and its config beside it (special tokens, chat template)
+        for source in (Path(tokenizer_file), Path(tokenizer_file).with_name("tokenizer_config.json")):
+            if source.is_file():
+                data = source.read_bytes()
+                atomic_write(folder / source.name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     return folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_config
 from .errors import MiniftError
-from .recipe import MAIN_JOB
+from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, MAIN_JOB
 
 try:
     import tomllib
@@ -50,8 +50,9 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into 
 
 
 
-def read_settings(args):
-    """(TrainConfig, options): the command line wins over the --config TOML file, which wins over defaults."""
+def read_settings(args, job=MAIN_JOB, train_defaults=None):
+    """(TrainConfig, options): the command line wins over the --config TOML file, which wins over the job's
+    defaults (recipe.py)."""
     toml = {}
     if args.config:
         if tomllib is None:
@@ -60,26 +61,30 @@ def read_settings(args):
             toml = tomllib.loads(Path(args.config).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise MiniftError(f"cannot read {args.config}: {e}") from None
-    unknown = sorted(set(toml) - TRAIN_KEYS - set(MAIN_JOB))
+    unknown = sorted(set(toml) - TRAIN_KEYS - set(job))
     if unknown:
         raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    merged = {**MAIN_JOB, **toml, **given}
+    merged = {**job, **(train_defaults or {}), **toml, **given}
     cfg = check_config(TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS}))
-    return cfg, {k: merged[k] for k in MAIN_JOB if k not in TRAIN_KEYS}
+    return cfg, {k: merged[k] for k in job if k not in TRAIN_KEYS}
 
 
 def cmd_finetune(args):
-    from .finetune import finetune_classifier
+    from .finetune import finetune_classifier, finetune_instruct
 
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters (the other settings from TrainConfig)
-    cfg, o = read_settings(args)
+    instruct = args.task == "instruct"
+    cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN) if instruct else read_settings(args)
     check_out_dir(o["out"])
     from .distributed import setup
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
-    finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
-                        args.label_column, args.limit, resume=args.resume)
+    if instruct:
+        finetune_instruct(o["model"], o["data"], o["out"], cfg, o["max_length"], args.limit, resume=args.resume)
+    else:
+        finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
+                            args.label_column, args.limit, resume=args.resume)
 
 
 def check_out_dir(out):
@@ -230,8 +235,11 @@ def build_parser():
     p = argparse.ArgumentParser(prog="minift", description="Fine-tune pretrained transformers, written from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline)")
-    f.add_argument("--model", help="a name (minilm, gpt2) or a checkpoint folder (default minilm)")
+    f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline) "
+                       "or, with --task instruct, a decoder on prompt/response rows")
+    f.add_argument("--task", choices=["classify", "instruct"], default="classify",
+                   help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
+    f.add_argument("--model", help="a name (minilm, smollm2, gpt2) or a checkpoint folder (default minilm)")
     f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")

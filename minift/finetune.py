@@ -3,7 +3,6 @@
 The tutorials walk these steps one by one; `minift finetune` and bench/finetune.py call this function.
 """
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .lora import add_lora, merge_and_unload, save_adapter
 from .memory import estimate_memory, format_memory
 from .tasks import ALPACA_TEMPLATE, class_names, encode_classification, encode_instruction
 from .tokenizer import Tokenizer
-from . import recipe
+from . import distributed, recipe
 from .data import length_report
 from .train import TrainConfig, pick_device, seed_everything, train
 from .tweets import TWEET_LABELS, tweet_splits
@@ -85,7 +84,9 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
         print(add_lora(net, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
     result = train(net, encoded["train"], encoded["validation"], cfg, out, tok.pad_id, label_names,
                    tokenizer_file=path / "tokenizer.json", resume=resume)
-    best = load_best(Path(out), path, cfg, label_names, pooling)
+    if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
+        return result
+    best = load_best(Path(out), path, cfg, label_names, pooling, "classify")
     device = pick_device(cfg.device)
     best.to(device)
     report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
@@ -104,13 +105,14 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     return report
 
 
-def load_best(out, base_path, cfg, label_names, pooling):
+def load_best(out, base_path, cfg, label_names=None, pooling=None, task="classify"):
     """The best model of a run. With LoRA, best/ holds the base weights and the adapters: the adapters are
     also saved in peft's layout (OUT/adapter), and best/ becomes the merged, plain checkpoint that
     `minift predict` and transformers load."""
     if not cfg.lora_r:
-        return load_checkpoint(out / "best", "classify", verbose=False)
-    model = load_checkpoint(base_path, "classify", num_labels=len(label_names), pooling=pooling, verbose=False)
+        return load_checkpoint(out / "best", task, verbose=False)
+    num_labels = len(label_names) if label_names else None
+    model = load_checkpoint(base_path, task, num_labels=num_labels, pooling=pooling, verbose=False)
     add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     load_state(model, read_safetensors(out / "best"))
     save_adapter(model, out / "adapter", str(base_path))
@@ -265,23 +267,24 @@ def is_out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "memory" in str(e).lower())
 
 
-def finetune_instruct(model="smollm2", data=None, out="runs/smollm2-instruct", cfg=None, max_length=256, limit=None,
-                      test=True, resume=False, score_rows=200, sample_rows=3):
+def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=None, out=recipe.INSTRUCT_JOB["out"], cfg=None,
+                      max_length=recipe.INSTRUCT_JOB["max_length"], limit=None, test=True, resume=False,
+                      score_rows=200, sample_rows=3):
     """Instruction-tune a decoder on prompt -> response rows (a JSONL file; None: the tweets as "answer
     with one word"). Prints the memory estimate, validation loss and perplexity, before/after samples and,
     for the tweets, exact match before (zero-shot) and after; returns the report (also in results.json).
 
-    limit: the first `limit` training rows (validation and test cut to max(limit // 4, 50)); score_rows:
+    limit: the first `limit` training rows (validation and test cut to max(limit // 4, 16)); score_rows:
     how many validation (and test) rows exact match generates for (generation is the slow part)."""
-    cfg = cfg or TrainConfig(epochs=1, batch_size=8, lr=3e-5, warmup_ratio=0.05, metric="loss")
+    cfg = cfg or TrainConfig(**recipe.INSTRUCT_TRAIN)
     if cfg.metric != "loss":
         raise MiniftError("an instruction-tuned model is judged by its validation loss: use metric='loss'")
     t0 = time.perf_counter()
     path = resolve_model(model)
     tok = Tokenizer.from_file(path)
     splits = load_instruction_splits(data, tok, cfg.seed)
-    if limit:
-        splits = {k: v[:limit] if k == "train" else v[: max(limit // 4, 50)] for k, v in splits.items()}
+    if limit:  # generation and evaluation of a 135M decoder are slow on a CPU: keep the held-out rows few too
+        splits = {k: v[:limit] if k == "train" else v[: max(limit // 4, 16)] for k, v in splits.items()}
     encoded = {}
     for k, v in splits.items():
         encoded[k], dropped = encode_instruction(v, tok, max_length)  # prompt/response: used as written
@@ -297,6 +300,8 @@ def finetune_instruct(model="smollm2", data=None, out="runs/smollm2-instruct", c
     net = load_checkpoint(path, "lm")
     if net.task != "lm":
         raise MiniftError(f"{path} is not a language model: instruction tuning needs a decoder (e.g. smollm2)")
+    if cfg.lora_r:
+        print(add_lora(net, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
     device = pick_device(cfg.device)
     net.to(device)
     base = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
@@ -317,10 +322,9 @@ def finetune_instruct(model="smollm2", data=None, out="runs/smollm2-instruct", c
         if is_out_of_memory(e):
             raise out_of_memory_hint(e, cfg, max_length) from None
         raise
-    best_dir = Path(out) / "best"
-    if (path / "tokenizer_config.json").exists():  # the chat template travels with the model
-        shutil.copyfile(path / "tokenizer_config.json", best_dir / "tokenizer_config.json")
-    best = load_checkpoint(best_dir, "lm", verbose=False).to(device)
+    if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
+        return result
+    best = load_best(Path(out), path, cfg, task="lm").to(device)
     report.update(result)
     report["weights_moved"] = weights_moved(best, base)
     report["validation"] = evaluate(best, encoded["validation"], tok.pad_id, device=device)
@@ -341,8 +345,8 @@ def finetune_instruct(model="smollm2", data=None, out="runs/smollm2-instruct", c
             print(f"test exact match on {len(test_score)} rows: {report['test']['exact_match']:.4f}")
     report["wall_seconds"] = time.perf_counter() - t0
     print(f"\nweights moved {report['weights_moved']:.4f} (relative L2 distance from the pretrained ones)")
-    print(f"best model saved in {best_dir}, log in {Path(out) / 'log.jsonl'}; "
+    print(f"best model saved in {Path(out) / 'best'}, log in {Path(out) / 'log.jsonl'}; "
           f"total {report['wall_seconds'] / 60:.1f} min")
-    print(f"generate with:  minift generate {best_dir} \"...\"")
+    print(f"generate with:  minift generate {Path(out) / 'best'} \"...\"")
     (Path(out) / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -11,3 +11,9 @@ MAX_LENGTH = 64  # tokens per text; the length report before training says how m
 POOLING = "mean"  # all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors
 
 MAIN_JOB = {"model": MODEL, "data": DATA, "out": OUT, "max_length": MAX_LENGTH, "pooling": POOLING}
+
+# The instruction-tuning job (`minift finetune --task instruct`): SmolLM2-135M-Instruct answers the tweets in
+# one word (or your JSONL file of prompt/response rows), judged by validation loss and exact match.
+INSTRUCT_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-instruct", "max_length": 256,
+                "pooling": POOLING}
+INSTRUCT_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 3e-5, "warmup_ratio": 0.05, "metric": "loss"}

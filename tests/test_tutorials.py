@@ -27,6 +27,7 @@ KEY_LINES = {
     "05_evaluate.py": "all checks passed",
     "06_tune_hyperparameters.py": "best on validation accuracy",
     "08_data_parallel.py": "two processes reached the weights of one",
+    "09_instruction_tuning.py": "the MiniLM classifier (stage 4",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",
 }
 

@@ -1,0 +1,223 @@
+"""Instruction tuning as a job (finetune.finetune_instruct): every row format becomes a chat prompt, the prompt
+is masked from the loss while the end-of-turn token is not, the loss falls, best/ is saved with the chat template,
+an out-of-memory error comes back as one line, and exact match counts what it should.
+
+A tiny random-init Llama (hidden 16) with a small byte-level BPE tokenizer trained here and SmolLM2's ChatML
+template: no download, a few seconds."""
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import minift
+from minift.checkpoints import build_model, load_checkpoint, save_checkpoint
+from minift.errors import MiniftError
+from minift.evaluate import evaluate
+from minift.finetune import (exact_match, finetune_instruct, instruction_row, load_instruction_splits,
+                             normalise_answer)
+from minift.tasks import encode_instruction
+from minift.train import TrainConfig
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
+    " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+
+
+def rows_of_each_format(n=48):
+    """Three formats, one easy rule: the answer is the first word of the question, in capitals."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        q = f"{w} {WORDS[(i * 3 + 1) % len(WORDS)]} {WORDS[(i * 5 + 2) % len(WORDS)]}"
+        if i % 3 == 0:
+            rows.append({"prompt": f"first word of: {q}", "response": w.upper()})
+        elif i % 3 == 1:
+            rows.append({"instruction": "first word of", "input": q, "output": w.upper()})
+        else:
+            rows.append({"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"},
+                                      {"role": "user", "content": f"first word of: {q}"},
+                                      {"role": "assistant", "content": w.upper()}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A checkpoint folder: random-init Llama + a ChatML tokenizer (eos = pad = <|im_end|>)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [SYSTEM, "first word of: ", "Below is an instruction", "say hi"] + [w + " " + w.upper() for w in WORDS]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+         "chat_template": SMOLLM2_TEMPLATE}))
+    tok = minift.Tokenizer.from_file(folder)
+    torch.manual_seed(0)
+    config = dict(model_type="llama", vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_checkpoint(build_model(config, task="lm"), folder, tokenizer_file=folder / "tokenizer.json")
+    return folder, tok
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_of_each_format()))
+    return path
+
+
+def test_every_format_becomes_a_chat_prompt(tiny):
+    _, tok = tiny
+    prompt_row, instr_row, chat_row = (instruction_row(r, tok, n) for n, r in enumerate(rows_of_each_format(3), 1))
+    assert prompt_row["prompt"] == SYSTEM + "<|im_start|>user\nfirst word of: red green blue<|im_end|>\n<|im_start|>assistant\n"
+    assert instr_row["prompt"] == SYSTEM + "<|im_start|>user\nfirst word of\n\ngreen dog tree<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_row["prompt"] == (SYSTEM + "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n"
+                                  "<|im_start|>user\nfirst word of: blue tree dog<|im_end|>\n<|im_start|>assistant\n")
+    assert [r["response"] for r in (prompt_row, instr_row, chat_row)] == ["RED", "GREEN", "BLUE"]
+    with pytest.raises(MiniftError, match="ends with the assistant"):
+        instruction_row({"messages": [{"role": "user", "content": "hi"}]}, tok, 7)
+    with pytest.raises(MiniftError, match="row 4 has fields text, label"):
+        instruction_row({"text": "x", "label": "y"}, tok, 4)
+
+
+def test_without_a_chat_template_prompts_are_plain(tiny):
+    folder, _ = tiny
+    plain = minift.Tokenizer.from_file(folder / "tokenizer.json")
+    plain.chat_template = None
+    assert instruction_row({"prompt": "P", "response": "R"}, plain)["prompt"] == "P"
+    assert instruction_row({"instruction": "I", "output": "O"}, plain)["prompt"].endswith("### Instruction:\nI\n\n### Response:\n")
+    with pytest.raises(MiniftError, match="chat template"):
+        instruction_row({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                      {"role": "assistant", "content": "a"}]}, plain)
+
+
+def test_prompt_masked_end_of_turn_supervised(tiny, data):
+    _, tok = tiny
+    splits = load_instruction_splits(data, tok, seed=0)
+    assert sum(len(v) for v in splits.values()) == 48
+    for row in splits["train"][:9]:
+        (ex,), dropped = encode_instruction([row], tok, max_length=256)
+        n_prompt = len(tok.encode(row["prompt"], add_special_tokens=False))
+        response = tok.encode(row["response"], add_special_tokens=False)
+        assert dropped == 0
+        assert ex["labels"][:n_prompt] == [-100] * n_prompt  # every prompt token (system, turns, tags) masked
+        assert ex["labels"][n_prompt:] == response + [tok.eos_id]  # the answer and its <|im_end|> trained
+        assert ex["input_ids"][n_prompt:] == response + [tok.eos_id]
+        assert tok.id_to_token(ex["labels"][-1]) == "<|im_end|>"
+        assert tok.decode(ex["input_ids"][:n_prompt], skip_special_tokens=False) == row["prompt"]
+
+
+def test_finetune_instruct_learns_and_saves_best(tiny, data, tmp_path, capsys):
+    folder, tok = tiny
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=20, batch_size=8, lr=1e-2, warmup_ratio=0.05, metric="loss", eval_every=25,
+                      precision="fp32", device="cpu", weight_decay=0.0)
+    base = load_checkpoint(folder, "lm", verbose=False)
+    splits = load_instruction_splits(data, tok, seed=0)
+    val_ex, _ = encode_instruction(splits["validation"], tok, 256)
+    loss_before = evaluate(base, val_ex, tok.pad_id)["loss"]
+    report = finetune_instruct(str(folder), data=str(data), out=str(out), cfg=cfg, max_length=256)
+    printed = capsys.readouterr().out
+    assert "memory estimate: weights" in printed and "before fine-tuning:" in printed and "after fine-tuning:" in printed
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == report["steps"] == 100  # 38 rows / 8 -> 5 batches an epoch, 20 epochs
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+    assert report["validation"]["loss"] < loss_before - 1.0, (report["validation"]["loss"], loss_before)
+    assert math.isclose(report["validation"]["perplexity"], math.exp(report["validation"]["loss"]), rel_tol=1e-9)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / "best" / name).is_file(), name
+    best = load_checkpoint(out / "best", "lm", verbose=False)
+    assert math.isclose(evaluate(best, val_ex, tok.pad_id)["loss"], report["validation"]["loss"], rel_tol=1e-6)
+    assert minift.Tokenizer.from_file(out / "best").chat_template == SMOLLM2_TEMPLATE
+    assert report["weights_moved"] > 0.01
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["validation"]["loss"] == report["validation"]["loss"] and len(saved["samples_after"]) == 3
+    # the format is learnt (a model this small learns the answers' prior, not the rule): one capitalised word
+    # from the responses, then <|im_end|>; the untrained model babbles
+    em = exact_match(best, tok, splits["train"], max_new_tokens=4)
+    assert all(a in {w.upper() for w in WORDS} for a in em["answers"]), em["answers"][:8]
+    assert not any(a in {w.upper() for w in WORDS} for a in exact_match(base, tok, splits["train"])["answers"])
+
+
+def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
+    folder, _ = tiny
+    real_forward = minift.llama.LlamaForCausalLM.forward
+
+    def forward(self, *args, **kwargs):  # generation (eval mode) works; the training-mode forward runs out
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(minift.llama.LlamaForCausalLM, "forward", forward)
+    cfg = TrainConfig(epochs=1, batch_size=8, metric="loss", device="cpu")
+    with pytest.raises(MiniftError) as e:
+        finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom"), cfg=cfg, max_length=128, test=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("out of memory (CUDA out of memory")
+    assert "batch_size (now 8" in msg and "max_length (now 128)" in msg and "LoRA" in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+    def broken(self, *args, **kwargs):  # any other error is not dressed up as out-of-memory
+        if self.training:
+            raise RuntimeError("shape mismatch")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(minift.llama.LlamaForCausalLM, "forward", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom2"), cfg=cfg, max_length=128, test=False)
+
+
+class ScriptedModel:
+    """Stands in for a decoder: answers each prompt with a fixed text (checks the bookkeeping around generate:
+    left padding, the answer cut after the prompt, the order restored after batching by length)."""
+
+    def __init__(self, tok, answers):
+        self.tok, self.answers, self.batches = tok, answers, []
+
+    def generate(self, input_ids, max_new_tokens, attention_mask, eos_token_id):
+        assert (attention_mask[:, -1] == 1).all()  # left-padded: every prompt ends at the right edge
+        self.batches.append(len(input_ids))
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = self.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+            answer = self.tok.encode(self.answers[prompt], add_special_tokens=False)[:max_new_tokens]
+            rows.append(ids + answer + [eos_token_id] * (max_new_tokens + 1 - len(answer)))
+        return torch.tensor(rows)
+
+
+def test_exact_match_counts_hand_made_cases(tiny):
+    _, tok = tiny
+    cases = [("a", "red", "red"), ("bb", "RED", "Red."), ("ccc", "blue", " blue "), ("dddd", "blue", "green"),
+             ("eeeee", "cat", "cat dog"), ("f", "dog", "")]  # right, right, right, wrong, wrong, wrong
+    rows = [{"prompt": p * 9, "response": r} for p, r, _ in cases]
+    model = ScriptedModel(tok, {p * 9: a for p, _, a in cases})
+    result = exact_match(model, tok, rows, batch_size=4, max_new_tokens=4)
+    assert (result["correct"], result["total"], result["exact_match"]) == (3, 6, 0.5)
+    assert [a.strip() for a in result["answers"]] == ["red", "Red.", "blue", "green", "cat dog", ""]
+    assert model.batches == [4, 2]
+    assert normalise_answer(" Negative.\n") == "negative"
+    with pytest.raises(MiniftError, match="no rows to score"):
+        exact_match(model, tok, [])
+
+
+def test_exact_match_batched_equals_one_at_a_time(tiny, data):
+    folder, tok = tiny
+    model = load_checkpoint(folder, "lm", verbose=False)
+    rows = load_instruction_splits(data, tok, seed=0)["train"][:7]
+    batched = exact_match(model, tok, rows, batch_size=7, max_new_tokens=4)["answers"]
+    alone = [exact_match(model, tok, [r], max_new_tokens=4)["answers"][0] for r in rows]
+    assert batched == alone
+    assert len({len(tok.encode(r["prompt"], add_special_tokens=False)) for r in rows}) > 1  # padding was in play
