@@ -160,7 +160,10 @@ for text, (label, p) in zip(sentences, predict(reloaded, tok, sentences, label_n
 #     hf = AutoModelForSequenceClassification.from_pretrained(folder)
 #     hf(**hf_tok(["what a day"], return_tensors="pt")).logits
 #
-# loads it, and from there the rest of that ecosystem (pipelines, the hub, ONNX export) takes over.
+# loads it, and from there the rest of that ecosystem (pipelines, the hub, ONNX export) takes over. One
+# catch: transformers' BERT classifier always pools the [CLS] token. A model trained with [CLS] pooling
+# (`pooling="cls"`) loads there as it is; the main job's mean pooling does not exist in that class, so
+# there the encoder loads as `AutoModel` and the mean and the head are two lines on top (below).
 # minift itself never imports transformers; if it is installed (it is a test dependency), we do it for
 # real: its tokenizer must give our token ids and its model our logits.
 
@@ -174,10 +177,21 @@ if transformers is not None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     hf_tok = transformers.AutoTokenizer.from_pretrained(export)
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
     hf_batch = hf_tok(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
-    with torch.no_grad():
-        hf_logits = hf(**hf_batch).logits
+    if model.config.pooling == "cls":  # transformers' own classifier: the pooler on [CLS], then the head
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
+        with torch.no_grad():
+            hf_logits = hf(**hf_batch).logits
+    else:
+        # transformers' BertForSequenceClassification always pools [CLS]; the main job pools the mean of the
+        # tokens (all-MiniLM-L6-v2 was trained that way). The encoder is transformers' BertModel as it is;
+        # the mean and the head are two lines on top of it (as sentence-transformers does).
+        hf = transformers.AutoModel.from_pretrained(export).eval()
+        with torch.no_grad():
+            hidden = hf(**hf_batch).last_hidden_state
+            mask = hf_batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            hf_logits = pooled @ model.classifier.weight.T + model.classifier.bias
     diff = (hf_logits - logits).abs().max().item()
     same_ids = torch.equal(hf_batch["input_ids"], batch["input_ids"])
     print(f"\ntransformers {transformers.__version__}, from_pretrained({export}):"

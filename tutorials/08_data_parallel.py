@@ -151,3 +151,4 @@ print(f"largest difference, one process vs two processes:    {apart:.2e}")
 print(f"largest difference, one process vs grad_accum=2:     {apart_accum:.2e}")
 assert apart < 1e-5, "one process and two should reach the same weights"
 print("two processes reached the weights of one (up to float rounding)")
+print("\nall checks passed")
