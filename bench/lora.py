@@ -1,8 +1,10 @@
-"""Full fine-tuning vs LoRA on the default tweet task (MiniLM classifier, batch 32 x 64 tokens), side by side
-in one run: time of one training step (forward + backward + clip + AdamW), peak memory, trainable parameters.
+"""Full fine-tuning vs LoRA, side by side in one run: time of one training step (forward + backward + clip +
+AdamW), peak memory, trainable parameters. Two tasks: the default tweet classifier (MiniLM, batch 32 x 64
+tokens) and instruction tuning SmolLM2-135M-Instruct (batch 8 of the tweets as one-word-answer prompts,
+padded to 96 tokens).
 
-    python bench/lora.py                       # fp32, 10 timed rounds
-    python bench/lora.py --precision bf16 --rounds 20
+    python bench/lora.py                       # MiniLM, fp32, 10 timed rounds
+    python bench/lora.py --task instruct --precision bf16 --rounds 5
 
 Modes: full (every parameter trains), lora-qv (LoRA r=8, alpha=16 on query and value: the LoRA paper's
 choice) and lora-all (r=8, alpha=16 on every linear layer of the encoder). The classification head trains in
@@ -32,23 +34,42 @@ from minift.tasks import encode_classification
 from minift.train import TrainConfig, autocast
 
 MODES = {"full": None, "lora-qv": (["query", "value"], 8, 16), "lora-all": ("all-linear", 8, 16)}
-BATCH, SEQ = 32, 64
+QV = {"classify": ["query", "value"], "instruct": ["q_proj", "v_proj"]}
+SHAPE = {"classify": (32, 64), "instruct": (8, 96)}
 
 
-def make_step(mode, precision):
-    """A model set up for `mode` and a function that runs one optimizer step on a fixed 32 x 64 batch."""
-    tok = minift.load_tokenizer(recipe.MODEL)
-    splits, labels = load_classification_splits()
-    rows = encode_classification(splits["train"][:BATCH], tok, labels, SEQ)
+def make_batch(task):
+    """A fixed batch of real tweets, padded to the task's shape so that every mode sees the same work."""
+    from minift.finetune import load_instruction_splits
+    from minift.tasks import encode_instruction
+
+    rows_n, seq = SHAPE[task]
+    tok = minift.load_tokenizer(recipe.MODEL if task == "classify" else recipe.INSTRUCT_JOB["model"])
+    if task == "classify":
+        splits, labels = load_classification_splits()
+        rows = encode_classification(splits["train"][:rows_n], tok, labels, seq)
+    else:
+        rows, _ = encode_instruction(load_instruction_splits(None, tok, 0)["train"][:rows_n], tok, seq)
     batch = collate(rows, tok.pad_id)
-    pad = SEQ - batch["input_ids"].shape[1]  # every mode sees the same 32 x 64 shape
+    pad = seq - batch["input_ids"].shape[1]
     batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=tok.pad_id)
     batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad))
-    model = minift.load(recipe.MODEL, task="classify", num_labels=len(labels), pooling=recipe.POOLING, verbose=False)
+    if task == "instruct":
+        batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
+    return batch
+
+
+def make_step(mode, precision, task="classify"):
+    """A model set up for `mode` and a function that runs one optimizer step on a fixed batch."""
+    batch = make_batch(task)
+    if task == "classify":
+        model = minift.load(recipe.MODEL, task="classify", num_labels=3, pooling=recipe.POOLING, verbose=False)
+    else:
+        model = minift.load(recipe.INSTRUCT_JOB["model"], task="lm", verbose=False)
     summary = "every parameter"
     if MODES[mode] is not None:
         targets, r, alpha = MODES[mode]
-        summary = add_lora(model, targets, r=r, alpha=alpha)
+        summary = add_lora(model, QV[task] if targets == ["query", "value"] else targets, r=r, alpha=alpha)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = AdamW(param_groups(trainable, 0.01), lr=1e-5)
@@ -75,8 +96,8 @@ def own_peak_rss_mb():
     return int(line.split()[1]) / 1024
 
 
-def peak_rss_mb(mode, precision):
-    cmd = [sys.executable, __file__, "--precision", precision, "--memory-of", mode]
+def peak_rss_mb(mode, precision, task):
+    cmd = [sys.executable, __file__, "--precision", precision, "--memory-of", mode, "--task", task]
     return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -84,21 +105,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--task", default="classify", choices=["classify", "instruct"])
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one mode, fresh process
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.memory_of:
-        step, _, _ = make_step(args.memory_of, args.precision)
+        step, _, _ = make_step(args.memory_of, args.precision, args.task)
         for _ in range(3):
             step()
         print(own_peak_rss_mb())
         return
 
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, {args.precision}; MiniLM classifier, batch {BATCH} x {SEQ}")
+          f"{torch.__version__}, {args.precision}; " + ("MiniLM classifier" if args.task == "classify" else
+          "SmolLM2-135M instruction tuning") + " batch {} x {}".format(*SHAPE[args.task]))
     steps, counts = {}, {}
     for mode in MODES:
-        steps[mode], counts[mode], summary = make_step(mode, args.precision)
+        steps[mode], counts[mode], summary = make_step(mode, args.precision, args.task)
         print(f"{mode}: {summary}")
     times = {mode: [] for mode in MODES}
     for r in range(3 + args.rounds):
@@ -112,7 +135,7 @@ def main():
     for mode in MODES:
         ratio = statistics.median(f / m for f, m in zip(times["full"], times[mode]))
         print(f"| {mode} | {counts[mode]:,} | {statistics.median(times[mode]):.3f} s | x{ratio:.2f} | "
-              f"{peak_rss_mb(mode, args.precision):.0f} MB |")
+              f"{peak_rss_mb(mode, args.precision, args.task):.0f} MB |")
 
 
 if __name__ == "__main__":

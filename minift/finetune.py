@@ -76,7 +76,9 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     if limit:  # a quick run on the first `limit` training rows (tutorials, smoke tests)
         splits = {k: v[:limit] if k == "train" else v[: max(limit // 4, 50)] for k, v in splits.items()}
     print(length_report(splits["train"], tok, max_length))
-    encoded = {k: encode_classification(v, tok, label_names, max_length) for k, v in splits.items()}
+    # the test split is not even tokenized unless this run is the once-only look at it (test=True)
+    encoded = {k: encode_classification(v, tok, label_names, max_length) for k, v in splits.items()
+               if k != "test" or test}
     seed_everything(cfg.seed)  # before the new head is drawn: the same seed gives the same run
     net = load_checkpoint(path, "classify", num_labels=len(label_names), pooling=pooling)
     base = {n: p.detach().clone() for n, p in net.named_parameters()}

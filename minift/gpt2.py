@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (CausalLM, Classifier, Encoder, last_real_token, merge_heads, pick_rows, pick_rows_backward,
-                    positions_from_mask, split_heads)
-from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, accumulate_grad, cast_for_matmul,
-                     frozen_below, keeps_for_backward)
+from .heads import (CausalLM, Classifier, Encoder, TiedLMHead, last_real_token, merge_heads, pick_rows,
+                    pick_rows_backward, positions_from_mask, split_heads)
+from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward
 
 
 @dataclass
@@ -160,24 +159,17 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__()
         self.config = c
         self.transformer = GPT2Model(c)
+        self.head = TiedLMHead()  # no parameter of its own: the head is wte
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
-        hidden = cast_for_matmul(self.transformer(input_ids, attention_mask, position_ids, caches))
-        if keeps_for_backward(self) and self.transformer.wte.weight.requires_grad:
-            self.hidden = hidden  # keeps: the input of the head, for d(wte) += dlogits.T @ hidden
-        return hidden @ self.transformer.wte.weight.T  # tied: logits = h @ wte.T
+        hidden = self.transformer(input_ids, attention_mask, position_ids, caches)
+        return self.head(hidden, self.transformer.wte.weight)  # tied: logits = h @ wte.T
 
     def new_cache(self):
         return self.transformer.new_cache()
 
     def backward(self, dlogits):
-        wte = self.transformer.wte.weight
-        dlogits = cast_for_matmul(dlogits)
-        if wte.requires_grad:  # the second use of the tied weight: its gradient adds to the embedding's own
-            hidden = self.hidden
-            del self.hidden
-            accumulate_grad(wte, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
-        self.transformer.backward(dlogits @ wte)
+        self.transformer.backward(self.head.backward(dlogits, self.transformer.wte.weight))
 
 
 class GPT2ForSequenceClassification(Classifier):

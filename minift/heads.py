@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .generate import generate
-from .layers import cross_entropy
+from .layers import accumulate_grad, cast_for_matmul, cross_entropy, keeps_for_backward
 
 
 def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
@@ -66,6 +66,26 @@ def mean_pool(hidden, attention_mask):
 def mean_pool_backward(dpooled, kept):
     mask, count = kept
     return dpooled.unsqueeze(1) * mask / count.unsqueeze(1)
+
+
+class TiedLMHead(nn.Module):
+    """The LM head that IS the token embedding (weight tying: GPT-2, SmolLM2): logits = h @ E^T. One tensor,
+    two uses: this use's gradient dE = dlogits^T h adds to the embedding's own. It owns no parameter; the
+    model passes E in, so the checkpoint has the tensor once."""
+
+    def forward(self, hidden, weight):
+        hidden = cast_for_matmul(hidden)
+        if keeps_for_backward(self) and weight.requires_grad:
+            self.hidden = hidden  # keeps: the head's input, for dE += dlogits^T @ hidden
+        return hidden @ weight.T
+
+    def backward(self, dlogits, weight):
+        dlogits = cast_for_matmul(dlogits)
+        if weight.requires_grad:
+            hidden = self.hidden
+            del self.hidden
+            accumulate_grad(weight, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
+        return dlogits @ weight  # the gradient of the hidden states
 
 
 class Classifier(nn.Module):

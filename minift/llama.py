@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (CausalLM, Classifier, Encoder, last_real_token, merge_heads, pick_rows, pick_rows_backward,
-                    positions_from_mask, split_heads)
-from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, accumulate_grad, apply_rope,
-                     apply_rope_backward, cast_for_matmul, frozen_below, keeps_for_backward)
+from .heads import (CausalLM, Classifier, Encoder, TiedLMHead, last_real_token, merge_heads, pick_rows,
+                    pick_rows_backward, positions_from_mask, split_heads)
+from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
+                     frozen_below, keeps_for_backward)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
@@ -263,7 +263,9 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = c
         self.model = LlamaModel(c)
-        if not c.tie_word_embeddings:
+        if c.tie_word_embeddings:
+            self.tied_head = TiedLMHead()  # no parameter of its own: the head is embed_tokens
+        else:
             self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
 
     def new_cache(self):
@@ -273,21 +275,12 @@ class LlamaForCausalLM(CausalLM):
         hidden = self.model(input_ids, attention_mask, position_ids, caches)
         if not self.config.tie_word_embeddings:
             return self.lm_head(hidden)
-        hidden = cast_for_matmul(hidden)
-        if keeps_for_backward(self) and self.model.embed_tokens.weight.requires_grad:
-            self.hidden = hidden  # keeps: the input of the head, for d(embed) += dlogits.T @ hidden
-        return hidden @ self.model.embed_tokens.weight.T  # tied: logits = h @ E.T
+        return self.tied_head(hidden, self.model.embed_tokens.weight)  # tied: logits = h @ E.T
 
     def backward(self, dlogits):
         if not self.config.tie_word_embeddings:
             return self.model.backward(self.lm_head.backward(dlogits))
-        weight = self.model.embed_tokens.weight
-        dlogits = cast_for_matmul(dlogits)
-        if weight.requires_grad:  # the second use of the tied weight: its gradient adds to the embedding's own
-            hidden = self.hidden
-            del self.hidden
-            accumulate_grad(weight, dlogits.reshape(-1, dlogits.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
-        self.model.backward(dlogits @ weight)
+        self.model.backward(self.tied_head.backward(dlogits, self.model.embed_tokens.weight))
 
 
 class LlamaForSequenceClassification(Classifier):

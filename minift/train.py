@@ -3,12 +3,12 @@
 `train()` is the shell a learner steps through; the step itself is `minift.step.train_step`, exact resume
 and Ctrl-C live in resume.py, the settings and their checks in config.py.
 """
-import contextlib
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .layers import Dropout
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
                      save_training_state, set_rng_states, sigterm_as_interrupt)
-from .step import forward_backward, train_step  # noqa: F401  (forward_backward: the step's first half, for tests)
+from .step import train_step
 
 def seed_everything(seed):
     """One call seeds Python, NumPy and torch (CPU and every CUDA device)."""
@@ -81,14 +81,95 @@ def micro_batches(examples, order, cfg, pad_id, padding_side, device):
 
 def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names=None,
           tokenizer_file=None, class_weights=None, padding_side="right", resume=False):
-    """Fine-tune `model` on encoded examples (see tasks.py). Returns a dict of what happened."""
+    """Fine-tune `model` on encoded examples (see tasks.py). Returns a dict of what happened.
+
+    The shell around the step (minift.step.train_step): set up, then batch after batch one step, its log
+    line, an evaluation when one is due and a checkpoint when one is due. A Ctrl-C or SIGTERM saves a
+    checkpoint that `resume=True` continues exactly."""
+    run = set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names, tokenizer_file,
+                 class_weights, padding_side, resume)
+    state, stop = run.state, False
+    try:
+        with sigterm_as_interrupt():
+            if state.eval_due:  # the run stopped during an evaluation: do it now, as the straight run did
+                stop = evaluate_now(run)
+                save(run)
+            while state.step < run.total_steps and not stop:
+                order = batch_order(run.lengths, cfg.batch_size, cfg.seed, state.epoch, group_by_length=cfg.group_by_length)
+                for batch_indices in order[state.batch:]:
+                    end_of_epoch, due = one_step(run, batch_indices, len(order))
+                    if state.eval_due:
+                        stop = evaluate_now(run)
+                    if (cfg.save_every and state.step % cfg.save_every == 0) or due or state.step == run.total_steps:
+                        save(run)
+                    if stop or state.step >= run.total_steps or end_of_epoch:
+                        break
+        if run.dist:  # the others wait until rank 0 has written best/ and the checkpoint
+            run.dist.barrier()
+    except KeyboardInterrupt as e:
+        if run.dist:  # a Ctrl-C on one rank stops them all, before the next step's update
+            run.dist.fail(e)
+        if run.rng_at_step_start is not None:  # the step was not applied: resume redoes it, same dropout masks
+            set_rng_states(run.rng_at_step_start)
+        save(run)
+        if run.dist:  # torchrun ends every rank once one exits: wait for rank 0's checkpoint
+            run.dist.barrier()
+        print(f"\ninterrupted at step {state.step}: checkpoint saved in {run.out_dir / 'checkpoint'}; "
+              f"run the same command with --resume to continue")
+        raise
+    except Exception as e:
+        if run.dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
+            run.dist.fail(e)
+        raise
+    finally:
+        run.bar.close()
+        run.log.close()
+    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "stopped_early": stop,
+            "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir)}
+
+
+@dataclass
+class Run:
+    """What train() sets up once and every step, evaluation and save works with."""
+    model: object
+    optimizer: AdamW
+    schedule: LRSchedule
+    cfg: TrainConfig
+    state: LoopState
+    out_dir: Path
+    examples: list  # the encoded training examples
+    val_examples: list
+    lengths: list  # of each training example, for batching by length
+    total_steps: int
+    pad_id: int
+    padding_side: str
+    class_weights: object
+    label_names: object
+    tokenizer_file: object
+    device: torch.device
+    dist: object  # distributed.Distributed under torchrun, else None
+    log: object
+    bar: object
+    t0: float = field(default_factory=time.perf_counter)
+    tokens: int = 0  # tokens trained on in this process, for the tokens/s on the progress bar
+    rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
+    timing: list = field(default_factory=list)  # (time, padded tokens) of the first steps, for the estimate
+
+    @property
+    def main(self):  # the one process that prints, evaluates and writes
+        return self.dist is None or self.dist.is_main
+
+
+def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names, tokenizer_file, class_weights,
+           padding_side, resume):
+    """Check the settings, put the model on its device, freeze what is frozen, build AdamW and the lr plan,
+    start fresh or restore a checkpoint, and say what is about to happen."""
     check_config(cfg)
     if model.task == "lm" and cfg.metric != "loss":
         raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.setup(cfg.device)  # None unless torchrun started several processes (distributed.py)
-    main = dist is None or dist.is_main  # the one process that prints, evaluates and writes
     device = dist.device if dist else pick_device(cfg.device)
     if dist and cfg.batch_size < dist.world_size:
         raise MiniftError(f"batch_size {cfg.batch_size} is smaller than the {dist.world_size} processes: the batch "
@@ -106,6 +187,7 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
+    main = dist is None or dist.is_main
     if resume:
         state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg)
     else:
@@ -123,104 +205,90 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
           + (f", {dist.world_size} processes sharing each batch" if dist else ""))
     log = open_log(out_dir, state) if main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
-    tokens, t0, stop, rng_at_step_start = 0, time.perf_counter(), False, None
-    first_step, t_steps = state.step, None
-
-    def evaluate_now():  # validation metrics; the best model so far is saved. True when patience ran out
-        stop = main and evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side,
-                                               device, label_names, tokenizer_file, log)
-        return dist.decide(stop) if dist else stop  # rank 0 evaluated alone: its answer holds for all
-
-    def save():  # a resumable checkpoint of everything, the log up to here included
-        if main:
-            save_training_state(out_dir / "checkpoint", model, optimizer, state, cfg, label_names, tokenizer_file, log)
-
-    try:
-        with sigterm_as_interrupt():
-            if state.eval_due:  # the run stopped during an evaluation: do it now, as the straight run did
-                stop = evaluate_now()
-                save()
-            while state.step < total_steps and not stop:
-                order = batch_order(lengths, cfg.batch_size, cfg.seed, state.epoch, group_by_length=cfg.group_by_length)
-                for batch_indices in order[state.batch:]:
-                    rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step, same dropout
-                    if dist:  # this rank's share of the global batch, its own dropout masks
-                        batch_indices = dist.share(batch_indices)
-                        dist.seed_dropout(cfg.seed, state.step)
-                    pieces = list(micro_batches(train_examples, batch_indices, cfg, pad_id, padding_side, device))
-                    lr = schedule(state.step)
-                    # a Ctrl-C during the step waits for its end: the update, its count and the new data
-                    # position happen together (an error inside leaves the step undone)
-                    with interrupts_held():
-                        with autocast(device, cfg.precision):
-                            loss, grad_norm = train_step(model, pieces, optimizer, lr, cfg, class_weights, sync=dist)
-                        epoch, end_of_epoch = state.epoch, state.batch + 1 == len(order)
-                        state.step, state.batch = state.step + 1, state.batch + 1
-                        if end_of_epoch:
-                            state.epoch, state.batch = state.epoch + 1, 0
-                        due = state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
-                        state.eval_due = bool(val_examples) and (due or state.step == total_steps)
-                        rng_at_step_start = None
-                        tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
-                        log_step(log, bar, state, cfg, total_steps, epoch, loss, lr, grad_norm,
-                                 tokens / (time.perf_counter() - t0))
-                    if state.step - first_step == ESTIMATE_AFTER:
-                        print_estimate(time.perf_counter() - t_steps, ESTIMATE_AFTER - 1, total_steps - state.step,
-                                       len(val_examples or []), cfg, batches_per_epoch)
-                    elif state.step - first_step == 1:
-                        t_steps = time.perf_counter()  # the first step warms up caches: time the ones after it
-                    if state.eval_due:
-                        stop = evaluate_now()
-                    if (cfg.save_every and state.step % cfg.save_every == 0) or due or state.step == total_steps:
-                        save()
-                    if stop or state.step >= total_steps or end_of_epoch:
-                        break
-        if dist:  # the others wait until rank 0 has written best/ and the checkpoint
-            dist.barrier()
-    except KeyboardInterrupt as e:
-        if dist:  # a Ctrl-C on one rank stops them all, before the next step's update
-            dist.fail(e)
-        if rng_at_step_start is not None:  # the step was not applied: resume redoes it, with the same dropout masks
-            set_rng_states(rng_at_step_start)
-        save()
-        if dist:  # torchrun ends every rank once one exits: wait for rank 0's checkpoint
-            dist.barrier()
-        print(f"\ninterrupted at step {state.step}: checkpoint saved in {out_dir / 'checkpoint'}; "
-              f"run the same command with --resume to continue")
-        raise
-    except Exception as e:
-        if dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
-            dist.fail(e)
-        raise
-    finally:
-        bar.close()
-        log.close()
-    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "stopped_early": stop,
-            "seconds": time.perf_counter() - t0, "out_dir": str(out_dir)}
+    return Run(model, optimizer, schedule, cfg, state, out_dir, train_examples, val_examples, lengths, total_steps,
+               pad_id, padding_side, class_weights, label_names, tokenizer_file, device, dist, log, bar)
 
 
-ESTIMATE_AFTER = 4  # steps timed before the estimate is printed (the first one is not counted)
+def one_step(run, batch_indices, batches_in_epoch):
+    """One optimizer step on one batch, counted and logged. Returns (end of epoch, evaluation due by the plan)."""
+    cfg, state = run.cfg, run.state
+    run.rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step with the same dropout
+    if run.dist:  # this rank's share of the global batch, and its own dropout masks
+        batch_indices = run.dist.share(batch_indices)
+        run.dist.seed_dropout(cfg.seed, state.step)
+    pieces = list(micro_batches(run.examples, batch_indices, cfg, run.pad_id, run.padding_side, run.device))
+    lr = run.schedule(state.step)
+    # a Ctrl-C during the step waits for its end: the update, its count, the new data position and its log
+    # line happen together (an error inside leaves the step undone)
+    with interrupts_held():
+        with autocast(run.device, cfg.precision):
+            loss, grad_norm = train_step(run.model, pieces, run.optimizer, lr, cfg, run.class_weights, sync=run.dist)
+        epoch, end_of_epoch = state.epoch, state.batch + 1 == batches_in_epoch
+        state.step, state.batch = state.step + 1, state.batch + 1
+        if end_of_epoch:
+            state.epoch, state.batch = state.epoch + 1, 0
+        due = state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
+        state.eval_due = bool(run.val_examples) and (due or state.step == run.total_steps)
+        run.rng_at_step_start = None
+        run.tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
+        log_step(run, epoch, loss, lr, grad_norm)
+    if len(run.timing) < ESTIMATE_AFTER:
+        run.timing.append((time.perf_counter(), sum(b["input_ids"].numel() for b in pieces)))
+        if len(run.timing) == ESTIMATE_AFTER and run.main:
+            print_estimate(run)
+    return end_of_epoch, due
 
 
-def print_estimate(seconds, steps_timed, steps_left, val_rows, cfg, batches_per_epoch):
-    """Say early how long the run will take, so nobody waits an hour unwarned. An evaluation pass runs the
-    forward only, about a third of a training step's work per example."""
-    per_step = seconds / steps_timed
-    evals = math.ceil(steps_left / (cfg.eval_every or batches_per_epoch)) if val_rows else 0
-    eval_seconds = evals * math.ceil(val_rows / cfg.batch_size) * per_step / 3
-    total = per_step * steps_left + eval_seconds
-    tqdm.write(f"time estimate: {per_step:.2f} s a step, about {total / 60:.1f} min for the {steps_left} steps left"
-               + (f" and {evals} evaluations" if evals else "") + " (from the steps just timed)")
-
-
-def log_step(log, bar, state, cfg, total_steps, epoch, loss, lr, grad_norm, tokens_per_s):
+def log_step(run, epoch, loss, lr, grad_norm):
     """One line of log.jsonl per optimizer step, and the progress bar."""
+    state, tokens_per_s = run.state, run.tokens / (time.perf_counter() - run.t0)
     record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-    if state.step % cfg.log_every == 0 or state.step == total_steps:
+    if state.step % run.cfg.log_every == 0 or state.step == run.total_steps:
         record["tokens_per_s"] = tokens_per_s
-    log.write(json.dumps(record) + "\n")
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:.0f}")
+    run.log.write(json.dumps(record) + "\n")
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:.0f}")
+
+
+def evaluate_now(run):
+    """Validation metrics, and the best model so far saved (rank 0). True when patience ran out."""
+    stop = run.main and evaluate_and_keep_best(run.model, run.val_examples, run.cfg, run.state, run.out_dir,
+                                               run.pad_id, run.padding_side, run.device, run.label_names,
+                                               run.tokenizer_file, run.log)
+    return run.dist.decide(stop) if run.dist else stop  # rank 0 evaluated alone: its answer holds for all
+
+
+def save(run):
+    """A resumable checkpoint of everything, the log up to here included (rank 0 writes it)."""
+    if run.main:
+        save_training_state(run.out_dir / "checkpoint", run.model, run.optimizer, run.state, run.cfg,
+                            run.label_names, run.tokenizer_file, run.log)
+
+
+ESTIMATE_AFTER = 9  # steps timed before the estimate is printed (the first one, which warms up, is not counted)
+
+
+def print_estimate(run):
+    """Say early how long the run will take, so nobody waits an hour unwarned. Batches differ in length (they
+    are grouped by it), so the time is counted per padded token and multiplied by the padded tokens of the
+    batches still to come; an evaluation runs the forward only, about a third of a step's work per token."""
+    cfg, state = run.cfg, run.state
+    (start, _), (end, _) = run.timing[0], run.timing[-1]
+    per_token = (end - start) / sum(n for _, n in run.timing[1:])
+    left, epoch, first = run.total_steps - state.step, state.epoch, state.batch
+    tokens = 0
+    while left > 0:
+        order = batch_order(run.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+        batches = order[first:first + left]
+        tokens += sum(len(b) * max(run.lengths[i] for i in b) for b in batches)
+        left, epoch, first = left - len(batches), epoch + 1, 0
+    n_batches = math.ceil(len(run.lengths) / cfg.batch_size)
+    evals = math.ceil((run.total_steps - state.step) / (cfg.eval_every or n_batches)) if run.val_examples else 0
+    eval_tokens = evals * sum(len(e["input_ids"]) for e in run.val_examples or [])
+    total = per_token * (tokens + eval_tokens / 3)
+    tqdm.write(f"time estimate: about {total / 60:.1f} min for the {run.total_steps - state.step} steps left"
+               + (f" and {evals} evaluations" if evals else "") + f" ({per_token * 1e3:.3f} ms per padded token "
+               f"over the last {len(run.timing) - 1} steps)")
 
 
 def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side, device, label_names,

@@ -11,7 +11,6 @@
 This file is also the worker: torchrun runs it as a script (see `worker` at the bottom). The tiny models and
 data are test_train.py's, so both sides build the same things.
 """
-import json
 import os
 import subprocess
 import sys
@@ -168,9 +167,9 @@ def worker(out, kind, dropout, lr, *extra):
     if "interrupt-rank1-at" in extra and rank == 1:  # a Ctrl-C that reaches rank 1 only, after step k
         at, log_step = int(extra[extra.index("interrupt-rank1-at") + 1]), T.TM.log_step
 
-        def log_step_then_interrupt(log, bar, state, *args):
-            log_step(log, bar, state, *args)
-            if state.step == at:
+        def log_step_then_interrupt(run, *args):
+            log_step(run, *args)
+            if run.state.step == at:
                 raise KeyboardInterrupt
         T.TM.log_step = log_step_then_interrupt
     if "fail-rank1-at" in extra and rank == 1:  # an exception in the middle of rank 1's step k

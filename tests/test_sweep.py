@@ -154,3 +154,34 @@ def test_command_line_sweep(tmp_path, fake_finetune, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--out", str(tmp_path / "none")])
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+def test_a_real_sweep_never_opens_the_test_split(tmp_path, monkeypatch):
+    """The recipe search reads validation only: no text of the test split is even tokenized (a real sweep, a
+    tiny random-init BERT with MiniLM's tokenizer, a CSV whose test rows carry a marker word)."""
+    import shutil
+
+    from minift.checkpoints import build_model, save_checkpoint
+    from minift.data import read_csv, split
+    from minift.hub import fetch_minilm
+    from minift.tokenizer import Tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tiny = build_model(dict(model_type="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=16, max_position_embeddings=64), "classify")
+    save_checkpoint(tiny, model_dir)
+    shutil.copy(fetch_minilm() / "tokenizer.json", model_dir / "tokenizer.json")
+    rows = [{"text": f"row {i} {'good' if i % 2 else 'bad'} day", "label": "pos" if i % 2 else "neg"} for i in range(80)]
+    data = tmp_path / "rows.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    # mark the rows that the split will put in test (same seed, same fractions as the sweep's)
+    test_texts = {r["text"] for r in split(read_csv(data, {"text": "text", "label": "label"}), seed=0)["test"]}
+    assert test_texts
+    seen = []
+    real = Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda self, texts, *a, **kw: seen.extend(texts) or real(
+        self, texts, *a, **kw))
+    result = run_sweep({"lr": [1e-3, 3e-3]}, model=str(model_dir), data=str(data), out=tmp_path / "sweep",
+                       max_length=16, base=TrainConfig(epochs=1, batch_size=8, precision="fp32"))
+    assert [t["status"] for t in result["trials"]] == ["ok", "ok"] and seen
+    assert not test_texts & set(seen), "the sweep tokenized test rows"
