@@ -21,6 +21,7 @@ import torch
 
 from minift.tweets import TWEET_LABELS
 from minift.finetune import finetune_classifier, load_classification_splits
+from minift import recipe
 from minift.hub import fetch_minilm
 from minift.train import TrainConfig
 
@@ -81,7 +82,7 @@ def main():
     ap.add_argument("--skip-minift", action="store_true")
     ap.add_argument("--precision", default="auto", help="minift's main-job default: bf16 where the hardware has it")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--pooling", default="mean", help="minift's main-job default")
+    ap.add_argument("--pooling", default=recipe.POOLING, help="minift's main-job default (recipe.py)")
     ap.add_argument("--out", default="runs/bench-finetune")
     args = ap.parse_args()
     out = Path(args.out)

@@ -34,7 +34,7 @@ class TrainConfig:
     freeze: list = field(default_factory=list)  # parameters not trained: "embeddings", "layers:N", name prefixes
     lora_r: int = 0  # LoRA rank; 0: no adapters, every weight is trained (lora.py)
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # on the adapters' input (peft's default 0; each one costs a random mask a layer)
     lora_targets: list = field(default_factory=lambda: ["all-linear"])  # which Linear layers get adapters
 
 

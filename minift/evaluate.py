@@ -97,7 +97,7 @@ def evaluate(model, examples, pad_id, batch_size=64, padding_side="right", label
             continue  # an LM batch whose labels are all -100 has nothing to score
         loss, _ = model.loss(logits, batch["labels"], n)
         total_loss, total_targets = total_loss + loss.item() * n, total_targets + n
-        if logits.dim() == 2:  # a classifier: one prediction per example
+        if model.task == "classify":  # one prediction per example (the model contract: heads.py)
             preds.append(logits.argmax(-1).cpu())
             labels.append(batch["labels"].cpu())
     model.train(was_training)
