@@ -40,7 +40,7 @@ SHAPE = {"classify": (32, 64), "instruct": (8, 96)}
 
 def make_batch(task):
     """A fixed batch of real tweets, padded to the task's shape so that every mode sees the same work."""
-    from minift.finetune import load_instruction_splits
+    from minift.instruct import load_instruction_splits
     from minift.tasks import encode_instruction
 
     rows_n, seq = SHAPE[task]

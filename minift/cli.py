@@ -71,7 +71,8 @@ def read_settings(args, job=MAIN_JOB, train_defaults=None):
 
 
 def cmd_finetune(args):
-    from .finetune import finetune_classifier, finetune_instruct
+    from .finetune import finetune_classifier
+    from .instruct import finetune_instruct
 
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters (the other settings from TrainConfig)

@@ -114,21 +114,17 @@ def _active_window(d):
     return window
 
 
-def repeat_kv(x, n_rep):
-    """(B, Hkv, T, hd) -> (B, Hkv * n_rep, T, hd): k/v head j serves query heads j*n_rep ... j*n_rep + n_rep-1."""
-    if n_rep == 1:
-        return x
-    B, Hkv, T, hd = x.shape
-    return x[:, :, None].expand(B, Hkv, n_rep, T, hd).reshape(B, Hkv * n_rep, T, hd)
+def group_queries(q, n_kv_heads):
+    """(B, H, T, hd) -> (B, Hkv, group * T, hd): the query heads that share a k/v head (heads j*group ...
+    j*group + group-1 share head j) stacked along the time axis, so ONE matmul against the shared k serves the
+    whole group, and k and v are never copied. A view: q is contiguous."""
+    B, H, T, hd = q.shape
+    return q.view(B, n_kv_heads, H // n_kv_heads * T, hd)
 
 
-def sum_groups(dx, n_kv_heads):
-    """The backward of repeat_kv: a k/v head was used by every query head of its group, so its gradient is
-    the sum of theirs. (B, H, T, hd) -> (B, Hkv, T, hd)."""
-    B, H, T, hd = dx.shape
-    if H == n_kv_heads:
-        return dx
-    return dx.view(B, n_kv_heads, H // n_kv_heads, T, hd).sum(2)
+def ungroup(x, n_heads):  # (B, Hkv, group * T, hd) -> (B, H, T, hd), the inverse view
+    B, _, GT, hd = x.shape
+    return x.view(B, n_heads, GT * x.shape[1] // n_heads, hd)
 
 
 class LlamaAttention(nn.Module):
@@ -153,14 +149,20 @@ class LlamaAttention(nn.Module):
             cache[:] = [k, v]
         if keeps_for_backward(self):
             self.cos, self.sin = cos, sin  # keeps: the angles (shared by every layer), to turn the gradients back
-        n_rep = self.n_heads // self.n_kv_heads
-        return self.o_proj(merge_heads(self.attn(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), allowed)))
+        # grouped-query attention: each k/v head answers its group of query heads in one matmul; a query
+        # position's mask row repeats once per head of the group, as the group's heads are stacked in time
+        group = self.n_heads // self.n_kv_heads
+        out = self.attn(group_queries(q, self.n_kv_heads), k, v, allowed.repeat(1, 1, group, 1))
+        return self.o_proj(merge_heads(ungroup(out, self.n_heads)))
 
     def backward(self, dout):
         cos, sin = self.cos, self.sin
         del self.cos, self.sin
-        dq, dk, dv = self.attn.backward(split_heads(self.o_proj.backward(dout), self.n_heads))
-        dk, dv = sum_groups(dk, self.n_kv_heads), sum_groups(dv, self.n_kv_heads)  # the GQA lesson
+        dout = group_queries(split_heads(self.o_proj.backward(dout), self.n_heads), self.n_kv_heads)
+        # the GQA lesson: a shared k/v head's gradient is the sum over its group's query heads, and the one
+        # matmul that served the whole group (dk = dscores^T q) adds them up by itself
+        dq, dk, dv = self.attn.backward(dout)
+        dq = ungroup(dq, self.n_heads)
         dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
         # x fed three projections: its gradient is the sum of the three
         dx = self.q_proj.backward(merge_heads(dq))

@@ -1,4 +1,4 @@
-"""Instruction tuning as a job (finetune.finetune_instruct): every row format becomes a chat prompt, the prompt
+"""Instruction tuning as a job (instruct.finetune_instruct): every row format becomes a chat prompt, the prompt
 is masked from the loss while the end-of-turn token is not, the loss falls, best/ is saved with the chat template,
 an out-of-memory error comes back as one line, and exact match counts what it should.
 
@@ -16,7 +16,7 @@ import minift
 from minift.checkpoints import build_model, load_checkpoint, save_checkpoint
 from minift.errors import MiniftError
 from minift.evaluate import evaluate
-from minift.finetune import (exact_match, finetune_instruct, instruction_row, load_instruction_splits,
+from minift.instruct import (exact_match, finetune_instruct, instruction_row, load_instruction_splits,
                              normalise_answer)
 from minift.tasks import encode_instruction
 from minift.train import TrainConfig

@@ -159,14 +159,31 @@ class _Bound(torch.nn.Module):
         return self.attn(x, self.cos, self.sin, self.allowed)
 
 
-def test_gqa_backward_sums_each_group():
-    """The k/v gradient of a shared head is the sum of what its query heads send back, nothing else."""
-    dk = torch.randn(2, 6, 4, 5)
-    summed = llama.sum_groups(dk, 2)
-    torch.testing.assert_close(summed[:, 0], dk[:, 0] + dk[:, 1] + dk[:, 2])
-    torch.testing.assert_close(summed[:, 1], dk[:, 3] + dk[:, 4] + dk[:, 5])
-    k = torch.randn(2, 2, 4, 5)
-    torch.testing.assert_close(llama.repeat_kv(k, 3)[:, 3:6], k[:, 1:2].expand(2, 3, 4, 5))
+def test_grouped_queries_equal_repeated_keys_and_the_k_gradient_sums_each_group():
+    """Stacking a group's query heads along the time axis (one matmul per k/v head) gives the attention that
+    repeating each k/v head for its group gives, and the shared head's gradient is the sum over its group."""
+    from minift.layers import Attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, hd = 2, 6, 2, 4, 5
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64)
+               for shape in ((B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd)))
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    dout = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64)
+    attn = Attention(0.0).train()
+    with torch.no_grad():
+        out = llama.ungroup(attn(llama.group_queries(q, Hkv), k, v, allowed.repeat(1, 1, H // Hkv, 1)), H)
+        dq, dk, dv = attn.backward(llama.group_queries(dout, Hkv))
+    # the reference: each k/v head repeated for the 3 query heads of its group, then ordinary attention
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1).requires_grad_() for t in (k, v))
+    q_ref = q.clone().requires_grad_()
+    scores = ((q_ref @ k_rep.transpose(-1, -2)) / hd ** 0.5).masked_fill(~allowed, float("-inf"))
+    ref = torch.softmax(scores, -1) @ v_rep
+    ref.backward(dout)
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(llama.ungroup(dq, H), q_ref.grad)
+    torch.testing.assert_close(dk[:, 1], k_rep.grad[:, 3] + k_rep.grad[:, 4] + k_rep.grad[:, 5])
+    torch.testing.assert_close(dv[:, 0], v_rep.grad[:, 0] + v_rep.grad[:, 1] + v_rep.grad[:, 2])
 
 
 # ---- whole models against autograd ------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import minift
 from minift.batching import collate
-from minift.finetune import TWEET_INSTRUCTION, finetune_instruct, load_instruction_splits
+from minift.instruct import TWEET_INSTRUCTION, finetune_instruct, load_instruction_splits
 from minift.tasks import encode_instruction, show_supervised
 from minift.train import TrainConfig
 
