@@ -265,7 +265,7 @@ def save(run):
                             run.label_names, run.tokenizer_file, run.log)
 
 
-ESTIMATE_AFTER = 9  # steps timed before the estimate is printed (the first one, which warms up, is not counted)
+ESTIMATE_AFTER = 21  # steps timed before the estimate is printed (the first one, which warms up, is not counted)
 
 
 def print_estimate(run):
