@@ -152,7 +152,7 @@ def test_tied_embedding_gradient_is_the_sum_of_both_uses(padded_batch):
         torch.manual_seed(1)
         logits = model(**inputs)
         loss, d = model.loss(logits, labels)
-        head_part = d.reshape(-1, d.shape[-1]).T @ model.hidden.reshape(-1, model.hidden.shape[-1])
+        head_part = d.reshape(-1, d.shape[-1]).T @ model.head.hidden.reshape(-1, model.head.hidden.shape[-1])
         model.backward(d)
     used = inputs["input_ids"][0, 0].item()
     assert (wte.grad[used] - head_part[used]).abs().max() > 1e-6 * wte.grad.abs().max()
