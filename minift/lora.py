@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoints import family_of
 from .errors import MiniftError
-from .freeze import mark_frozen_below
+from .freeze import count_trainable, mark_frozen_below
 from .layers import Dropout, Linear, accumulate_grad, cast_for_matmul, keeps_for_backward
 
 
@@ -177,8 +177,7 @@ def add_lora(model, targets, r=8, alpha=16, dropout=0.0):
 
 
 def lora_summary(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_trainable(model)
     layers = lora_layers(model)
     kinds = dict.fromkeys(n.rpartition(".")[2] for n in layers)
     first = next(iter(layers.values()), None)

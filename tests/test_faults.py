@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import PAD, cls_examples, make_model, steps_logged
+from test_train import PAD, _one_thread, cls_examples, make_model  # noqa: F401  (_one_thread: autouse, one torch thread)
 
 from minift.config import TrainConfig
 from minift.errors import MiniftError
@@ -38,12 +38,6 @@ RESUME = importlib.import_module("minift.resume")
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------
