@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_config
 from .errors import MiniftError
-from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, MAIN_JOB
+from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, MAIN_JOB, MAIN_TRAIN
 
 try:
     import tomllib
@@ -39,9 +39,11 @@ def convert(f, text):
 
 
 def add_train_flags(parser, as_lists=False):
-    """One --flag per TrainConfig field (--lr, --batch-size, --precision ...), defaults from TrainConfig."""
+    """One --flag per TrainConfig field (--lr, --batch-size, --precision ...); the help shows the main job's
+    default (TrainConfig with recipe.MAIN_TRAIN)."""
+    shown = vars(TrainConfig(**MAIN_TRAIN))
     for f in fields(TrainConfig):
-        help = f"default {f.default}" + ("; comma-separated values to try" if as_lists else "")
+        help = f"default {shown[f.name]}" + ("; comma-separated values to try" if as_lists else "")
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
                             type=str if as_lists else (lambda text, f=f: convert(f, text)))
 
@@ -50,7 +52,7 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into 
 
 
 
-def read_settings(args, job=MAIN_JOB, train_defaults=None):
+def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN):
     """(TrainConfig, options): the command line wins over the --config TOML file, which wins over the job's
     defaults (recipe.py)."""
     toml = {}
@@ -196,10 +198,9 @@ def cmd_sweep(args):
 
     space = {f.name: [convert(f, v) for v in getattr(args, f.name).split(",")]
              for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    # The trials follow `minift finetune`'s recipe (MAIN_JOB), so the sweep tunes what finetune trains.
+    # The trials follow `minift finetune`'s recipe (MAIN_JOB, MAIN_TRAIN), so the sweep tunes what finetune trains.
     # A flag with one value (--epochs 1) holds for every trial; a flag with several (--lr 3e-5,5e-5) is swept.
-    fixed = {k: v for k, v in MAIN_JOB.items() if k in TRAIN_KEYS}
-    base = check_config(TrainConfig(**{**fixed, **{k: v[0] for k, v in space.items() if len(v) == 1}}))
+    base = check_config(TrainConfig(**{**MAIN_TRAIN, **{k: v[0] for k, v in space.items() if len(v) == 1}}))
     space = {k: v for k, v in space.items() if len(v) > 1}
     check_out_dir(args.out)
     run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,
@@ -237,7 +238,9 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline) "
-                       "or, with --task instruct, a decoder on prompt/response rows")
+                       "or, with --task instruct, a decoder on prompt/response rows",
+                       epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with --task instruct: INSTRUCT_TRAIN) on "
+                       "top of TrainConfig's. --freeze '' trains every weight; --dropout 0.1 restores MiniLM's own.")
     f.add_argument("--task", choices=["classify", "instruct"], default="classify",
                    help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
     f.add_argument("--model", help="a name (minilm, smollm2, gpt2) or a checkpoint folder (default minilm)")

@@ -9,7 +9,8 @@ from .errors import MiniftError
 
 @dataclass
 class TrainConfig:
-    """The main job's training settings (recipe.py holds the rest of the main job: model, data, max_length)."""
+    """Training settings, with generic fine-tuning defaults; recipe.py's MAIN_TRAIN and INSTRUCT_TRAIN are the
+    main job's and the instruction job's choices on top of them (`TrainConfig(**recipe.MAIN_TRAIN)`)."""
     epochs: float = 2
     batch_size: int = 32  # examples per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size // grad_accum examples)

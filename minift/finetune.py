@@ -65,7 +65,7 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
                         resume=False):
     """The main job (recipe.py's defaults): fine-tune a pretrained encoder or decoder to classify texts;
     print and return the metrics."""
-    cfg = cfg or TrainConfig()
+    cfg = cfg or TrainConfig(**recipe.MAIN_TRAIN)
     t0 = time.perf_counter()
     path = resolve_model(model)
     tok = Tokenizer.from_file(path)

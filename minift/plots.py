@@ -173,3 +173,33 @@ def plot_confusion(metrics, out_png):
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     return out_png
+
+
+def plot_time_vs_accuracy(trials, out_png, target=None):
+    """Validation accuracy against minutes of training, one line per sweep trial (its `curve`, sweep.py):
+    which lever reaches which accuracy how soon. `trials`: {label: curve}; `target`: a dotted line.
+
+    Read it like this: the line that crosses the target furthest left is the cheapest recipe for that
+    accuracy; a line that flattens early says more time buys it nothing."""
+    rows = [{"trial": label, "step": p["step"], "train_minutes": round(p["train_seconds"] / 60, 2),
+             "val_accuracy": p["accuracy"]} for label, curve in trials.items() for p in curve]
+    if not rows:
+        raise MiniftError("no learning curves to plot: the trials need evaluations (eval_every) and a log")
+    out_png = Path(out_png)
+    try:
+        fig, (ax,) = new_figure((8, 5))
+    except ImportError:
+        path = write_csv(rows, out_png.with_suffix(".csv"))
+        print(MISSING.format(path=path))
+        return path
+    for label, curve in trials.items():
+        ax.plot([p["train_seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], "o-", label=label)
+    if target is not None:
+        ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target}")
+    ax.set_xlabel("minutes of training (evaluations not counted)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png

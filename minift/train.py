@@ -153,7 +153,8 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     tokens: int = 0  # tokens trained on in this process, for the tokens/s on the progress bar
     rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
-    timing: list = field(default_factory=list)  # (time, padded tokens) of the first steps, for the estimate
+    timing: list = field(default_factory=list)  # (seconds, padded tokens) of early steps, for the estimate
+    shapes_seen: set = field(default_factory=set)  # batch shapes stepped on so far (see note_step_time)
 
     @property
     def main(self):  # the one process that prints, evaluates and writes
@@ -212,6 +213,7 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
 def one_step(run, batch_indices, batches_in_epoch):
     """One optimizer step on one batch, counted and logged. Returns (end of epoch, evaluation due by the plan)."""
     cfg, state = run.cfg, run.state
+    started = time.perf_counter()
     run.rng_at_step_start = rng_states()  # a Ctrl-C before the update redoes this step with the same dropout
     if run.dist:  # this rank's share of the global batch, and its own dropout masks
         batch_indices = run.dist.share(batch_indices)
@@ -233,10 +235,20 @@ def one_step(run, batch_indices, batches_in_epoch):
         run.tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
         log_step(run, epoch, loss, lr, grad_norm)
     if len(run.timing) < ESTIMATE_AFTER:
-        run.timing.append((time.perf_counter(), sum(b["input_ids"].numel() for b in pieces)))
+        note_step_time(run, pieces, time.perf_counter() - started)
+    return end_of_epoch, due
+
+
+def note_step_time(run, pieces, seconds):
+    """Time early steps for the estimate. A batch of a shape not seen before also builds its matrix kernels
+    (oneDNN makes them per shape and caches them): an estimate from the first 20 steps, mostly new shapes,
+    came out 30-40% high. So only steps of shapes already seen count, as most of the run is made of them."""
+    shape = tuple(tuple(b["input_ids"].shape) for b in pieces)
+    if shape in run.shapes_seen:
+        run.timing.append((seconds, sum(b["input_ids"].numel() for b in pieces)))
         if len(run.timing) == ESTIMATE_AFTER and run.main:
             print_estimate(run)
-    return end_of_epoch, due
+    run.shapes_seen.add(shape)
 
 
 def log_step(run, epoch, loss, lr, grad_norm):
@@ -254,7 +266,7 @@ def evaluate_now(run):
     """Validation metrics, and the best model so far saved (rank 0). True when patience ran out."""
     stop = run.main and evaluate_and_keep_best(run.model, run.val_examples, run.cfg, run.state, run.out_dir,
                                                run.pad_id, run.padding_side, run.device, run.label_names,
-                                               run.tokenizer_file, run.log)
+                                               run.tokenizer_file, run.log, run.t0)
     return run.dist.decide(stop) if run.dist else stop  # rank 0 evaluated alone: its answer holds for all
 
 
@@ -265,7 +277,8 @@ def save(run):
                             run.label_names, run.tokenizer_file, run.log)
 
 
-ESTIMATE_AFTER = 21  # steps timed before the estimate is printed (the first one, which warms up, is not counted)
+CLOCK_FIELDS = ("tokens_per_s", "seconds", "eval_seconds")  # the log's wall-clock fields: the rest repeats exactly
+ESTIMATE_AFTER = 20  # steps of already-seen batch shapes timed before the estimate is printed
 
 
 def print_estimate(run):
@@ -273,8 +286,7 @@ def print_estimate(run):
     are grouped by it), so the time is counted per padded token and multiplied by the padded tokens of the
     batches still to come; an evaluation runs the forward only, about a third of a step's work per token."""
     cfg, state = run.cfg, run.state
-    (start, _), (end, _) = run.timing[0], run.timing[-1]
-    per_token = (end - start) / sum(n for _, n in run.timing[1:])
+    per_token = sum(s for s, _ in run.timing) / sum(n for _, n in run.timing)
     left, epoch, first = run.total_steps - state.step, state.epoch, state.batch
     tokens = 0
     while left > 0:
@@ -287,13 +299,14 @@ def print_estimate(run):
     eval_tokens = evals * sum(len(e["input_ids"]) for e in run.val_examples or [])
     total = per_token * (tokens + eval_tokens / 3)
     tqdm.write(f"time estimate: about {total / 60:.1f} min for the {run.total_steps - state.step} steps left"
-               + (f" and {evals} evaluations" if evals else "") + f" ({per_token * 1e3:.3f} ms per padded token "
-               f"over the last {len(run.timing) - 1} steps)")
+               + (f" and {evals} evaluation{'s' if evals > 1 else ''}" if evals else "") + f" ({per_token * 1e3:.3f} ms per padded token "
+               f"over {len(run.timing)} steps of batch shapes already seen)")
 
 
 def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side, device, label_names,
-                           tokenizer_file, log):
+                           tokenizer_file, log, t0):
     """Validation metrics; save the model if it is the best so far. Returns True when patience ran out."""
+    started = time.perf_counter()
     with autocast(device, cfg.precision):
         metrics = evaluate(model, val_examples, pad_id, batch_size=2 * cfg.batch_size, padding_side=padding_side,
                            label_names=label_names, device=device)
@@ -306,7 +319,9 @@ def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, pad
         else:
             state.evals_without_gain += 1
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        log.write(json.dumps({"step": state.step, "eval": shown}) + "\n")
+        # wall-clock seconds since train() began in this process, and of this evaluation: time to accuracy
+        clock = {"seconds": round(time.perf_counter() - t0, 2), "eval_seconds": round(time.perf_counter() - started, 2)}
+        log.write(json.dumps({"step": state.step, "eval": shown, **clock}) + "\n")
         tqdm.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
                    + (" (best so far, saved)" if better else ""))
         state.eval_due = False

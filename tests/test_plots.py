@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from minift.errors import MiniftError
-from minift.plots import plot_confusion, plot_learning_curves, read_log
+from minift.plots import plot_confusion, plot_learning_curves, plot_time_vs_accuracy, read_log
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -69,3 +69,24 @@ def test_a_resumed_or_restarted_run_keeps_the_newer_records(tmp_path):
     assert [e["step"] for e in evals] == [10, 20]
     with pytest.raises(MiniftError, match="no such log"):
         read_log(tmp_path / "missing.jsonl")
+
+
+CURVES = {"1 epoch, lr 1e-4": [{"step": 233, "train_seconds": 60.0, "accuracy": 0.74},
+                               {"step": 466, "train_seconds": 121.5, "accuracy": 0.79}],
+          "embeddings frozen": [{"step": 233, "train_seconds": 54.0, "accuracy": 0.75}]}
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install minift[plots])")
+def test_time_vs_accuracy_png(tmp_path):
+    png = plot_time_vs_accuracy(CURVES, tmp_path / "levers.png", target=0.78)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_time_vs_accuracy_without_matplotlib_is_a_csv_of_every_point(tmp_path, monkeypatch):
+    hide_matplotlib(monkeypatch)
+    rows = list(csv.DictReader(open(plot_time_vs_accuracy(CURVES, tmp_path / "levers.png"))))
+    assert [(r["trial"], r["step"], r["train_minutes"], r["val_accuracy"]) for r in rows] == [
+        ("1 epoch, lr 1e-4", "233", "1.0", "0.74"), ("1 epoch, lr 1e-4", "466", "2.02", "0.79"),
+        ("embeddings frozen", "233", "0.9", "0.75")]
+    with pytest.raises(MiniftError, match="no learning curves"):
+        plot_time_vs_accuracy({"a": []}, tmp_path / "none.png")

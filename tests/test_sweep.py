@@ -37,6 +37,13 @@ def fake_finetune(monkeypatch):
         if cfg.batch_size == 4096:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         acc, f1, loss = SCRIPT[(cfg.lr, cfg.batch_size)]
+        # two evaluations in the log, as train() writes them: wall seconds since its start, and their own time
+        (out / "log.jsonl").write_text(
+            json.dumps({"step": 5, "loss": 1.0}) + "\n"
+            + json.dumps({"step": 5, "eval": {"accuracy": acc / 2, "macro_f1": f1, "loss": loss}, "seconds": 3.0,
+                          "eval_seconds": 1.0}) + "\n"
+            + json.dumps({"step": 10, "eval": {"accuracy": acc, "macro_f1": f1, "loss": loss}, "seconds": 7.5,
+                          "eval_seconds": 1.5}) + "\n")
         return {"validation": {"accuracy": acc, "macro_f1": f1, "loss": loss}, "best_step": 7, "steps": 10,
                 "stopped_early": False}
 
@@ -85,6 +92,8 @@ def test_sweep_records_every_trial_and_picks_the_best_on_validation(tmp_path, fa
     assert [r["settings"] for r in lines] == grid(SPACE) == [r["settings"] for r in result["trials"]]
     assert all(r["status"] == "ok" and r["best_step"] == 7 and r["seconds"] >= 0 for r in lines)
     assert lines[2]["val_accuracy"] == 0.80 and lines[2]["val_macro_f1"] == 0.70 and lines[2]["val_loss"] == 0.60
+    # the learning curve: training seconds before each evaluation, the evaluations' own time taken out
+    assert [(p["step"], p["train_seconds"], p["accuracy"]) for p in lines[2]["curve"]] == [(5, 2.0, 0.40), (10, 5.0, 0.80)]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [float(r["val_accuracy"]) for r in rows] == sorted((s[0] for s in SCRIPT.values()), reverse=True)
     assert rows[0]["lr"] == "5e-05" and rows[0]["batch_size"] == "16" and rows[0]["rank"] == "1"
@@ -94,6 +103,22 @@ def test_sweep_records_every_trial_and_picks_the_best_on_validation(tmp_path, fa
     assert "a chatty fine-tune report" not in out
     assert "chatty" in (tmp_path / "trial-000" / "output.txt").read_text()
     assert not (tmp_path / "trial-000" / "checkpoint").exists() and (tmp_path / "trial-000" / "best").exists()
+
+
+def test_listed_trials_run_as_given_with_the_base_for_the_rest(tmp_path, fake_finetune, capsys):
+    """Levers tried in a few combinations, not a grid: each trial is a dict; unset settings come from base."""
+    trials = [{"lr": 5e-5}, {"lr": 1e-4, "batch_size": 32}, {"lr": 5e-5, "freeze": ["embeddings"]}]
+    result = run_sweep(trials, out=tmp_path, base=TrainConfig(batch_size=16))
+    assert [(c["cfg"].lr, c["cfg"].batch_size, c["cfg"].freeze) for c in fake_finetune] == [
+        (5e-5, 16, []), (1e-4, 32, []), (5e-5, 16, ["embeddings"])]
+    assert [r["settings"] for r in result["trials"]] == trials
+    table = capsys.readouterr().out.split("rank", 1)[1].splitlines()[0]
+    assert table.split() == ["trial", "lr", "batch_size", "freeze", "val", "acc", "val", "F1", "val", "loss", "best",
+                             "step", "seconds"]
+    for bad, message in [([], "non-empty list"), ([{"lr": 1e-4}, {"lr": 1e-4}], "listed twice"),
+                         ([{"speed": 2}], "not a TrainConfig setting"), ([{"metric": "loss"}], "set it in base")]:
+        with pytest.raises(MiniftError, match=message):
+            run_sweep(bad, out=tmp_path / "bad")
 
 
 def test_metric_loss_picks_the_lowest_validation_loss(tmp_path, fake_finetune):

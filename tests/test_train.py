@@ -670,3 +670,21 @@ def test_early_stopping_keeps_the_model_of_the_best_evaluation(tmp_path, monkeyp
     assert result["stopped_early"] and result["steps"] == len(values) and result["best_step"] == best_step
     assert_bitwise_equal(weights(tmp_path / "best"), seen[best_step - 1])
     assert not all(torch.equal(seen[-1][n], seen[best_step - 1][n]) for n in seen[-1])  # the model did move
+
+
+def test_the_time_estimate_times_only_steps_of_shapes_already_seen(tmp_path, monkeypatch, capsys):
+    """A step on a new batch shape also builds its kernels; the estimate counts only shapes seen before, and
+    says so. 24 rows of one length in batches of 4: every step after the first has a shape seen before."""
+    T = importlib.import_module("minift.train")  # the module (minift.train, the attribute, is the function)
+    monkeypatch.setattr(T, "ESTIMATE_AFTER", 4)
+    rows = [{"input_ids": [1 + i % 7] * 6, "label": i % 3} for i in range(24)]
+    train(make_model(), rows, rows[:8], config(epochs=1), tmp_path, pad_id=PAD)
+    out = capsys.readouterr().out
+    assert out.count("time estimate:") == 1
+    assert "for the 1 steps left and 1 evaluation (" in out and "over 4 steps of batch shapes already seen" in out
+
+    run = T.Run(*[None] * 19)
+    run.dist, run.timing, run.shapes_seen = None, [], set()
+    for length in (5, 5, 9, 5, 9, 12):
+        T.note_step_time(run, [{"input_ids": torch.zeros(4, length)}], seconds=length / 10)
+    assert run.timing == [(0.5, 20), (0.5, 20), (0.9, 36)]  # the first 5, the first 9 and the 12 are not counted

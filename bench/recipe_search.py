@@ -1,0 +1,121 @@
+"""The search for the main job's default recipe: which levers buy time, and what they cost in accuracy.
+
+Each trial is a full fine-tune of the main job (MiniLM, all 29,794 training rows, recipe.py's max_length and
+pooling) through the sweep of stage 6 (`run_sweep`, test=False: the test split is never opened), evaluated
+on validation every quarter epoch so that each trial also gives a time-to-accuracy curve. The levers:
+- fewer epochs, with a higher peak learning rate to cover the same ground in fewer steps;
+- frozen embeddings (half of MiniLM's 22.7M parameters; no gradient, no AdamW state, no update);
+- dropout off (one epoch sees each row once: little to over-fit, and every mask costs time);
+- frozen lower layers (the backward stops below the lowest trainable one);
+- max_length and token budgets are not trials: the tweets' token lengths are p50 33, p95 52, p99 60,
+  and the batches are grouped by length, so max_length 64 already cuts 0.2% of the rows and pads little.
+
+    python bench/recipe_search.py                  # about 65 min on 2 cores with bf16 (see RESULTS.md)
+    python bench/recipe_search.py --table          # the table of a finished (or interrupted) search
+
+Two rounds, two rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
+Interrupted, it goes on with the trials not done yet (the sweep keeps results.jsonl). The records are kept
+in bench/recipe_search.jsonl (tutorial 06 reads them) and the table in bench/RESULTS.md.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from minift.sweep import run_sweep
+from minift.train import TrainConfig
+
+KEPT = Path(__file__).with_name("recipe_search.jsonl")  # the records, for tutorial 06
+QUARTER_EPOCH = 233  # of the 932 batches of 32 in an epoch of the tweets' training split
+TRIALS = [
+    {"epochs": 1, "lr": 5e-5},
+    {"epochs": 1, "lr": 1e-4},
+    {"epochs": 1, "lr": 1e-4, "freeze": ["embeddings"]},
+    {"epochs": 1, "lr": 1e-4, "freeze": ["embeddings"], "dropout": 0.0},
+    {"epochs": 1, "lr": 2e-4, "freeze": ["embeddings"], "dropout": 0.0},
+    {"epochs": 1, "lr": 1e-4, "batch_size": 16, "freeze": ["embeddings"], "dropout": 0.0},
+    {"epochs": 0.75, "lr": 1e-4, "freeze": ["embeddings"], "dropout": 0.0},
+    {"epochs": 1, "lr": 1e-4, "freeze": ["layers:2"], "dropout": 0.0},
+    {"epochs": 0.5, "lr": 1e-4, "freeze": ["embeddings"], "dropout": 0.0},
+    # round 2 (see RULES): the fastest configuration for longer, the cheaper first
+    {"epochs": 1.5, "lr": 1e-4, "freeze": ["layers:2"], "dropout": 0.0},
+    {"epochs": 2, "lr": 1e-4, "freeze": ["layers:2"], "dropout": 0.0},
+]
+# The old default (2 epochs, lr 5e-5, embeddings trained, dropout 0.1) is not re-run here: bench/RESULTS.md has
+# it (validation accuracy 0.8091 at the end of epoch 2, commit 69209d5).
+
+
+def first_reaching(curve, target):
+    """Seconds of training (evaluations not counted) at the first evaluation with accuracy >= target."""
+    return next((p["train_seconds"] for p in curve if p["accuracy"] >= target), None)
+
+
+# RULES. Round 1 (trials 0-8) chose by rule 1, fixed before its results were seen. Its choice (trial 7) then
+# ran in bench/finetune.py beside the Trainer and fell short of it on validation (0.8027 vs the Trainer's
+# 0.8075) as on test (0.8096 vs 0.8147): every one-epoch trial was below the Trainer's validation accuracy.
+# Rule 2 takes that validation accuracy as the bar, and round 2 (trials 9-10) runs the fastest configuration
+# longer. No trial reached the bar (the best, trial 9, one validation row short of it), so the most accurate
+# trial is the default: every trial's whole job fits in a quarter of the Trainer's time. The test score of
+# trial 7 had been seen when rule 2 was written: bench/RESULTS.md says so.
+TOLERANCE = 0.005  # validation accuracy: about one standard error on 3,725 rows (sqrt(0.8 * 0.2 / 3725) = 0.0066)
+# the Trainer's final validation accuracy in bench/finetune.py (2 epochs, fp32; its results kept in finetune.json)
+TRAINER_VALIDATION = json.loads(KEPT.with_name("finetune.json").read_text())["transformers Trainer"]["validation_accuracy"]
+
+
+def train_seconds(record):
+    return record["curve"][-1]["train_seconds"]
+
+
+def rule_1(records):
+    """The least training time among the trials within TOLERANCE of the best validation accuracy."""
+    ok = [r for r in records if r["status"] == "ok"]
+    best = max(r["val_accuracy"] for r in ok)
+    return min((r for r in ok if r["val_accuracy"] >= best - TOLERANCE), key=train_seconds)
+
+
+def rule_2(records):
+    """The least training time among the trials at or above the Trainer's validation accuracy (None: none)."""
+    good = [r for r in records if r["status"] == "ok" and r["val_accuracy"] >= TRAINER_VALIDATION]
+    return min(good, key=train_seconds) if good else None
+
+
+def table(records, target):
+    lines = [f"| trial | epochs | lr | batch | frozen | dropout | val acc | val F1 | train min | min to {target} | wall min |",
+             "|---" * 11 + "|"]
+    for r in records:
+        s, c = r["settings"], r.get("curve", [])
+        reach = first_reaching(c, target) if c else None
+        lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | {s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
+                     f"{s.get('dropout', 'model (0.1)')} | {r.get('val_accuracy', float('nan')):.4f} | "
+                     f"{r.get('val_macro_f1', float('nan')):.4f} | {c[-1]['train_seconds'] / 60 if c else float('nan'):.1f} | "
+                     f"{'-' if reach is None else f'{reach / 60:.1f}'} | {r['seconds'] / 60:.1f} |")
+    curves = ["", "Curves (step: validation accuracy at minutes of training):"]
+    for r in records:
+        curves.append(f"- trial {r['trial']}: " + ", ".join(f"{p['step']}: {p['accuracy']:.4f} @ {p['train_seconds'] / 60:.1f}"
+                                                           for p in r.get("curve", [])))
+    return "\n".join(lines + curves)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/recipe-search")
+    ap.add_argument("--target", type=float, default=0.80, help="validation accuracy for the time-to-accuracy column")
+    ap.add_argument("--table", action="store_true", help="only print the table of what is recorded")
+    args = ap.parse_args()
+    if not args.table:
+        run_sweep(TRIALS, out=args.out, base=TrainConfig(eval_every=QUARTER_EPOCH))
+    records = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines()]
+    KEPT.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "folder"}) + "\n" for r in records))
+    print(table(records, args.target))
+    first = rule_1([r for r in records if r["trial"] <= 8])
+    print(f"\nrule 1 on round 1 (the least training time within {TOLERANCE} of the best validation accuracy): "
+          f"trial {first['trial']} {first['settings']}, validation accuracy {first['val_accuracy']:.4f}")
+    second = rule_2(records)
+    print(f"rule 2 (the least training time at or above the Trainer's validation accuracy {TRAINER_VALIDATION:.4f}): "
+          + (f"trial {second['trial']} {second['settings']}" if second else "no trial reaches it"))
+    chosen = second or max(records, key=lambda r: (r.get("val_accuracy", 0), -train_seconds(r)))
+    print(f"chosen: trial {chosen['trial']} {chosen['settings']}, validation accuracy {chosen['val_accuracy']:.4f} "
+          f"in {train_seconds(chosen) / 60:.1f} min of training" + ("" if second else " (the most accurate trial)"))
+
+
+if __name__ == "__main__":
+    main()
