@@ -331,7 +331,8 @@ def tiny(tmp_path_factory, minilm_dir):
 def quick(tiny, out, *extra):
     return ["finetune", "--model", str(tiny / "model"), "--data", str(tiny / "data.csv"), "--out", str(out),
             "--max-length", "16", "--batch-size", "8", "--max-steps", "3", "--eval-every", "3", "--lr", "1e-2",
-            "--precision", "fp32", "--device", "cpu", *extra]
+            "--precision", "fp32", "--device", "cpu",
+            "--freeze", "", "--dropout", "0.1", *extra]  # TrainConfig's generic recipe, not the main job's
 
 
 def minift(argv):
