@@ -17,6 +17,10 @@ this bench adds are taken out of it (they do not change its training), so its wa
     python bench/finetune.py                          # both: about 45 min on 2 cores with bf16 (RESULTS.md)
     python bench/finetune.py --skip-hf                # minift only
     python bench/finetune.py --epochs 1 --limit 3000  # a quicker comparison on a subset (both 1 epoch)
+
+Results go to OUT/results.json. bench/finetune.json is a copy of the run in bench/RESULTS.md (session 5; its
+"minift" entry is round 1's recipe, trial 7 of bench/recipe_search.py): tutorial 06 draws its Trainer curve
+and bench/recipe_search.py takes the Trainer's validation accuracy from it.
 """
 import argparse
 import json
