@@ -34,7 +34,7 @@ import torch
 from minift import recipe
 from minift.finetune import finetune_classifier, load_classification_splits
 from minift.hub import fetch_minilm
-from minift.sweep import learning_curve
+from minift.sweep import learning_curve, seconds_to
 from minift.train import TrainConfig
 from minift.tweets import TWEET_LABELS
 
@@ -117,7 +117,7 @@ def run_minift(cfg, out, limit):
 
 
 def minutes_to(curve, target):
-    seconds = next((p["train_seconds"] for p in curve if p["accuracy"] >= target), None)
+    seconds = seconds_to(curve, target)
     return "not reached" if seconds is None else f"{seconds / 60:.1f} min"
 
 

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minift.sweep import run_sweep
+from minift.sweep import run_sweep, seconds_to
 from minift.train import TrainConfig
 
 KEPT = Path(__file__).with_name("recipe_search.jsonl")  # the records, for tutorial 06
@@ -42,11 +42,6 @@ TRIALS = [
 ]
 # The old default (2 epochs, lr 5e-5, embeddings trained, dropout 0.1) is not re-run here: bench/RESULTS.md has
 # it (validation accuracy 0.8091 at the end of epoch 2, commit 69209d5).
-
-
-def first_reaching(curve, target):
-    """Seconds of training (evaluations not counted) at the first evaluation with accuracy >= target."""
-    return next((p["train_seconds"] for p in curve if p["accuracy"] >= target), None)
 
 
 # RULES. Round 1 (trials 0-8) chose by rule 1, fixed before its results were seen. Its choice (trial 7) then
@@ -83,7 +78,7 @@ def table(records, target):
              "|---" * 11 + "|"]
     for r in records:
         s, c = r["settings"], r.get("curve", [])
-        reach = first_reaching(c, target) if c else None
+        reach = seconds_to(c, target)
         lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | {s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
                      f"{s.get('dropout', 'model (0.1)')} | {r.get('val_accuracy', float('nan')):.4f} | "
                      f"{r.get('val_macro_f1', float('nan')):.4f} | {c[-1]['train_seconds'] / 60 if c else float('nan'):.1f} | "

@@ -44,8 +44,9 @@ def check_space(space):
 
 
 def check_setting(key):
-    if key not in [f.name for f in fields(TrainConfig)]:
-        raise MiniftError(f"{key!r} is not a TrainConfig setting; choose among {', '.join(f.name for f in fields(TrainConfig))}")
+    names = [f.name for f in fields(TrainConfig)]
+    if key not in names:
+        raise MiniftError(f"{key!r} is not a TrainConfig setting; choose among {', '.join(names)}")
     if key == "metric":
         raise MiniftError("metric decides which trial is best, so every trial must share it: set it in base")
 
@@ -134,6 +135,11 @@ def learning_curve(log):
                       **{k: r["eval"][k] for k in ("accuracy", "macro_f1", "loss")}})
         spent += r["eval_seconds"]
     return curve
+
+
+def seconds_to(curve, target):
+    """Seconds of training at the first evaluation of `curve` with accuracy >= target; None if none reached it."""
+    return next((p["train_seconds"] for p in curve if p["accuracy"] >= target), None)
 
 
 def ranked(records, metric):

@@ -10,7 +10,7 @@ import minift.recipe
 import minift.sweep
 from minift.cli import main
 from minift.errors import MiniftError
-from minift.sweep import grid, random_trials, run_sweep
+from minift.sweep import grid, random_trials, run_sweep, seconds_to
 from minift.train import TrainConfig
 
 SPACE = {"lr": [1e-5, 5e-5, 1e-4], "batch_size": [16, 32]}
@@ -94,6 +94,8 @@ def test_sweep_records_every_trial_and_picks_the_best_on_validation(tmp_path, fa
     assert lines[2]["val_accuracy"] == 0.80 and lines[2]["val_macro_f1"] == 0.70 and lines[2]["val_loss"] == 0.60
     # the learning curve: training seconds before each evaluation, the evaluations' own time taken out
     assert [(p["step"], p["train_seconds"], p["accuracy"]) for p in lines[2]["curve"]] == [(5, 2.0, 0.40), (10, 5.0, 0.80)]
+    assert seconds_to(lines[2]["curve"], 0.75) == 5.0 and seconds_to(lines[2]["curve"], 0.4) == 2.0
+    assert seconds_to(lines[2]["curve"], 0.81) is None
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [float(r["val_accuracy"]) for r in rows] == sorted((s[0] for s in SCRIPT.values()), reverse=True)
     assert rows[0]["lr"] == "5e-05" and rows[0]["batch_size"] == "16" and rows[0]["rank"] == "1"
