@@ -7,13 +7,14 @@ on validation every quarter epoch so that each trial also gives a time-to-accura
 - frozen embeddings (half of MiniLM's 22.7M parameters; no gradient, no AdamW state, no update);
 - dropout off (one epoch sees each row once: little to over-fit, and every mask costs time);
 - frozen lower layers (the backward stops below the lowest trainable one);
+- the new head at a higher lr than the pretrained body (head_lr_scale; round 3);
 - max_length and token budgets are not trials: the tweets' token lengths are p50 33, p95 52, p99 60,
   and the batches are grouped by length, so max_length 64 already cuts 0.2% of the rows and pads little.
 
-    python bench/recipe_search.py                  # about 65 min on 2 cores with bf16 (see RESULTS.md)
+    python bench/recipe_search.py                  # about 90 min on 2 cores with bf16 (see RESULTS.md)
     python bench/recipe_search.py --table          # the table of a finished (or interrupted) search
 
-Two rounds, two rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
+Three rounds, two rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
 Interrupted, it goes on with the trials not done yet (the sweep keeps results.jsonl). The records are kept
 in bench/recipe_search.jsonl (tutorial 06 reads them) and the table in bench/RESULTS.md.
 """
@@ -39,6 +40,14 @@ TRIALS = [
     # round 2 (see RULES): the fastest configuration for longer, the cheaper first
     {"epochs": 1.5, "lr": 1e-4, "freeze": ["layers:2"], "dropout": 0.0},
     {"epochs": 2, "lr": 1e-4, "freeze": ["layers:2"], "dropout": 0.0},
+    # round 3 (see RULES): the new head at a higher lr than the body, at trial 7's cost (or less) and trial 9's;
+    {"epochs": 1, "lr": 1e-4, "head_lr_scale": 10, "freeze": ["layers:2"], "dropout": 0.0},
+    {"epochs": 1, "lr": 1e-4, "head_lr_scale": 30, "freeze": ["layers:2"], "dropout": 0.0},
+    {"epochs": 1, "lr": 1.5e-4, "head_lr_scale": 10, "freeze": ["layers:2"], "dropout": 0.0},
+    {"epochs": 1, "lr": 1e-4, "head_lr_scale": 10, "freeze": ["layers:3"], "dropout": 0.0},
+    {"epochs": 1.5, "lr": 1e-4, "head_lr_scale": 10, "freeze": ["layers:2"], "dropout": 0.0},
+    # added once trial 13 had passed the bar: its lr without the faster head, to tell the two levers apart
+    {"epochs": 1, "lr": 1.5e-4, "freeze": ["layers:2"], "dropout": 0.0},
 ]
 # The old default (2 epochs, lr 5e-5, embeddings trained, dropout 0.1) is not re-run here: bench/RESULTS.md has
 # it (validation accuracy 0.8091 at the end of epoch 2, commit 69209d5).
@@ -49,8 +58,13 @@ TRIALS = [
 # 0.8075) as on test (0.8096 vs 0.8147): every one-epoch trial was below the Trainer's validation accuracy.
 # Rule 2 takes that validation accuracy as the bar, and round 2 (trials 9-10) runs the fastest configuration
 # longer. No trial reached the bar (the best, trial 9, one validation row short of it), so the most accurate
-# trial is the default: every trial's whole job fits in a quarter of the Trainer's time. The test score of
+# trial became the default: every trial's whole job fits in a quarter of the Trainer's time. The test score of
 # trial 7 had been seen when rule 2 was written: bench/RESULTS.md says so.
+# Round 3 (trials 11-16, session 6) adds one lever, the new head at a higher lr than the pretrained body
+# (`head_lr_scale`), mostly at trial 7's cost: a CPU without bf16 needs about that little work to finish in 20
+# minutes. Rule 2 stays as it was written before round 3 ran, over all the trials. Trial 13 (lr 1.5e-4, head
+# at 10x) passed the bar; trial 16, added after that to tell its two changes apart, passed it too in less
+# training time and is the default: the lr did it, the faster head did nothing measurable (7 vs 11, 16 vs 13).
 TOLERANCE = 0.005  # validation accuracy: about one standard error on 3,725 rows (sqrt(0.8 * 0.2 / 3725) = 0.0066)
 # the Trainer's final validation accuracy in bench/finetune.py (2 epochs, fp32; its results kept in finetune.json)
 TRAINER_VALIDATION = json.loads(KEPT.with_name("finetune.json").read_text())["transformers Trainer"]["validation_accuracy"]
@@ -74,12 +88,12 @@ def rule_2(records):
 
 
 def table(records, target):
-    lines = [f"| trial | epochs | lr | batch | frozen | dropout | val acc | val F1 | train min | min to {target} | wall min |",
-             "|---" * 11 + "|"]
+    lines = [f"| trial | epochs | lr | head lr | batch | frozen | dropout | val acc | val F1 | train min | min to {target} | wall min |",
+             "|---" * 12 + "|"]
     for r in records:
         s, c = r["settings"], r.get("curve", [])
         reach = seconds_to(c, target)
-        lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | {s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
+        lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | x{s.get('head_lr_scale', 1):g} | {s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
                      f"{s.get('dropout', 'model (0.1)')} | {r.get('val_accuracy', float('nan')):.4f} | "
                      f"{r.get('val_macro_f1', float('nan')):.4f} | {c[-1]['train_seconds'] / 60 if c else float('nan'):.1f} | "
                      f"{'-' if reach is None else f'{reach / 60:.1f}'} | {r['seconds'] / 60:.1f} |")

@@ -15,6 +15,7 @@ class TrainConfig:
     batch_size: int = 32  # examples per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size // grad_accum examples)
     lr: float = 5e-5
+    head_lr_scale: float = 1.0  # a classifier's new head trains at lr x this (it starts from random numbers)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     schedule: str = "linear"  # constant | linear | cosine
@@ -43,7 +44,8 @@ CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "
            "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
-          "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"), "weight_decay": (0, True, "e.g. 0.01"),
+          "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"),
+          "head_lr_scale": (0, False, "1 = the head at the body's lr; e.g. 10"), "weight_decay": (0, True, "e.g. 0.01"),
           "warmup_ratio": (0, True, "between 0 and 1, e.g. 0.06"), "min_lr": (0, True, "0 decays to zero"),
           "max_grad_norm": (0, False, "e.g. 1.0; a negative norm would turn training into gradient ascent"),
           "seed": (0, True, "any whole number >= 0"), "eval_every": (0, True, "0 = once per epoch"),

@@ -25,8 +25,10 @@ def freeze(model, patterns):
     frozen = []
     for pattern in patterns:
         if pattern.startswith("layers:"):
-            n = _count(pattern)
-            below = {id(p) for s in stages[:len(stages) - len(blocks(model)) + n] for p in s.parameters()}
+            n, depth = _count(pattern), len(blocks(model))
+            if n >= depth:  # a linear probe may be meant; the main job's layers:2 on a 2-block model is not
+                print(f"note: {pattern} freezes all {depth} blocks of this model: only the head trains")
+            below = {id(p) for s in stages[:len(stages) - depth + n] for p in s.parameters()}
             hits = [name for name, p in named if id(p) in below]
         elif pattern == "embeddings":
             tables = {id(m.weight) for m in model.modules() if isinstance(m, Embedding)}
@@ -70,6 +72,12 @@ def mark_frozen_below(model):
     for i, stage in enumerate(stages):
         for m in stage.modules():
             m.frozen_below = i < lowest
+
+
+def head_names(model):
+    """The names of the parameters outside the model's body: a classifier's new head."""
+    body = {id(p) for p in base_model(model).parameters()}
+    return {name for name, p in model.named_parameters() if id(p) not in body}
 
 
 def count_trainable(model):

@@ -19,20 +19,26 @@ def _default_no_decay(name, p):
     return p.ndim < 2 or "embeddings" in name or name.endswith(("wte.weight", "wpe.weight"))
 
 
-def param_groups(named_params, weight_decay, no_decay=_default_no_decay):
+def param_groups(named_params, weight_decay, no_decay=_default_no_decay, head=(), head_lr_scale=1.0):
     """Split the trainable (name, tensor) pairs into a decay group and a no-decay group for AdamW. A frozen
-    tensor (requires_grad False) is left out: it gets no update and AdamW keeps no state for it."""
-    decay = {"names": [], "params": [], "weight_decay": weight_decay}
-    plain = {"names": [], "params": [], "weight_decay": 0.0}
+    tensor (requires_grad False) is left out: it gets no update and AdamW keeps no state for it.
+
+    head: the names of a new, randomly drawn head (a classifier's). With head_lr_scale != 1 they get groups
+    of their own whose lr is the schedule's times head_lr_scale: the head starts from nothing, the body from
+    pretrained weights, so the head can take bigger steps."""
+    def group(decays, scale):
+        return {"names": [], "params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+    groups = {(True, False): group(True, 1.0), (False, False): group(False, 1.0)}
     seen = set()
     for name, p in named_params:
         if id(p) in seen or not p.requires_grad:  # a tied weight (GPT-2's lm_head is wte) is updated once
             continue
         seen.add(id(p))
-        group = plain if no_decay(name, p) else decay
-        group["names"].append(name)
-        group["params"].append(p)
-    return [decay, plain]
+        key = (not no_decay(name, p), head_lr_scale != 1 and name in head)
+        g = groups.setdefault(key, group(key[0], head_lr_scale if key[1] else 1.0))
+        g["names"].append(name)
+        g["params"].append(p)
+    return list(groups.values())  # decay, no decay, then the head's groups if it has its own lr
 
 
 def _count(n):
@@ -40,10 +46,11 @@ def _count(n):
 
 
 def describe_groups(groups):
-    """One line: how many tensors and numbers get weight decay and how many don't."""
+    """One line: how many tensors and numbers get weight decay and how many don't (and a faster head's)."""
     parts = []
-    for label, g in zip(("decay", "no decay"), groups):  # the order param_groups returns them in
+    for g in groups:
         numel = sum(p.numel() for p in g["params"])
+        label = ("decay" if g["weight_decay"] else "no decay") + (f" at lr x{g['lr_scale']:g}" if g.get("lr_scale", 1) != 1 else "")
         parts.append(f"{label}: {len(g['params'])} tensors, {_count(numel)} params")
     return " | ".join(parts)
 
@@ -81,20 +88,20 @@ class AdamW:
         bc1 = 1 - b1 ** self.t  # m and v start at 0, so early averages are too small:
         bc2 = 1 - b2 ** self.t  # dividing by (1 - beta^t) undoes that bias
         for g in self.groups:
-            wd = g["weight_decay"]
+            wd, group_lr = g["weight_decay"], lr * g.get("lr_scale", 1.0)
             for name, p in zip(g["names"], g["params"]):
                 # No gradient: frozen or unused. (torch counts steps per parameter, we count one t for all;
                 # the same as long as a parameter has a gradient at every step or at none.)
                 if p.grad is None:
                     continue
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
-                p.mul_(1 - lr * wd)                                 # decoupled decay: shrink p, not the gradient
+                p.mul_(1 - group_lr * wd)                           # decoupled decay: shrink p, not the gradient
                 m.lerp_(p.grad, 1 - b1)                             # m = b1*m + (1-b1)*g, as torch writes it
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)   # v = b2*v + (1-b2)*g*g
                 same_kind = p.dtype == self.scratch.dtype and p.device == self.scratch.device
                 denom = self.scratch[:p.numel()].view_as(p) if same_kind else torch.empty_like(p)
                 torch.sqrt(v, out=denom).div_(math.sqrt(bc2)).add_(self.eps)  # sqrt of corrected v; eps keeps it > 0
-                p.addcdiv_(m, denom, value=-lr / bc1)               # p -= lr * (m/bc1) / denom
+                p.addcdiv_(m, denom, value=-group_lr / bc1)         # p -= lr * (m/bc1) / denom
 
     def zero_grad(self):
         """Drop the gradients, so the next backward assigns .grad and later micro-batches add to it."""

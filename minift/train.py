@@ -21,7 +21,7 @@ from .config import TrainConfig, check_config
 from . import distributed
 from .errors import MiniftError
 from .evaluate import evaluate
-from .freeze import describe_trainable, freeze, mark_frozen_below
+from .freeze import describe_trainable, freeze, head_names, mark_frozen_below
 from .layers import Dropout
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
@@ -154,6 +154,7 @@ class Run:
     tokens: int = 0  # tokens trained on in this process, for the tokens/s on the progress bar
     rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
     timing: list = field(default_factory=list)  # (seconds, padded tokens) of early steps, for the estimate
+    estimated: bool = False  # the time estimate has been printed
     shapes_seen: set = field(default_factory=set)  # batch shapes stepped on so far (see note_step_time)
 
     @property
@@ -168,6 +169,8 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
     check_config(cfg)
     if model.task == "lm" and cfg.metric != "loss":
         raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
+    if model.task == "lm" and cfg.head_lr_scale != 1:
+        raise MiniftError("head_lr_scale is for a classifier's new head; a language model's head is pretrained: use 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.setup(cfg.device)  # None unless torchrun started several processes (distributed.py)
@@ -181,7 +184,8 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
     if cfg.freeze:
         freeze(model, cfg.freeze)
     mark_frozen_below(model)
-    optimizer = AdamW(param_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
+    optimizer = AdamW(param_groups(model.named_parameters(), cfg.weight_decay, head=head_names(model),
+                                   head_lr_scale=cfg.head_lr_scale), lr=cfg.lr)
     lengths = [len(e["input_ids"]) for e in train_examples]
     batches_per_epoch = len(batch_order(lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length))
     total_steps = math.ceil(cfg.epochs * batches_per_epoch)
@@ -234,7 +238,7 @@ def one_step(run, batch_indices, batches_in_epoch):
         run.rng_at_step_start = None
         run.tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
         log_step(run, epoch, loss, lr, grad_norm)
-    if len(run.timing) < ESTIMATE_AFTER:
+    if not run.estimated:
         note_step_time(run, pieces, time.perf_counter() - started)
     return end_of_epoch, due
 
@@ -242,12 +246,15 @@ def one_step(run, batch_indices, batches_in_epoch):
 def note_step_time(run, pieces, seconds):
     """Time early steps for the estimate. A batch of a shape not seen before also builds its matrix kernels
     (oneDNN makes them per shape and caches them): an estimate from the first 20 steps, mostly new shapes,
-    came out 30-40% high. So only steps of shapes already seen count, as most of the run is made of them."""
+    came out 30-40% high. So only steps of shapes already seen count, as most of the run is made of them;
+    and at least ESTIMATE_SECONDS of them, as a shared machine's speed wanders from one second to the next."""
     shape = tuple(tuple(b["input_ids"].shape) for b in pieces)
     if shape in run.shapes_seen:
         run.timing.append((seconds, sum(b["input_ids"].numel() for b in pieces)))
-        if len(run.timing) == ESTIMATE_AFTER and run.main:
-            print_estimate(run)
+        if len(run.timing) >= ESTIMATE_AFTER and sum(s for s, _ in run.timing) >= ESTIMATE_SECONDS:
+            run.estimated = True
+            if run.main:
+                print_estimate(run)
     run.shapes_seen.add(shape)
 
 
@@ -278,7 +285,8 @@ def save(run):
 
 
 CLOCK_FIELDS = ("tokens_per_s", "seconds", "eval_seconds")  # the log's wall-clock fields: the rest repeats exactly
-ESTIMATE_AFTER = 20  # steps of already-seen batch shapes timed before the estimate is printed
+ESTIMATE_AFTER = 20  # steps of already-seen batch shapes timed before the estimate is printed,
+ESTIMATE_SECONDS = 30.0  # and seconds of them
 
 
 def print_estimate(run):

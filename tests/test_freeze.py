@@ -112,6 +112,17 @@ def test_freeze_pattern_that_matches_nothing_is_a_clear_error():
         freeze(model, ["layers:two"])
 
 
+def test_freezing_every_block_says_only_the_head_trains(capsys):
+    model = build_model(CONFIGS["bert"], "classify", num_labels=3)
+    depth = len(model.bert.encoder.layer)
+    freeze(model, [f"layers:{depth - 1}"])
+    assert "note:" not in capsys.readouterr().out
+    freeze(model, [f"layers:{depth}"])
+    assert f"note: layers:{depth} freezes all {depth} blocks of this model: only the head trains" in capsys.readouterr().out
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias",
+                                                                            "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+
+
 def test_kept_tensors_are_listed_and_the_estimate_adds_up(capsys):
     torch.manual_seed(0)
     model = build_model(CONFIGS["bert"], "classify", num_labels=3)

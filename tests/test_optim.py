@@ -170,6 +170,38 @@ def test_param_groups_gpt2_names_and_tied_weight():
     assert "transformer.wte.weight" in decay["names"] and "lm_head.weight" not in decay["names"]
 
 
+def test_a_faster_head_gets_its_own_groups_and_matches_torch_per_group_lr():
+    """head_lr_scale: the head's tensors move to groups of their own whose lr is the schedule's times the scale;
+    the same as torch.optim.AdamW given that lr for those groups."""
+    named = make_params(torch.float64)
+    groups = param_groups(named, 0.1, head={"classifier.weight", "classifier.bias"}, head_lr_scale=10)
+    assert [g["names"] for g in groups[2:]] == [["classifier.weight"], ["classifier.bias"]]
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.1, 10), (0.0, 10)]
+    assert "classifier.weight" not in groups[0]["names"] and "classifier.bias" not in groups[1]["names"]
+    assert describe_groups(groups).endswith("| decay at lr x10: 1 tensors, 48 params | no decay at lr x10: 1 tensors, 3 params")
+    assert len(param_groups(named, 0.1, head={"classifier.weight"})) == 2  # scale 1: no groups of its own
+
+    sched = LRSchedule(1e-3, 50, warmup_steps=5)
+    theirs = [(n, torch.nn.Parameter(p.clone())) for n, p in named]
+    ours_opt = AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-6)
+    their_groups = param_groups(theirs, 0.1, head={"classifier.weight", "classifier.bias"}, head_lr_scale=10)
+    torch_opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"], "scale": g["lr_scale"]}
+                                   for g in their_groups], lr=1.0, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(50):
+        set_grads(named, step)
+        set_grads(theirs, step)
+        ours_opt.step(lr=sched(step))
+        for g in torch_opt.param_groups:
+            g["lr"] = sched(step) * g["scale"]
+        torch_opt.step()
+    diff = max((a - b).abs().max().item() for (_, a), (_, b) in zip(named, theirs))
+    start = dict(make_params(torch.float64))
+    head_moved = (dict(named)["classifier.weight"] - start["classifier.weight"]).abs().max().item()
+    body_moved = (dict(named)["layer.0.dense.weight"] - start["layer.0.dense.weight"]).abs().max().item()
+    assert diff < 1e-12
+    assert head_moved > 5 * body_moved  # the head really took bigger steps
+
+
 # --- clip_grad_norm -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])

@@ -677,6 +677,7 @@ def test_the_time_estimate_times_only_steps_of_shapes_already_seen(tmp_path, mon
     says so. 24 rows of one length in batches of 4: every step after the first has a shape seen before."""
     T = importlib.import_module("minift.train")  # the module (minift.train, the attribute, is the function)
     monkeypatch.setattr(T, "ESTIMATE_AFTER", 4)
+    monkeypatch.setattr(T, "ESTIMATE_SECONDS", 0.0)
     rows = [{"input_ids": [1 + i % 7] * 6, "label": i % 3} for i in range(24)]
     train(make_model(), rows, rows[:8], config(epochs=1), tmp_path, pad_id=PAD)
     out = capsys.readouterr().out
@@ -688,3 +689,29 @@ def test_the_time_estimate_times_only_steps_of_shapes_already_seen(tmp_path, mon
     for length in (5, 5, 9, 5, 9, 12):
         T.note_step_time(run, [{"input_ids": torch.zeros(4, length)}], seconds=length / 10)
     assert run.timing == [(0.5, 20), (0.5, 20), (0.9, 36)]  # the first 5, the first 9 and the 12 are not counted
+    assert not run.estimated  # 3 steps, 1.9 s: not yet
+
+
+def test_head_lr_scale_moves_the_new_head_faster_and_the_body_the_same(tmp_path):
+    """One step, no warmup: Adam's first update is lr x sign(gradient) per number, so the classifier moves
+    head_lr_scale times as far as at scale 1, and the body moves exactly as far in both runs."""
+    start = params_of(make_model())
+    moved = {}
+    for scale in (1.0, 10.0):
+        model, _ = run(config(max_steps=1, warmup_ratio=0.0, weight_decay=0.0, head_lr_scale=scale), tmp_path / str(scale))
+        moved[scale] = {n: (p.detach() - start[n]).abs() for n, p in model.named_parameters()}
+    head = [n for n in moved[1.0] if n.startswith("classifier.")]
+    assert head == ["classifier.weight", "classifier.bias"]
+    for n in moved[1.0]:
+        if n in head:
+            changed = moved[1.0][n] > 0
+            assert changed.any() and torch.allclose(moved[10.0][n][changed], 10 * moved[1.0][n][changed], rtol=1e-4), n
+        else:
+            assert torch.equal(moved[10.0][n], moved[1.0][n]), n
+
+
+def test_head_lr_scale_is_for_classifiers(tmp_path):
+    with pytest.raises(MiniftError, match="head_lr_scale is for a classifier"):
+        run(config("gpt2", max_steps=1, head_lr_scale=10.0), tmp_path, kind="gpt2")
+    with pytest.raises(MiniftError, match="head_lr_scale = 0.0 is out of range"):
+        run(config(max_steps=1, head_lr_scale=0.0), tmp_path)
