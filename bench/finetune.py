@@ -14,13 +14,13 @@ this bench adds are taken out of it (they do not change its training), so its wa
 `trainer.train()` + `trainer.predict(test)`.
 
     pip install -e '.[bench]'
-    python bench/finetune.py                          # both: about 45 min on 2 cores with bf16 (RESULTS.md)
+    python bench/finetune.py                          # both: about 35 min on 2 cores with bf16 (RESULTS.md)
     python bench/finetune.py --skip-hf                # minift only
     python bench/finetune.py --epochs 1 --limit 3000  # a quicker comparison on a subset (both 1 epoch)
 
-Results go to OUT/results.json. bench/finetune.json is a copy of the run in bench/RESULTS.md (session 5; its
-"minift" entry is round 1's recipe, trial 7 of bench/recipe_search.py): tutorial 06 draws its Trainer curve
-and bench/recipe_search.py takes the Trainer's validation accuracy from it.
+Results go to OUT/results.json. bench/finetune.json is a copy of the run in bench/RESULTS.md (session 6, the
+main job's recipe of commit 3827573; the Trainer's figures repeat session 5's to the digit): tutorial 06 draws
+its Trainer curve and bench/recipe_search.py takes the Trainer's validation accuracy from it.
 """
 import argparse
 import json

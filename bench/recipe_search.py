@@ -13,6 +13,7 @@ on validation every quarter epoch so that each trial also gives a time-to-accura
 
     python bench/recipe_search.py                  # about 90 min on 2 cores with bf16 (see RESULTS.md)
     python bench/recipe_search.py --table          # the table of a finished (or interrupted) search
+    python bench/recipe_search.py --lora           # LoRA on top of the chosen recipe (about 15 min)
 
 Three rounds, two rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
 Interrupted, it goes on with the trials not done yet (the sweep keeps results.jsonl). The records are kept
@@ -49,6 +50,17 @@ TRIALS = [
     # added once trial 13 had passed the bar: its lr without the faster head, to tell the two levers apart
     {"epochs": 1, "lr": 1.5e-4, "freeze": ["layers:2"], "dropout": 0.0},
 ]
+# `minift finetune --lora`: which of the main job's settings suit adapters (rank 8, alpha 16, every linear layer
+# of the encoder). On top of recipe.MAIN_TRAIN; chosen by validation accuracy alone (adapters are for memory and a
+# small file, not for time), and the choice is recipe.LORA_TRAIN. `--lora` runs these.
+LORA_TRIALS = [
+    {"lora_r": 8},  # the main job's recipe as it is: lr 1.5e-4, adapters only above the frozen blocks 0-1
+    {"lora_r": 8, "lr": 5e-4},
+    {"lora_r": 8, "lr": 5e-4, "freeze": []},  # adapters in every block
+    {"lora_r": 8, "lr": 1e-3, "freeze": []},
+]
+LORA_KEPT = KEPT.with_name("recipe_search_lora.jsonl")
+
 # The old default (2 epochs, lr 5e-5, embeddings trained, dropout 0.1) is not re-run here: bench/RESULTS.md has
 # it (validation accuracy 0.8091 at the end of epoch 2, commit 69209d5).
 
@@ -104,12 +116,31 @@ def table(records, target):
     return "\n".join(lines + curves)
 
 
+def lora_search(out, table_only):
+    """LORA_TRIALS on top of the main job's recipe; the most accurate on validation is recipe.LORA_TRAIN."""
+    from minift import recipe
+
+    if not table_only:
+        run_sweep(LORA_TRIALS, out=out, base=TrainConfig(**{**recipe.MAIN_TRAIN, "eval_every": QUARTER_EPOCH}))
+    records = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
+    LORA_KEPT.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "folder"}) + "\n" for r in records))
+    print("| trial | on top of recipe.MAIN_TRAIN | val acc | val F1 | train min | wall min |\n|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['trial']} | `{json.dumps(r['settings'])}` | {r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} | "
+              f"{train_seconds(r) / 60:.1f} | {r['seconds'] / 60:.1f} |")
+    best = max(records, key=lambda r: r["val_accuracy"])
+    print(f"chosen (the most accurate on validation): trial {best['trial']} {best['settings']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/recipe-search")
     ap.add_argument("--target", type=float, default=0.80, help="validation accuracy for the time-to-accuracy column")
     ap.add_argument("--table", action="store_true", help="only print the table of what is recorded")
+    ap.add_argument("--lora", action="store_true", help="the LoRA trials (LORA_TRIALS) instead, in OUT-lora")
     args = ap.parse_args()
+    if args.lora:
+        return lora_search(args.out + "-lora", args.table)
     if not args.table:
         run_sweep(TRIALS, out=args.out, base=TrainConfig(eval_every=QUARTER_EPOCH))
     records = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_config
 from .errors import MiniftError
-from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, MAIN_JOB, MAIN_TRAIN
+from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
 
 try:
     import tomllib
@@ -79,7 +79,10 @@ def cmd_finetune(args):
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters (the other settings from TrainConfig)
     instruct = args.task == "instruct"
-    cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN) if instruct else read_settings(args)
+    if instruct:
+        cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN)
+    else:  # adapters train best with their own lr and in every block (recipe.LORA_TRAIN)
+        cfg, o = read_settings(args, MAIN_JOB, {**MAIN_TRAIN, **LORA_TRAIN} if args.lora_r else MAIN_TRAIN)
     check_out_dir(o["out"])
     from .distributed import setup
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
@@ -239,7 +242,7 @@ def build_parser():
 
     f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline) "
                        "or, with --task instruct, a decoder on prompt/response rows",
-                       epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with --task instruct: INSTRUCT_TRAIN) on "
+                       epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with --lora: and LORA_TRAIN; with --task instruct: INSTRUCT_TRAIN) on "
                        "top of TrainConfig's. --freeze '' trains every weight; --dropout 0.1 restores MiniLM's own.")
     f.add_argument("--task", choices=["classify", "instruct"], default="classify",
                    help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
@@ -254,7 +257,8 @@ def build_parser():
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
     f.add_argument("--config", help="a TOML file of settings (flags win over it)")
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
-                   "every weight; --lora-alpha, --lora-dropout, --lora-targets query,value")
+                   "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
+                   "--lora-targets query,value")
     add_train_flags(f)
     f.set_defaults(run=cmd_finetune)
 

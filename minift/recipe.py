@@ -21,6 +21,11 @@ MAIN_JOB = {"model": MODEL, "data": DATA, "out": OUT, "max_length": MAX_LENGTH, 
 # TrainConfig's generic recipe back.
 MAIN_TRAIN = {"epochs": 1, "lr": 1.5e-4, "freeze": ["layers:2"], "dropout": 0.0}
 
+# `minift finetune --lora` (rank 8 adapters on every linear layer), on top of MAIN_TRAIN: adapters start at
+# zero and hold few numbers, so they want a larger lr, and they go in every block (no frozen blocks below
+# them). The most accurate of four trials on validation (bench/recipe_search.py --lora; bench/RESULTS.md).
+LORA_TRAIN = {"lr": 1e-3, "freeze": []}
+
 # The instruction-tuning job (`minift finetune --task instruct`): SmolLM2-135M-Instruct answers the tweets in
 # one word (or your JSONL file of prompt/response rows), judged by validation loss and exact match.
 INSTRUCT_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-instruct", "max_length": 256,

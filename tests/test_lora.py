@@ -466,3 +466,21 @@ def test_training_with_adapters_resumes_bitwise(tmp_path):
     assert kept and all(".lora_" in k or k.startswith(("classifier.", "bert.pooler.")) for k in kept), sorted(kept)[:5]
     trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
     assert kept == trainable  # frozen tensors: no optimizer state
+
+
+def test_the_lora_flag_takes_the_lora_recipe(tmp_path, monkeypatch):
+    """`minift finetune --lora` trains with recipe.LORA_TRAIN on top of MAIN_TRAIN; a flag still wins, and
+    without --lora the main job's recipe is untouched."""
+    import minift.finetune
+    from minift import cli
+    from minift.config import TrainConfig
+    from minift.recipe import LORA_TRAIN, MAIN_TRAIN
+
+    seen = {}
+    monkeypatch.setattr(minift.finetune, "finetune_classifier", lambda *args, **kw: seen.update(cfg=args[3]))
+    cli.main(["finetune", "--lora", "--out", str(tmp_path)])
+    assert LORA_TRAIN and vars(seen["cfg"]) == vars(TrainConfig(**{**MAIN_TRAIN, **LORA_TRAIN, "lora_r": 8}))
+    cli.main(["finetune", "--lora", "--lr", "2e-3", "--out", str(tmp_path)])
+    assert seen["cfg"].lr == 2e-3 and seen["cfg"].lora_r == 8
+    cli.main(["finetune", "--out", str(tmp_path)])
+    assert vars(seen["cfg"]) == vars(TrainConfig(**MAIN_TRAIN))
