@@ -116,14 +116,20 @@ def table(records, target):
     return "\n".join(lines + curves)
 
 
+def keep(out, kept):
+    """The sweep's records in `out`, copied to `kept` in bench/ (without the machine-local trial folders)."""
+    records = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
+    kept.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "folder"}) + "\n" for r in records))
+    return records
+
+
 def lora_search(out, table_only):
     """LORA_TRIALS on top of the main job's recipe; the most accurate on validation is recipe.LORA_TRAIN."""
     from minift import recipe
 
     if not table_only:
         run_sweep(LORA_TRIALS, out=out, base=TrainConfig(**{**recipe.MAIN_TRAIN, "eval_every": QUARTER_EPOCH}))
-    records = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
-    LORA_KEPT.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "folder"}) + "\n" for r in records))
+    records = keep(out, LORA_KEPT)
     print("| trial | on top of recipe.MAIN_TRAIN | val acc | val F1 | train min | wall min |\n|---|---|---|---|---|---|")
     for r in records:
         print(f"| {r['trial']} | `{json.dumps(r['settings'])}` | {r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} | "
@@ -143,8 +149,7 @@ def main():
         return lora_search(args.out + "-lora", args.table)
     if not args.table:
         run_sweep(TRIALS, out=args.out, base=TrainConfig(eval_every=QUARTER_EPOCH))
-    records = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines()]
-    KEPT.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "folder"}) + "\n" for r in records))
+    records = keep(args.out, KEPT)
     print(table(records, args.target))
     first = rule_1([r for r in records if r["trial"] <= 8])
     print(f"\nrule 1 on round 1 (the least training time within {TOLERANCE} of the best validation accuracy): "

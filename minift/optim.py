@@ -50,7 +50,9 @@ def describe_groups(groups):
     parts = []
     for g in groups:
         numel = sum(p.numel() for p in g["params"])
-        label = ("decay" if g["weight_decay"] else "no decay") + (f" at lr x{g['lr_scale']:g}" if g.get("lr_scale", 1) != 1 else "")
+        label = "decay" if g["weight_decay"] else "no decay"
+        if g.get("lr_scale", 1) != 1:  # a head with its own lr (param_groups' head_lr_scale)
+            label += f" at lr x{g['lr_scale']:g}"
         parts.append(f"{label}: {len(g['params'])} tensors, {_count(numel)} params")
     return " | ".join(parts)
 

@@ -44,6 +44,7 @@ def check_space(space):
 
 
 def check_setting(key):
+    """A swept or listed setting must be a TrainConfig field, and not the metric that ranks the trials."""
     names = [f.name for f in fields(TrainConfig)]
     if key not in names:
         raise MiniftError(f"{key!r} is not a TrainConfig setting; choose among {', '.join(names)}")
