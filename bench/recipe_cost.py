@@ -39,15 +39,18 @@ def child(settings, steps, precision):
     print("RESULT " + json.dumps({"seconds_per_step": point["train_seconds"] / steps,
                                   "eval_seconds": evals[0]["eval_seconds"],
                                   # loading and tokenizing: what the job does besides training and evaluating
-                                  "setup_seconds": report["wall_seconds"] - report["seconds"] - evals[0]["eval_seconds"]}))
+                                  # (the report evaluates the best model again unless the run was fp32)
+                                  "setup_seconds": report["wall_seconds"] - report["seconds"]
+                                  - (evals[0]["eval_seconds"] if report["precision"] != "fp32" else 0)}))
 
 
-def projected(settings, r):
-    """Seconds of a whole run: setup, every step, one validation pass per epoch, the best model's validation
-    pass and the test pass (as long as a validation pass)."""
+def projected(settings, r, report_passes):
+    """Seconds of a whole run: setup, every step, one validation pass per epoch, and the report's passes (as
+    long as a validation pass each): the test pass, and the best model's validation pass where it is run again
+    (the old engine always did; now only a bf16 run does, fp32 reuses the evaluation that chose it)."""
     epochs = settings.get("epochs", 2)
     return (r["setup_seconds"] + math.ceil(epochs * STEPS_PER_EPOCH) * r["seconds_per_step"]
-            + (math.ceil(epochs) + 2) * r["eval_seconds"])
+            + (math.ceil(epochs) + report_passes) * r["eval_seconds"])
 
 
 def main():
@@ -79,7 +82,8 @@ def main():
     totals = {}
     for name, settings in recipes.items():
         r = {k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]}
-        totals[name] = projected(settings, r)
+        report_passes = 2 if settings is OLD or args.precision != "fp32" else 1
+        totals[name] = projected(settings, r, report_passes)
         print(f"{name:34s} {json.dumps(settings)}\n    {r['seconds_per_step']:.3f} s/step, validation pass "
               f"{r['eval_seconds']:.1f} s, setup {r['setup_seconds']:.1f} s -> whole run {totals[name] / 60:.1f} min here")
     old, new = totals.values()

@@ -11,11 +11,11 @@ on validation every quarter epoch so that each trial also gives a time-to-accura
 - max_length and token budgets are not trials: the tweets' token lengths are p50 33, p95 52, p99 60,
   and the batches are grouped by length, so max_length 64 already cuts 0.2% of the rows and pads little.
 
-    python bench/recipe_search.py                  # about 90 min on 2 cores with bf16 (see RESULTS.md)
+    python bench/recipe_search.py                  # about 95 min on 2 cores with bf16 (see RESULTS.md)
     python bench/recipe_search.py --table          # the table of a finished (or interrupted) search
     python bench/recipe_search.py --lora           # LoRA on top of the chosen recipe (about 15 min)
 
-Three rounds, two rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
+Four rounds, three rules (RULES below): the first chose a recipe that fell short of the Trainer on validation.
 Interrupted, it goes on with the trials not done yet (the sweep keeps results.jsonl). The records are kept
 in bench/recipe_search.jsonl (tutorial 06 reads them) and the table in bench/RESULTS.md.
 """

@@ -85,12 +85,18 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
                    tokenizer_file=path / "tokenizer.json", resume=resume)
     if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
         return result
+    best_metrics = result.pop("best_metrics")  # (the report's "validation", below)
     best = load_best(Path(out), path, cfg, label_names, pooling, "classify")
     device = pick_device(cfg.device)
     best.to(device)
     report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
               "weights_moved": weights_moved(best, base)}
-    report["validation"] = evaluate(best, encoded["validation"], tok.pad_id, label_names=label_names, device=device)
+    if result["precision"] == "fp32" and best_metrics and not cfg.lora_r:
+        # measured when the best model was chosen, in fp32 as the report's passes run: evaluating it again would
+        # repeat the numbers and cost a pass (a twentieth of the main job on a CPU without bf16)
+        report["validation"] = best_metrics
+    else:  # a bf16 run chose it in bf16, or LoRA's merged weights round differently: evaluate what was saved
+        report["validation"] = evaluate(best, encoded["validation"], tok.pad_id, label_names=label_names, device=device)
     print(f"\nvalidation (best step {result['best_step']}):\n{format_metrics(report['validation'])}")
     if test:
         report["test"] = evaluate(best, encoded["test"], tok.pad_id, label_names=label_names, device=device)

@@ -37,6 +37,7 @@ class LoopState:
     batch: int = 0  # batches of this epoch done
     best: float | None = None  # the best validation metric so far, and its step
     best_step: int | None = None
+    best_metrics: dict | None = None  # the full validation metrics at best_step, for the final report
     evals_without_gain: int = 0
     eval_due: bool = False  # an evaluation was due after `step` and has not finished: redo it on resume
     log_bytes: int = 0  # the length of log.jsonl that belongs to this state

@@ -58,6 +58,11 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def resolved_precision(cfg, device):
+    """The precision a run computes in: cfg.precision, with auto made concrete for this device."""
+    return fast_precision(device) if cfg.precision == "auto" else cfg.precision
+
+
 def fast_precision(device):
     """bf16 where the hardware runs bf16 matmuls natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32."""
     if device.type == "cuda":
@@ -124,8 +129,9 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
     finally:
         run.bar.close()
         run.log.close()
-    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "stopped_early": stop,
-            "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir)}
+    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
+            "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
+            "precision": resolved_precision(cfg, run.device)}
 
 
 @dataclass
@@ -204,7 +210,7 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
         dist.broadcast_weights(model)
     print(describe_trainable(model) + " | " + describe_groups(optimizer.groups))
     print(schedule.describe())
-    precision = fast_precision(device) if cfg.precision == "auto" else cfg.precision
+    precision = resolved_precision(cfg, device)
     print(f"{len(train_examples)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
           f"device {device}, {precision}, {cfg.backward} backward"
           + (f", {dist.world_size} processes sharing each batch" if dist else ""))
@@ -323,6 +329,7 @@ def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, pad
         better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
         if better:
             state.best, state.best_step, state.evals_without_gain = value, state.step, 0
+            state.best_metrics = metrics
             save_checkpoint(model, out_dir / "best", label_names, tokenizer_file)
         else:
             state.evals_without_gain += 1

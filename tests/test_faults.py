@@ -493,6 +493,30 @@ def test_same_command_same_seed_same_result(capsys, tmp_path, tiny):
     assert ra["validation"] == rb["validation"] and ra["test"] == rb["test"]
 
 
+def test_fp32_report_reuses_the_best_evaluation(tmp_path, tiny, monkeypatch):
+    """In fp32 the report's validation metrics are the ones measured when the best model was chosen (one pass
+    fewer): they must be what evaluating the saved best/ model gives."""
+    import minift.finetune
+    from minift.checkpoints import load_checkpoint
+    from minift.evaluate import evaluate
+    from minift.tasks import encode_classification
+    from minift.tokenizer import Tokenizer
+
+    passes = []
+    monkeypatch.setattr(minift.finetune, "evaluate", lambda *a, **kw: passes.append(1) or evaluate(*a, **kw))
+    cli.main(quick(tiny, tmp_path / "out", "--max-steps", "6", "--eval-every", "2"))
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(passes) == 1  # the test split only
+    assert report["best_step"] in (2, 4, 6) and "best_metrics" not in report
+    splits, names = minift.finetune.load_classification_splits(tiny / "data.csv")
+    tok = Tokenizer.from_file(tiny / "model")
+    again = evaluate(load_checkpoint(tmp_path / "out" / "best", "classify", verbose=False),
+                     encode_classification(splits["validation"], tok, names, 16), tok.pad_id, label_names=names)
+    assert report["validation"]["confusion"] == again["confusion"]
+    assert report["validation"]["accuracy"] == again["accuracy"]
+    assert report["validation"]["loss"] == pytest.approx(again["loss"], rel=1e-5)
+
+
 def test_evaluate_maps_a_label_subset_by_name(capsys, tmp_path, tiny):
     from minift.checkpoints import load_checkpoint
     from minift.finetune import predict

@@ -181,7 +181,12 @@ assert one_epoch < 0.8 * two_epochs, "one epoch costs about half of two"
 #   the bar; trial 16 then took the head lever out again, to tell the two apart, and passed it too, a little
 #   faster: **it is the default**. So the lr bought the accuracy and the faster head bought nothing (at lr
 #   1e-4 too: trials 7 and 11 tie). A well-known trick that does not help here is a result as well.
-# - Read it with care: seventeen trials looked at the same 3,725 validation rows, and the best of many noisy
+# - Round 4 (trials 17-18) froze a third block, at lr 1.5e-4 and 2e-4: on a CPU without bf16 that saves a
+#   seventh of the arithmetic, a saving that time on a bf16 CPU hardly shows, so its rule 3 (written before it
+#   ran) counts matmul work instead of minutes. Neither reached the bar (0.8027, 0.8048): the third block's
+#   training is worth more than a higher lr buys back. **Trial 16 stays the default.** A lever that fails is
+#   still a measurement.
+# - Read it with care: nineteen trials looked at the same 3,725 validation rows, and the best of many noisy
 #   scores is optimistic. Two trials at lr 1.5e-4 agreeing is some comfort; the test split, looked at once
 #   (bench/RESULTS.md), is the judge.
 # The time-vs-accuracy plot draws every trial's curve and the Trainer's: the curve that crosses a level
