@@ -84,7 +84,7 @@ def test_adamw_resume_is_bitwise():
     opt = run_minift(first, 50, sched)
     tensors, meta = opt.state_dict()
     tensors, meta = st_load(st_save(tensors)), json.loads(json.dumps(meta))  # through the real file formats
-    resumed = [(n, p.clone()) for n, p in first]
+    resumed = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in first]  # leaves, as a model's are
     fresh = AdamW(param_groups(resumed, 0.1))  # default hyperparameters: load must restore the saved ones
     fresh.load_state_dict(tensors, meta)
     assert fresh.t == 50 and fresh.betas == (0.9, 0.98) and fresh.eps == 1e-6
