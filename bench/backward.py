@@ -23,7 +23,7 @@ import torch
 from minift.checkpoints import build_model
 from minift.optim import AdamW, param_groups
 from minift.step import forward_backward
-from minift.train import TrainConfig, autocast
+from minift.train import autocast
 
 CONFIGS = {
     "minilm": dict(kind="classify", batch=32, seq=64, hf="BertForSequenceClassification",
@@ -67,7 +67,7 @@ def own_peak_rss_mb():
     """This process's peak RSS. Linux's VmHWM, not ru_maxrss: a child started by a big parent inherits the
     parent's ru_maxrss across exec."""
     try:
-        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        line = next(row for row in open("/proc/self/status") if row.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
     except OSError:  # not Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
@@ -82,15 +82,14 @@ def peak_rss_mb(name, precision, label):
 
 def minift_step(spec, batch, precision, backward):
     model = build_model(spec["config"], task="lm" if spec["kind"] == "lm" else "classify", num_labels=3).train()
-    groups = param_groups(model.named_parameters(), 0.01)
+    groups = param_groups(model, 0.01)
     opt = AdamW(groups, lr=1e-5)
-    cfg = TrainConfig(precision=precision, backward=backward)
     device = torch.device("cpu")
 
     def step():
         n = model.count_targets(batch["labels"])
         with autocast(device, precision):
-            forward_backward(model, batch, n, cfg.backward)
+            forward_backward(model, batch, n, backward)
         opt.step()
         opt.zero_grad()
     return step

@@ -6,25 +6,26 @@ bf16 autocast runs the matmuls in bf16 and keeps fp32 master weights and AdamW s
     python bench/bf16.py --steps 100
 """
 import argparse
-import json
 import statistics
 import tempfile
+from pathlib import Path
 
-from minift.tasks import encode_classification
-from minift.finetune import load_classification_splits
+from minift import TrainConfig, TrainData, train
 from minift.checkpoints import load_checkpoint
+from minift.corpora import load_classification_splits
 from minift.hub import fetch_minilm
+from minift.resume import read_log
+from minift.tasks import encode_classification
 from minift.tokenizer import Tokenizer
-from minift.train import TrainConfig, train
 
 
 def run(precision, steps, encoded, pad_id, path):
     model = load_checkpoint(path, "classify", num_labels=3, verbose=False)
     cfg = TrainConfig(precision=precision, max_steps=steps, log_every=1, eval_every=10**9)
     with tempfile.TemporaryDirectory() as out:
-        result = train(model, encoded, [], cfg, out, pad_id)
-        log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
-    return [r["loss"] for r in log if "loss" in r], result["seconds"] / steps
+        result = train(model, TrainData(encoded, [], pad_id), cfg, out)  # no validation rows: steps only
+        steps_logged, _ = read_log(Path(out) / "log.jsonl")
+    return [r["loss"] for r in steps_logged], result["seconds"] / steps
 
 
 def smooth(xs, k=10):

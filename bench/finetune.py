@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from minift import recipe
-from minift.finetune import finetune_classifier, load_classification_splits
+from minift import TrainConfig, recipe
+from minift.classify import finetune_classifier
+from minift.corpora import TWEET_LABELS, limit_rows, load_classification_splits
 from minift.hub import fetch_minilm
 from minift.sweep import learning_curve, seconds_to
-from minift.train import TrainConfig
-from minift.tweets import TWEET_LABELS
 
 
 def macro_f1(preds, labels, n):
@@ -65,8 +64,8 @@ def run_hf(splits, epochs, out, limit, evals_per_epoch):
         return [{"input_ids": i, "attention_mask": m, "labels": label_id[r["label"]]}
                 for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
 
-    train_rows = splits["train"][:limit] if limit else splits["train"]
-    val_rows = splits["validation"][:max(limit // 4, 50)] if limit else splits["validation"]
+    splits = limit_rows(splits, limit)  # the rows finetune_classifier(limit=limit) uses, held-out ones included
+    train_rows, val_rows = splits["train"], splits["validation"]
     steps_per_epoch = math.ceil(len(train_rows) / 32)
 
     class Clock(TrainerCallback):
@@ -126,7 +125,8 @@ def main():
     ap.add_argument("--epochs", type=float, help="minift's epochs (default: the recipe's) and, unless --hf-epochs "
                                                   "is given, the Trainer's")
     ap.add_argument("--hf-epochs", type=float, help="the Trainer's epochs (default 2, the guide's recipe)")
-    ap.add_argument("--limit", type=int, help="training rows (default: all 29,794)")
+    ap.add_argument("--limit", type=int, help="training rows (default: all 29,794); validation and test rows: a "
+                                                 "quarter as many (corpora.limit_rows), for both")
     ap.add_argument("--target", type=float, default=0.80, help="validation accuracy for the time-to-accuracy column")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-minift", action="store_true")
@@ -139,9 +139,10 @@ def main():
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     hf_epochs = args.hf_epochs or args.epochs or 2
+    used = limit_rows(splits, args.limit)  # what both train and test on
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
-          f"train rows {args.limit or len(splits['train'])}, test rows {len(splits['test'])}; minift {cfg.epochs} "
+          f"train rows {len(used['train'])}, test rows {len(used['test'])}; minift {cfg.epochs} "
           f"epochs, Trainer {hf_epochs}")
     results = {}
     if not args.skip_minift:

@@ -27,19 +27,15 @@ CONFIGS = {"full model": {}, "embeddings frozen": {"freeze": ["embeddings"]},
 
 def child(settings, steps, limit, out):
     import minift
-    from minift import recipe
-    from minift.finetune import finetune_classifier
-    from minift.freeze import count_trainable, freeze
-    from minift.lora import add_lora
-    from minift.train import TrainConfig
+    from minift import TrainConfig, recipe
+    from minift.classify import finetune_classifier
+    from minift.freeze import count_trainable
+    from minift.train import prepare_model
 
     cfg = TrainConfig(max_steps=steps, eval_every=steps, **settings)
     report = finetune_classifier(out=out, cfg=cfg, limit=limit, test=False)
-    model = minift.load(recipe.MODEL, task="classify", num_labels=3, verbose=False)  # what trained, counted
-    if cfg.freeze:
-        freeze(model, cfg.freeze)
-    if cfg.lora_r:
-        add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    model = minift.load(recipe.MODEL, task="classify", num_labels=3, verbose=False)
+    prepare_model(model, cfg)  # what trained, counted: train() decides it with this same call
     trainable, total = count_trainable(model)
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))

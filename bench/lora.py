@@ -26,12 +26,12 @@ import torch
 import minift
 from minift import recipe
 from minift.batching import collate
-from minift.finetune import load_classification_splits
+from minift.corpora import load_classification_splits
 from minift.lora import add_lora
 from minift.optim import AdamW, param_groups
 from minift.step import train_step
 from minift.tasks import encode_classification
-from minift.train import TrainConfig, autocast
+from minift.train import autocast
 
 MODES = {"full": None, "lora-qv": (["query", "value"], 8, 16), "lora-all": ("all-linear", 8, 16)}
 QV = {"classify": ["query", "value"], "instruct": ["q_proj", "v_proj"]}
@@ -40,7 +40,7 @@ SHAPE = {"classify": (32, 64), "instruct": (8, 96)}
 
 def make_batch(task):
     """A fixed batch of real tweets, padded to the task's shape so that every mode sees the same work."""
-    from minift.instruct import load_instruction_splits
+    from minift.corpora import load_instruction_splits
     from minift.tasks import encode_instruction
 
     rows_n, seq = SHAPE[task]
@@ -49,7 +49,7 @@ def make_batch(task):
         splits, labels = load_classification_splits()
         rows = encode_classification(splits["train"][:rows_n], tok, labels, seq)
     else:
-        rows, _ = encode_instruction(load_instruction_splits(None, tok, 0)["train"][:rows_n], tok, seq)
+        rows, _ = encode_instruction(load_instruction_splits(None, 0)["train"][:rows_n], tok, seq)  # chat template
     batch = collate(rows, tok.pad_id)
     pad = seq - batch["input_ids"].shape[1]
     batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=tok.pad_id)
@@ -71,16 +71,14 @@ def make_step(mode, precision, task="classify"):
         targets, r, alpha = MODES[mode]
         summary = add_lora(model, QV[task] if targets == ["query", "value"] else targets, r=r, alpha=alpha)
     model.train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = AdamW(param_groups(trainable, 0.01), lr=1e-5)
-    cfg = TrainConfig(precision=precision)
+    optimizer = AdamW(param_groups(model, 0.01), lr=1e-5)  # the trainable tensors only: frozen ones get no state
     device = torch.device("cpu")
 
     def step():
         with autocast(device, precision):
-            train_step(model, [batch], optimizer, 1e-5, cfg)
+            train_step(model, [batch], optimizer, 1e-5)
 
-    return step, sum(p.numel() for _, p in trainable), summary
+    return step, sum(p.numel() for p in model.parameters() if p.requires_grad), summary
 
 
 def cpu_name():

@@ -28,26 +28,26 @@ STEPS_PER_EPOCH = 932  # batches of 32 in the tweets' 29,794 training rows
 
 
 def child(settings, steps, precision):
-    from minift.finetune import finetune_classifier
+    from minift import TrainConfig
+    from minift.classify import finetune_classifier
+    from minift.resume import read_log
     from minift.sweep import learning_curve
-    from minift.train import TrainConfig
 
     cfg = TrainConfig(**{**settings, "max_steps": steps, "eval_every": steps, "precision": precision})
     report = finetune_classifier(out="runs/bench-recipe-cost", cfg=cfg, test=False)
     point = learning_curve("runs/bench-recipe-cost/log.jsonl")[0]
-    evals = [json.loads(line) for line in open("runs/bench-recipe-cost/log.jsonl") if '"eval"' in line]
+    _, evals = read_log("runs/bench-recipe-cost/log.jsonl")
     print("RESULT " + json.dumps({"seconds_per_step": point["train_seconds"] / steps,
                                   "eval_seconds": evals[0]["eval_seconds"],
                                   # loading and tokenizing: what the job does besides training and evaluating
-                                  # (the report evaluates the best model again unless the run was fp32)
-                                  "setup_seconds": report["wall_seconds"] - report["seconds"]
-                                  - (evals[0]["eval_seconds"] if report["precision"] != "fp32" else 0)}))
+                                  # (the report reuses the validation metrics measured when best/ was chosen)
+                                  "setup_seconds": report["wall_seconds"] - report["seconds"]}))
 
 
 def projected(settings, r, report_passes):
     """Seconds of a whole run: setup, every step, one validation pass per epoch, and the report's passes (as
     long as a validation pass each): the test pass, and the best model's validation pass where it is run again
-    (the old engine always did; now only a bf16 run does, fp32 reuses the evaluation that chose it)."""
+    (the old engine always did; now no run does: the report reuses the evaluation that chose best/)."""
     epochs = settings.get("epochs", 2)
     return (r["setup_seconds"] + math.ceil(epochs * STEPS_PER_EPOCH) * r["seconds_per_step"]
             + (math.ceil(epochs) + report_passes) * r["eval_seconds"])
@@ -82,7 +82,7 @@ def main():
     totals = {}
     for name, settings in recipes.items():
         r = {k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]}
-        report_passes = 2 if settings is OLD or args.precision != "fp32" else 1
+        report_passes = 2 if settings is OLD else 1
         totals[name] = projected(settings, r, report_passes)
         print(f"{name:34s} {json.dumps(settings)}\n    {r['seconds_per_step']:.3f} s/step, validation pass "
               f"{r['eval_seconds']:.1f} s, setup {r['setup_seconds']:.1f} s -> whole run {totals[name] / 60:.1f} min here")

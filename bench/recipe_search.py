@@ -23,8 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+from minift import TrainConfig
 from minift.sweep import run_sweep, seconds_to
-from minift.train import TrainConfig
 
 KEPT = Path(__file__).with_name("recipe_search.jsonl")  # the records, for tutorial 06
 QUARTER_EPOCH = 233  # of the 932 batches of 32 in an epoch of the tweets' training split
@@ -125,12 +125,14 @@ def rule_3(records):
 
 
 def table(records, target):
-    lines = [f"| trial | epochs | lr | head lr | batch | frozen | dropout | val acc | val F1 | train min | min to {target} | wall min |",
+    lines = [f"| trial | epochs | lr | head lr | batch | frozen | dropout | val acc | val F1 | train min "
+             f"| min to {target} | wall min |",
              "|---" * 12 + "|"]
     for r in records:
         s, c = r["settings"], r.get("curve", [])
         reach = seconds_to(c, target)
-        lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | x{s.get('head_lr_scale', 1):g} | {s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
+        lines.append(f"| {r['trial']} | {s['epochs']} | {s['lr']:g} | x{s.get('head_lr_scale', 1):g} | "
+                     f"{s.get('batch_size', 32)} | {','.join(s.get('freeze', [])) or '-'} | "
                      f"{s.get('dropout', 'model (0.1)')} | {r.get('val_accuracy', float('nan')):.4f} | "
                      f"{r.get('val_macro_f1', float('nan')):.4f} | {c[-1]['train_seconds'] / 60 if c else float('nan'):.1f} | "
                      f"{'-' if reach is None else f'{reach / 60:.1f}'} | {r['seconds'] / 60:.1f} |")

@@ -8,12 +8,14 @@
 """
 import torch
 
+from .batching import TrainData
 from .checkpoints import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .errors import MiniftError
 from .evaluate import evaluate, format_metrics
 from .hub import download, resolve_model
 from .tokenizer import Tokenizer
-from .train import TrainConfig, seed_everything, train
+from .train import seed_everything, train
 
 
 def load(name_or_path, task="classify", num_labels=None, pooling=None, dtype=torch.float32, verbose=True):
@@ -26,5 +28,5 @@ def load_tokenizer(name_or_path):
     return Tokenizer.from_file(resolve_model(name_or_path))
 
 
-__all__ = ["load", "load_tokenizer", "load_checkpoint", "save_checkpoint", "Tokenizer", "TrainConfig", "train",
+__all__ = ["load", "load_tokenizer", "load_checkpoint", "save_checkpoint", "Tokenizer", "TrainConfig", "TrainData", "train",
            "evaluate", "format_metrics", "seed_everything", "download", "resolve_model", "MiniftError"]

@@ -3,16 +3,37 @@
 This is all the training loop and evaluate() need from the data side. Examples come tokenized once and
 unpadded (see tasks.py); each batch is padded only to its own longest row.
 
+    data = TrainData(train, validation, tok.pad_id)            # what train() is given
     for idx in batch_order([len(e["input_ids"]) for e in train], 32, seed=0, epoch=0):
         batch = collate([train[i] for i in idx], tok.pad_id)   # input_ids, attention_mask, labels
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .errors import MiniftError
 
 
-def _pad(seq, value, n, side):
+@dataclass
+class TrainData:
+    """The data of one training run: encoded examples (tasks.py) and how to pad them into batches.
+
+    train / validation: lists of {"input_ids", "label"} or {"input_ids", "labels"} (validation may be empty: no
+    evaluation, no best model). padding_side: "right" for training (also for decoders: positions come from
+    the mask). class_weights: a tensor of one loss weight per class (tasks.class_weights), or None."""
+    train: list
+    validation: list
+    pad_id: int
+    padding_side: str = "right"
+    class_weights: torch.Tensor | None = None
+
+
+def pad(seq, value, width, side="right"):
+    """`seq` (a list) padded with `value` to `width` items, on the right or the left."""
+    if side not in ("right", "left"):
+        raise MiniftError(f"padding_side={side!r}; use 'right' or 'left'")
+    n = width - len(seq)
     return seq + [value] * n if side == "right" else [value] * n + seq
 
 
@@ -23,15 +44,12 @@ def collate(examples, pad_id, padding_side="right"):
     on the same side as input_ids, so padding is never a target."""
     if not examples:
         raise MiniftError("collate got no examples; check the batch indices")
-    if padding_side not in ("right", "left"):
-        raise MiniftError(f"padding_side={padding_side!r}; use 'right' or 'left'")
     width = max(len(e["input_ids"]) for e in examples)
     ids, mask, labels = [], [], []
     for e in examples:
-        n_pad = width - len(e["input_ids"])
-        ids.append(_pad(e["input_ids"], pad_id, n_pad, padding_side))
-        mask.append(_pad([1] * len(e["input_ids"]), 0, n_pad, padding_side))
-        labels.append(e["label"] if "label" in e else _pad(e["labels"], -100, n_pad, padding_side))
+        ids.append(pad(e["input_ids"], pad_id, width, padding_side))
+        mask.append(pad([1] * len(e["input_ids"]), 0, width, padding_side))
+        labels.append(e["label"] if "label" in e else pad(e["labels"], -100, width, padding_side))
     return {"input_ids": torch.tensor(ids, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long)}

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (Classifier, Encoder, mean_pool, mean_pool_backward, merge_heads, pick_rows, pick_rows_backward,
-                    positions_from_mask, split_heads)
-from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward
+from .heads import Backbone, Classifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward, positions_from_mask
+from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward,
+                     merge_heads, split_heads)
 
 
 @dataclass
@@ -146,7 +146,7 @@ class BertLayer(nn.Module):
         return dx + self.attention.self.backward(da)
 
 
-class BertEncoder(nn.Module):
+class BertBackbone(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
@@ -172,14 +172,14 @@ class BertPooler(nn.Module):
         return dhidden
 
 
-class BertModel(Encoder):
+class BertModel(Backbone):
     """Token ids -> contextual vectors (last hidden states), and the pooled [CLS] vector."""
 
     def __init__(self, c, add_pooler=True):
         super().__init__()
         self.config = c
         self.embeddings = BertEmbeddings(c)
-        self.encoder = BertEncoder(c)
+        self.encoder = BertBackbone(c)
         self.pooler = BertPooler(c) if add_pooler else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
@@ -214,7 +214,7 @@ class BertModel(Encoder):
 
 
 class BertForSequenceClassification(Classifier):
-    """Encoder -> one vector per text ([CLS] through the pooler, or the mean of the real tokens) -> logits."""
+    """Backbone -> one vector per text ([CLS] through the pooler, or the mean of the real tokens) -> logits."""
 
     def __init__(self, c):
         super().__init__()
@@ -253,6 +253,9 @@ MODEL_TYPES = ("bert", "roberta")
 Config = BertConfig
 TASKS = {"classify": BertForSequenceClassification, "encode": BertModel}
 NEW_HEADS = ("classifier.", "bert.pooler.", "pooler.")  # ours, may be missing from a file: trained from scratch
+LABEL_HEAD = "classifier.weight"  # the layer with one row per class (its number of rows is num_labels)
+DEFAULT_TASK = "encode"  # what the pretrained checkpoint computes: sentence vectors
+FAN_IN_FAN_OUT = False  # weights are (out, in) in HF's files, as in nn.Linear
 UNUSED_HEADS = ("cls.", "lm_head.", "bert.pooler.", "pooler.")  # the masked-LM head; a pooler that mean pooling skips
 ARCHITECTURE = {BertForSequenceClassification: "ForSequenceClassification", BertModel: "Model"}
 

@@ -2,13 +2,18 @@
 
 Our parameter names are the checkpoint's keys, so loading is nearly the identity map. What is left belongs
 to each family module (bert.py, gpt2.py ...), found here by config.json's `model_type` in FAMILIES:
-`Config.from_dict`, `TASKS` (task -> model class), `hf_to_ours` (prefixes, transposes, buffers to skip),
-`hf_state_dict` and `architecture` for saving, `NEW_HEADS` (a task head we add, trained from scratch) and
-`UNUSED_HEADS` (a pretraining head in the file that we drop). Anything else (missing, unexpected, wrong
-shape) is an error that names the tensors. Only safetensors and JSON are read: never pickle, which can run code.
+`Config.from_dict`, `TASKS` (task -> model class), `DEFAULT_TASK` (what the pretrained file computes),
+`hf_to_ours` (prefixes, transposes, buffers to skip), `hf_state_dict` and `architecture` for saving,
+`NEW_HEADS` (a task head we add, trained from scratch), `LABEL_HEAD` (its layer with one row per class),
+`UNUSED_HEADS` (a pretraining head in the file that we drop) and `FAN_IN_FAN_OUT` (HF keeps W as (in, out)).
+No other module knows a family's names. Anything else (missing, unexpected, wrong shape) is an error that
+names the tensors. Only safetensors and JSON are read: never pickle, which can run code.
+
+Beside its weights a model carries (heads.TaskModel) what is saved with them: `label_names` (a classifier's class names, as
+id2label), `tokenizer_file` (copied into a saved folder, with its tokenizer_config.json) and `max_length`
+(the tokens per text it was trained with, so predict and evaluate cut texts the same way).
 """
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import bert, gpt2, llama
 from .errors import MiniftError
+from .files import atomic_write
 
 # model_type -> the module that knows the family
 FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
@@ -59,7 +65,17 @@ def build_model(config, task="classify", num_labels=None, pooling=None):
     overrides = {k: v for k, v in dict(num_labels=num_labels, pooling=pooling).items() if v is not None}
     model = family.TASKS[task](family.Config.from_dict({**config, **overrides}))
     model.hf_config = dict(config)  # kept so that save() writes back every key we did not use
+    if model.task == "classify":  # (the rest of heads.TaskModel's attributes start as None)
+        model.label_names = _label_names(config, model)
+    model.max_length = config.get("minift_max_length")
     return model
+
+
+def _label_names(config, model):
+    """The class names of config.json's id2label, when it names exactly the model's classes."""
+    names = config.get("id2label") or {}
+    wanted = [str(i) for i in range(model.config.num_labels)]
+    return [names[i] for i in wanted] if isinstance(names, dict) and sorted(names) == sorted(wanted) else None
 
 
 def read_safetensors(folder):
@@ -159,40 +175,36 @@ def load_checkpoint(folder, task="classify", num_labels=None, pooling=None, dtyp
     report = load_state(model, read_safetensors(folder))
     model.to(dtype)
     model.load_report = report
+    model.source = str(folder)
+    if (Path(folder) / "tokenizer.json").is_file():
+        model.tokenizer_file = Path(folder) / "tokenizer.json"
     if verbose:
         print(report)
     return model
 
 
-def save_checkpoint(model, folder, label_names=None, tokenizer_file=None):
-    """Write config.json + model.safetensors that both minift and transformers load."""
+def save_checkpoint(model, folder):
+    """Write config.json + model.safetensors that both minift and transformers load, with what the model
+    carries beside its weights (label names, max_length, the tokenizer)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     family = family_of(model)
     config = {**getattr(model, "hf_config", {}), **asdict(model.config)}
     config["architectures"] = [family.architecture(model)]
-    if label_names:
-        config["id2label"] = {str(i): n for i, n in enumerate(label_names)}
-        config["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if model.label_names:
+        config["id2label"] = {str(i): n for i, n in enumerate(model.label_names)}
+        config["label2id"] = {n: i for i, n in enumerate(model.label_names)}
+    if model.max_length:
+        config["minift_max_length"] = model.max_length
     tensors = {k: t.contiguous().cpu() for k, t in family.hf_state_dict(model).items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    if tokenizer_file is not None:  # the tokenizer, and its config beside it (special tokens, chat template)
-        for source in (Path(tokenizer_file), Path(tokenizer_file).with_name("tokenizer_config.json")):
+    if model.tokenizer_file is not None:  # the tokenizer, and its config beside it (special tokens, chat template)
+        tokenizer_file = Path(model.tokenizer_file)
+        for source in (tokenizer_file, *(tokenizer_file.with_name(n) for n in ("tokenizer_config.json",
+                                                                               "chat_template.jinja"))):
             if source.is_file():
                 data = source.read_bytes()
                 atomic_write(folder / source.name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     return folder
 
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename onto `path`: a crash midway leaves the old file, never a torn one."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_config
 from .errors import MiniftError
+from . import recipe
 from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
 
 try:
@@ -43,7 +44,8 @@ def add_train_flags(parser, as_lists=False):
     default (TrainConfig with recipe.MAIN_TRAIN)."""
     shown = vars(TrainConfig(**MAIN_TRAIN))
     for f in fields(TrainConfig):
-        help = f"default {shown[f.name]}" + ("; comma-separated values to try" if as_lists else "")
+        help = f"default {shown[f.name]}" + ("; values to try, separated by " + ("';'" if f.type is list else "commas")
+                                              if as_lists else "")
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
                             type=str if as_lists else (lambda text, f=f: convert(f, text)))
 
@@ -51,10 +53,10 @@ def add_train_flags(parser, as_lists=False):
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
 
 
-
-def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN):
+def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=None):
     """(TrainConfig, options): the command line wins over the --config TOML file, which wins over the job's
-    defaults (recipe.py)."""
+    defaults (recipe.py); where lora_r > 0, by flag or by TOML, `lora_defaults` (recipe.LORA_TRAIN) come on top
+    of the job's, so that a rank set in either place trains the same way."""
     toml = {}
     if args.config:
         if tomllib is None:
@@ -67,22 +69,26 @@ def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN):
     if unknown:
         raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    merged = {**job, **(train_defaults or {}), **toml, **given}
+    merged = {**job, **train_defaults, **toml, **given}
+    if merged.get("lora_r") and lora_defaults:
+        merged = {**job, **train_defaults, **lora_defaults, **toml, **given}
     cfg = check_config(TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS}))
     return cfg, {k: merged[k] for k in job if k not in TRAIN_KEYS}
 
 
 def cmd_finetune(args):
-    from .finetune import finetune_classifier
+    from .classify import finetune_classifier
     from .instruct import finetune_instruct
 
     if args.lora and args.lora_r is None:
-        args.lora_r = 8  # --lora alone: rank 8 adapters (the other settings from TrainConfig)
+        args.lora_r = 8  # --lora alone: rank 8 adapters
+    if args.lora and args.lora_r == 0:
+        raise MiniftError("--lora with --lora-r 0 trains no adapters: give a rank >= 1, or drop --lora")
     instruct = args.task == "instruct"
     if instruct:
         cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN)
     else:  # adapters train best with their own lr and in every block (recipe.LORA_TRAIN)
-        cfg, o = read_settings(args, MAIN_JOB, {**MAIN_TRAIN, **LORA_TRAIN} if args.lora_r else MAIN_TRAIN)
+        cfg, o = read_settings(args, MAIN_JOB, MAIN_TRAIN, LORA_TRAIN)
     check_out_dir(o["out"])
     from .distributed import setup
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
@@ -109,8 +115,8 @@ def check_out_dir(out):
 
 
 def cmd_evaluate(args):
+    from .corpora import load_classification_splits
     from .evaluate import evaluate, format_metrics
-    from .finetune import load_classification_splits
     from .tasks import encode_classification
     from .tokenizer import Tokenizer
 
@@ -120,8 +126,10 @@ def cmd_evaluate(args):
     if args.split == "test":
         print("note: the test set is for the final, once-only look; choose settings on validation")
     tok = Tokenizer.from_file(args.checkpoint)
-    # the data's labels are matched to the model's classes by name, whatever subset of them the data holds
-    examples = encode_classification(splits[args.split], tok, names, args.max_length)
+    # the data's labels are matched to the model's classes by name, whatever subset of them the data holds;
+    # texts are cut where they were in training (the model's max_length) unless --max-length says otherwise
+    max_length = args.max_length or model.max_length or recipe.MAX_LENGTH
+    examples = encode_classification(splits[args.split], tok, names, max_length)
     print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
 
 
@@ -129,40 +137,44 @@ def load_classifier(folder, adapter=None):
     """(model, class names) of a saved classifier (plus a LoRA adapter folder, peft's layout); a warning when
     its head was never trained."""
     from .checkpoints import load_checkpoint
-    from .lora import load_adapter
+    from .lora import load_adapter, read_head_settings
 
-    model = load_checkpoint(folder, "classify", verbose=False, num_labels=adapter_labels(adapter))
+    settings = read_head_settings(adapter) if adapter else {}  # the head the adapter was trained with
+    model = load_checkpoint(folder, "classify", verbose=False, pooling=settings.get("pooling"),
+                            num_labels=settings.get("num_labels") or adapter_labels(folder, adapter))
     if adapter:
         load_adapter(model, adapter)
     elif model.load_report.new_head:
         print(f"warning: {folder} has no trained classification head ({', '.join(model.load_report.new_head)} "
               "drawn at random): its answers mean nothing until it is fine-tuned (minift finetune --model ...)",
               file=sys.stderr)
-    names = [model.hf_config.get("id2label", {}).get(str(i), str(i)) for i in range(model.config.num_labels)]
-    return model, names
+    return model, model.label_names or [str(i) for i in range(model.config.num_labels)]
 
 
 def cmd_predict(args):
-    from .finetune import predict
+    from .classify import predict
     from .tokenizer import Tokenizer
 
-    model, names = load_classifier(args.checkpoint, args.adapter)
-    for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts, names)):
+    model, _ = load_classifier(args.checkpoint, args.adapter)
+    for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts)):
         print(f"{label:>10s} {p:.3f}  {text}")
 
 
-def adapter_labels(adapter):
-    """The number of classes of the task head an adapter folder carries (None: take the checkpoint's)."""
+def adapter_labels(folder, adapter):
+    """The number of classes of the task head an adapter folder carries (None: take the checkpoint's). The
+    head's name is the family's LABEL_HEAD (the same in our model and in HF's)."""
+    from .checkpoints import family_of, read_config
+
     if adapter is None:
         return None
+    label_head = family_of(read_config(folder)).LABEL_HEAD
     path = Path(adapter) / "adapter_model.safetensors"
     if not path.is_file():
         raise MiniftError(f"{adapter} has no adapter_model.safetensors: give the adapter folder a LoRA run wrote "
                           "(OUT/adapter)")
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
-        heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
-                 if k.endswith(("classifier.weight", "classifier.out_proj.weight", "score.weight"))]
+        heads = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("." + label_head)]
     return heads[0] if heads else None
 
 
@@ -173,7 +185,8 @@ def cmd_convert(args):
 
 
 def cmd_generate(args):
-    """Continue a prompt (or answer it as a chat turn, with the model's chat template)."""
+    """Answer the prompt as a user turn when the tokenizer has a chat template (an instruct model), else
+    continue it as plain text; --raw continues it as plain text whatever the model."""
     from .checkpoints import load_checkpoint
     from .hub import resolve_model
     from .lora import load_adapter
@@ -183,8 +196,11 @@ def cmd_generate(args):
     model, tok = load_checkpoint(path, "lm", verbose=False), Tokenizer.from_file(path)
     if args.adapter:
         load_adapter(model, args.adapter)
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    batch = tok([text], add_special_tokens=not args.chat)
+    if args.chat and args.raw:
+        raise MiniftError("--chat and --raw contradict each other: give one of them")
+    chat = args.chat or (tok.chat_template is not None and not args.raw)
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if chat else args.prompt
+    batch = tok([text], add_special_tokens=not chat)
     out = model.generate(batch["input_ids"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, attention_mask=batch["attention_mask"],
                          eos_token_id=tok.eos_id, generator=torch_generator(args.seed))
@@ -199,21 +215,31 @@ def torch_generator(seed):
 def cmd_sweep(args):
     from .sweep import run_sweep
 
-    space = {f.name: [convert(f, v) for v in getattr(args, f.name).split(",")]
-             for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    space = {f.name: sweep_values(f, getattr(args, f.name)) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     # The trials follow `minift finetune`'s recipe (MAIN_JOB, MAIN_TRAIN), so the sweep tunes what finetune trains.
     # A flag with one value (--epochs 1) holds for every trial; a flag with several (--lr 3e-5,5e-5) is swept.
-    base = check_config(TrainConfig(**{**MAIN_TRAIN, **{k: v[0] for k, v in space.items() if len(v) == 1}}))
+    # With lora_r > 0, recipe.LORA_TRAIN comes on top of MAIN_TRAIN, as in `minift finetune --lora-r`.
+    if len(space.get("lora_r", [])) > 1:
+        raise MiniftError("--lora-r takes one value per sweep (adapters train with their own lr and freeze, "
+                          "recipe.LORA_TRAIN): run one sweep per rank")
+    fixed = {k: v[0] for k, v in space.items() if len(v) == 1}
+    base = check_config(TrainConfig(**{**MAIN_TRAIN, **(LORA_TRAIN if fixed.get("lora_r") else {}), **fixed}))
     space = {k: v for k, v in space.items() if len(v) > 1}
     check_out_dir(args.out)
     run_sweep(space, args.model, args.data, args.out, args.max_length, args.limit, args.random, base,
               pooling=MAIN_JOB["pooling"], text_column=args.text_column, label_column=args.label_column)
 
 
-def cmd_download(args):
-    from .hub import download, fetch_minilm, fetch_tweets
+def sweep_values(f, text):
+    """The values a sweep flag lists, comma-separated; for a list setting (freeze, lora_targets), whose one value is
+    comma-separated already as in `minift finetune`, the values to try are separated by ';'."""
+    return [convert(f, v) for v in text.split(";" if f.type is list else ",")]
 
-    if args.name in ("minilm", "all-MiniLM-L6-v2"):
+
+def cmd_download(args):
+    from .hub import MINILM_NAMES, download, fetch_minilm, fetch_tweets
+
+    if args.name in MINILM_NAMES:
         print(fetch_minilm())
     elif args.name == "tweets":
         print(fetch_tweets())
@@ -222,11 +248,12 @@ def cmd_download(args):
 
 
 def cmd_info(args):
-    from .checkpoints import build_model, read_config
+    from .checkpoints import build_model, family_of, read_config
     from .hub import resolve_model
 
     path = resolve_model(args.model)
-    model = build_model(read_config(path), "lm" if read_config(path).get("model_type") == "gpt2" else "encode")
+    config = read_config(path)
+    model = build_model(config, family_of(config).DEFAULT_TASK)
     print(f"{path}\n{model.config}\n")
     total = 0
     for name, child in model.named_children():
@@ -242,16 +269,17 @@ def build_parser():
 
     f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline) "
                        "or, with --task instruct, a decoder on prompt/response rows",
-                       epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with --lora: and LORA_TRAIN; with --task instruct: INSTRUCT_TRAIN) on "
-                       "top of TrainConfig's. --freeze '' trains every weight; --dropout 0.1 restores MiniLM's own.")
+                       epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
+                       "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
+                       "--dropout 0.1 restores MiniLM's own.")
     f.add_argument("--task", choices=["classify", "instruct"], default="classify",
                    help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
-    f.add_argument("--model", help="a name (minilm, smollm2, gpt2) or a checkpoint folder (default minilm)")
+    f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")
-    f.add_argument("--out", help="where the log, checkpoint and best model go (default runs/minilm-tweets)")
-    f.add_argument("--max-length", type=int, help="tokens per text, longer ones are cut (default 64)")
+    f.add_argument("--out", help=f"where the log, checkpoint and best model go (default {recipe.OUT})")
+    f.add_argument("--max-length", type=int, help=f"tokens per text, longer ones are cut (default {recipe.MAX_LENGTH})")
     f.add_argument("--pooling", choices=["cls", "mean"], help="BERT: [CLS] pooler or mean of tokens (default mean)")
     f.add_argument("--limit", type=int, help="use only the first N training rows (a quick try)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
@@ -268,7 +296,7 @@ def build_parser():
     e.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     e.add_argument("--text-column", default="text")
     e.add_argument("--label-column", default="label")
-    e.add_argument("--max-length", type=int, default=64)
+    e.add_argument("--max-length", type=int, help="tokens per text (default: the max_length it was trained with)")
     e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
     e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
     e.set_defaults(run=cmd_evaluate)
@@ -280,12 +308,12 @@ def build_parser():
     pr.set_defaults(run=cmd_predict)
 
     s = sub.add_parser("sweep", help="try hyperparameters; every trial is recorded, the best chosen on validation")
-    s.add_argument("--model", default="minilm")
+    s.add_argument("--model", default=recipe.MODEL)
     s.add_argument("--data")
     s.add_argument("--text-column", default="text")
     s.add_argument("--label-column", default="label")
-    s.add_argument("--out", default="runs/sweep")
-    s.add_argument("--max-length", type=int, default=64)
+    s.add_argument("--out", default=recipe.SWEEP_OUT)
+    s.add_argument("--max-length", type=int, default=recipe.MAX_LENGTH)
     s.add_argument("--limit", type=int, help="training rows per trial (sweeps are costly: start small)")
     s.add_argument("--random", type=int, help="try this many random combinations instead of the full grid")
     add_train_flags(s, as_lists=True)
@@ -308,7 +336,9 @@ def build_parser():
     g = sub.add_parser("generate", help="continue a prompt with a language model (smollm2, gpt2, a folder)")
     g.add_argument("model")
     g.add_argument("prompt")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template "
+                   "(the default when the tokenizer has one)")
+    g.add_argument("--raw", action="store_true", help="continue the prompt as plain text, even for a chat model")
     g.add_argument("--adapter", help="a LoRA adapter folder (peft's layout)")
     g.add_argument("--max-new-tokens", type=int, default=60)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

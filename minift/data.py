@@ -11,7 +11,6 @@ batching them the loop's (batching.py).
     print(length_report(splits["train"], tok, max_length=64))
 """
 import csv
-import hashlib
 import io
 import json
 import math
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MiniftError
+from .files import sha256_of
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Readers
@@ -146,12 +146,6 @@ def _check_values(row, path, n, columns):
 def _json_kind(value):
     kind = {type(None): "null", bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), "a number")
     return kind if value is None else f"{kind} ({json.dumps(value)[:30]})"
-
-
-def read_text(path):
-    """A raw text file as one row, [{"text": the whole file}], for causal-LM training (pack_blocks)."""
-    text, bad = _read_utf8(path)
-    return Rows([{"text": text}], invalid_utf8_bytes=bad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,15 +336,6 @@ def load_splits(folder, columns=None):
     return splits
 
 
-def file_sha256(path):
-    """The sha256 of a file's bytes, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_splits(source, folder, read, seed=0, fractions=(0.8, 0.1, 0.1), columns=None):
     """The splits of a data file, made once and kept in folder, so the test set stays the same held-out
     set across runs. read() reads and cleans the file's rows; they are split with (seed, fractions).
@@ -359,7 +344,7 @@ def cached_splits(source, folder, read, seed=0, fractions=(0.8, 0.1, 0.1), colum
     sha256) and these columns; otherwise they are made again, with a note that says why. The same file and
     seed give the same rows in each split, so remaking the splits of an unchanged file changes nothing."""
     source, folder = Path(source), Path(folder)
-    sha256 = file_sha256(source) if source.is_file() else None
+    sha256 = sha256_of(source) if source.is_file() else None
     why = _why_remake(source, folder, seed, columns, sha256)
     if why is None:
         if sha256 is None:

@@ -146,6 +146,20 @@ class Distributed:
         td.broadcast(value, src=0)
         return bool(value)
 
+    def check_same_plan(self, numbers):
+        """Stop every rank, with one message, unless all of them have the same `numbers` (the step count, the
+        number of examples, the data's hash): ranks that read different copies of the data would otherwise
+        disagree on the number of steps, and one of them would wait forever in a collective call."""
+        self._agree()
+        mine = torch.tensor(numbers, dtype=torch.int64, device=self.device)
+        low, high = mine.clone(), mine.clone()
+        td.all_reduce(low, op=td.ReduceOp.MIN)
+        td.all_reduce(high, op=td.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise MiniftError(f"the {self.world_size} processes disagree on the training plan (steps, examples or the "
+                              f"data's hash; rank {self.rank} has {numbers[:2]}): every process must read the same "
+                              "data with the same settings")
+
     def barrier(self):
         """Wait here until every rank arrives (e.g. until rank 0 has written best/)."""
         self._agree()

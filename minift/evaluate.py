@@ -54,8 +54,11 @@ def classification_metrics(preds, labels, num_labels, label_names=None):
 
 
 def format_metrics(metrics):
-    """A short report: headline numbers beside the baseline, a per-class table and the confusion matrix."""
+    """A short report: headline numbers beside the baseline, a per-class table and the confusion matrix (a
+    language model's: loss and perplexity)."""
     m = metrics
+    if "accuracy" not in m:
+        return f"loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} over {m['num_targets']:,} target tokens"
     names = list(m["per_class"])
     w = max(9, *(len(name) for name in names))  # column width that fits the longest label name
     lines = [f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {m['num_examples']} examples  "

@@ -3,13 +3,19 @@
 The model's forward takes `caches`, a list with one [] per layer (from `model.new_cache()`): the first call
 fills it with every layer's keys and values, each later call feeds only the newest token and appends to it.
 """
+import math
+import numbers
+
 import torch
+
+from .errors import MiniftError
 
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, top_p=None,
              attention_mask=None, eos_token_id=None, generator=None):
     """Sample continuations with a KV cache. temperature 0 is greedy. Rows are left-padded prompts."""
+    check_settings(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -31,6 +37,27 @@ def generate(model, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, t
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_id[:, None])], dim=1)
     model.train(was_training)
     return out
+
+
+def check_settings(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
+    """Refuse, before any work, what would crash deep inside torch or quietly print gibberish: a negative
+    temperature turns the distribution upside down (the least likely token first), top_k 0 has no kth value."""
+    def whole(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not whole(max_new_tokens) or max_new_tokens < 1:
+        raise MiniftError(f"max_new_tokens={max_new_tokens!r}: give a whole number >= 1 (how many tokens to add)")
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
+        raise MiniftError(f"temperature={temperature!r}: give a finite number >= 0 (0 is greedy, 1 samples "
+                          f"the model's own probabilities, higher is more random)")
+    if top_k is not None and (not whole(top_k) or top_k < 1):
+        raise MiniftError(f"top_k={top_k!r}: give a whole number >= 1 (sample among the k likeliest tokens), "
+                          f"or leave it out")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):  # also refuses nan
+        raise MiniftError(f"top_p={top_p!r}: give a number above 0 and at most 1 (sample among the likeliest "
+                          f"tokens that together reach this probability), or leave it out")
+    if input_ids.shape[-1] == 0 or (attention_mask is not None and not attention_mask.bool().any(-1).all()):
+        raise MiniftError("the prompt is empty: give some text to continue")
 
 
 def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

@@ -31,6 +31,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from .errors import MiniftError
+from .files import existing_folder, new_folder, replace_folder
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -384,19 +385,19 @@ def tokenizer_config(meta: dict) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama GGUF into out_dir. Everything is written to a temp folder first and renamed into place,
-    so an interrupted conversion leaves out_dir as it was."""
-    gguf, out_dir = read_gguf(gguf_path), Path(out_dir)
+    for a llama GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first and
+    swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
+    out_dir = Path(out_dir)
+    target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
+    check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
+    gguf = read_gguf(gguf_path)
     meta = gguf.metadata
     config = llama_config(meta, gguf.tensors)  # everything that can be refused is refused before any work
     tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
     names = {name: hf_name(name) for name in gguf.tensors}
     for t in gguf.tensors.values():
         check_supported(t)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-    tmp.mkdir()
+    tmp = new_folder(target)
     try:
         weights = {}
         for name in tqdm(gguf.tensors, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
@@ -414,11 +415,20 @@ def convert_gguf(gguf_path, out_dir) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
         tok.save(str(tmp / "tokenizer.json"))
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)  # the whole folder appears at once
-        else:
-            for f in tmp.iterdir():  # folder already there: file by file, each rename whole
-                os.replace(f, out_dir / f.name)
+        replace_folder(tmp, target)  # a missing out_dir appears whole; an empty one is swapped out
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless the conversion failed midway
     return out_dir
+
+
+def check_out_dir(out_dir: Path):
+    """Refuse a folder that holds files: converting into another checkpoint would overwrite it file by
+    file and leave its other files mixed in with ours."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MiniftError(f"{out_dir} is a file, not a folder: convert into a new or empty folder")
+    folder = existing_folder(out_dir)  # or the out_dir.old that a crash in replace_folder left: a checkpoint too
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if held:
+        few = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise MiniftError(f"{folder} already holds files ({few}): convert into a new or empty folder, "
+                          f"or delete it first")

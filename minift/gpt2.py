@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (CausalLM, Classifier, Encoder, TiedLMHead, last_real_token, merge_heads, pick_rows,
-                    pick_rows_backward, positions_from_mask, split_heads)
-from .layers import GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward
+from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token, pick_rows, pick_rows_backward,
+                    positions_from_mask)
+from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
+                     split_heads)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class GPT2Block(nn.Module):
         return dx + self.ln_1.backward(self.attn.backward(dx))
 
 
-class GPT2Model(Encoder):
+class GPT2Model(Backbone):
     """Token ids -> last hidden states (after ln_f)."""
 
     def __init__(self, c):
@@ -203,7 +204,10 @@ MODEL_TYPES = ("gpt2",)
 Config = GPT2Config
 TASKS = {"classify": GPT2ForSequenceClassification, "lm": GPT2LMHeadModel, "encode": GPT2Model}
 NEW_HEADS = ("score.",)  # ours, may be missing from a file: trained from scratch
+LABEL_HEAD = "score.weight"  # the layer with one row per class
+DEFAULT_TASK = "lm"  # what the pretrained checkpoint computes: next-token logits
 UNUSED_HEADS = ("lm_head.",)  # the LM head in a file is the token embedding again (tied): nothing to load
+FAN_IN_FAN_OUT = True  # Conv1D: W is (in, out) in HF's model (peft's fan_in_fan_out for LoRA adapters)
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # stored (in, out) in GPT-2 files
 ARCHITECTURE = {GPT2ForSequenceClassification: "GPT2ForSequenceClassification", GPT2LMHeadModel: "GPT2LMHeadModel",
                 GPT2Model: "GPT2Model"}

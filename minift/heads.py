@@ -1,5 +1,5 @@
-"""What every family shares above the layers: head split/merge, positions, pooling and row picking with their
-backward, and the three task contracts (classify, lm, encode) that the loop and `evaluate` rely on.
+"""What every family shares above the layers: positions, pooling and row picking with their backward, the tied
+LM head, and the three task contracts (classify, lm, encode) that the loop and `evaluate` rely on.
 
 The model contract, written down once. A minift task model is one of the classes below and has:
 - `config`, a family config with `model_type` (checkpoints.py finds the family by it),
@@ -18,18 +18,6 @@ from torch import nn
 
 from .generate import generate
 from .layers import accumulate_grad, cast_for_matmul, cross_entropy, keeps_for_backward
-
-
-def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
-    B, T, D = x.shape
-    # contiguous once here: otherwise each matmul that uses this view (two in forward, more in backward)
-    # would copy it into a contiguous tensor again
-    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2).contiguous()
-
-
-def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
-    B, H, T, hd = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * hd)
 
 
 def positions_from_mask(attention_mask, offset=0):
@@ -88,7 +76,16 @@ class TiedLMHead(nn.Module):
         return dlogits @ weight  # the gradient of the hidden states
 
 
-class Classifier(nn.Module):
+class TaskModel(nn.Module):
+    """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
+    checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
+    label_names = None  # a classifier's class names, in the order of its outputs (config.json's id2label)
+    max_length = None  # the tokens per text it was trained with: predict and evaluate cut texts there
+    tokenizer_file = None  # its tokenizer.json, copied beside a saved checkpoint
+    source = None  # the folder it was loaded from (a LoRA adapter names it as its base model)
+
+
+class Classifier(TaskModel):
     """A text classifier: one target per text, softmax cross-entropy over the classes."""
     task = "classify"
 
@@ -101,7 +98,7 @@ class Classifier(nn.Module):
         return len(labels)
 
 
-class CausalLM(nn.Module):
+class CausalLM(TaskModel):
     """A language model: position t predicts token t+1; labels -100 (prompt, padding) are not targets.
     Its forward also takes `caches` (a list from new_cache()), which generate() uses."""
     task = "lm"
@@ -124,6 +121,7 @@ class CausalLM(nn.Module):
         return generate(self, input_ids, **kwargs)
 
 
-class Encoder(nn.Module):
-    """A bare encoder: token ids -> contextual vectors, for embeddings; it has no loss of its own."""
+class Backbone(TaskModel):
+    """A family's body without a task head (BertModel, GPT2Model, LlamaModel): token ids -> contextual vectors,
+    for embeddings; it has no loss of its own. It lists its `stages()` in forward order (freeze.py)."""
     task = "encode"

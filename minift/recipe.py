@@ -7,6 +7,7 @@ the recipe here and everything that says "the default" changes with it.
 MODEL = "minilm"  # a name (minilm, smollm2, gpt2) or a checkpoint folder
 DATA = None  # None: the bundled tweets (negative / neutral / positive), split 80/10/10 with the seed
 OUT = "runs/minilm-tweets"
+SWEEP_OUT = "runs/sweep"  # `minift sweep`: one folder per trial under it, and the table
 MAX_LENGTH = 64  # tokens per text; the length report before training says how many a length cuts
 POOLING = "mean"  # all-MiniLM-L6-v2 was trained to make mean-pooled sentence vectors
 

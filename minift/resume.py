@@ -8,7 +8,7 @@ What that takes:
   (records written after it are redone);
 - Ctrl-C and SIGTERM are held while a step's update or a save is under way, then raised, so the saved state
   is always consistent; an evaluation that was due but did not finish is redone on resume;
-- an earlier run in the same folder is moved aside (OUT/previous/), never destroyed before the new one saves.
+- an earlier run in the same folder is moved aside (OUT/previous-N/), never destroyed.
 """
 import contextlib
 import json
@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import atomic_write, load_state, read_safetensors, save_checkpoint
+from .checkpoints import load_state, read_safetensors, save_checkpoint
 from .errors import MiniftError
+from .files import atomic_write, existing_folder, new_folder, replace_folder
 
 
 @dataclass
@@ -116,18 +117,23 @@ def open_log(out_dir, state):
     return log
 
 
+RUN_FILES = ("checkpoint", "checkpoint.old", "best", "best.old", "adapter", "log.jsonl", "results.json")
+
+
 def move_earlier_run_aside(out_dir):
-    """A new run in a folder that holds an earlier one: move the earlier one's files to OUT/previous/ (an older
-    previous/ goes), so nothing of it is lost before the new run has something to replace it with."""
+    """A new run in a folder that holds an earlier one: move the earlier one's files to OUT/previous-N/ (the
+    first free N), so no earlier run is ever lost; delete those folders yourself when you no longer need them."""
     out_dir = Path(out_dir)
-    names = [n for n in ("checkpoint", "checkpoint.old", "best", "log.jsonl", "results.json") if (out_dir / n).exists()]
+    names = [n for n in RUN_FILES if (out_dir / n).exists()]
     if not names:
         return
-    previous = out_dir / "previous"
-    shutil.rmtree(previous, ignore_errors=True)
+    n = 1
+    while (out_dir / f"previous-{n}").exists():
+        n += 1
+    previous = out_dir / f"previous-{n}"
     previous.mkdir()
-    for n in names:
-        (out_dir / n).rename(previous / n)
+    for name in names:
+        (out_dir / name).rename(previous / name)
     print(f"note: {out_dir} held an earlier run; its files are now in {previous} (pass --resume to continue a run "
           "instead of starting over)")
 
@@ -135,55 +141,52 @@ def move_earlier_run_aside(out_dir):
 # ---------------------------------------------------------------------------------------------------------
 # Save and load
 
-def save_training_state(folder, model, optimizer, state, cfg, label_names, tokenizer_file, log=None):
+def save_training_state(folder, model, optimizer, state, cfg, run_info, log=None):
     """Everything needed to continue exactly: weights, AdamW m/v/step, RNGs, position in the data, and the log
-    up to here. Written to a new folder and swapped in by renames, so a crash leaves the previous checkpoint
-    whole; Ctrl-C and SIGTERM wait until the swap is done."""
+    up to here; `run_info` ({"data": fingerprint, "processes": N}) is checked on resume. Written to a new folder
+    and swapped in by renames, so a crash leaves the previous checkpoint whole; Ctrl-C and SIGTERM wait until
+    the swap is done."""
     folder = Path(folder)
-    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     with interrupts_held():
         if log is not None:  # the log is as durable as the checkpoint it describes
             log.flush()
             os.fsync(log.fileno())
             state.log_bytes = log.tell()
-        shutil.rmtree(new, ignore_errors=True)
+        new = new_folder(folder)
         try:
-            save_checkpoint(model, new, label_names, tokenizer_file)
+            save_checkpoint(model, new)
             tensors, meta = optimizer.state_dict()
             tensors.update({"rng." + k: v for k, v in rng_states().items()})
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(new / "optimizer.safetensors"))
             numpy_rng = np.random.get_state()
-            trainer_state = {"state": asdict(state), "optimizer": meta, "config": asdict(cfg),
+            trainer_state = {"state": asdict(state), "optimizer": meta, "config": asdict(cfg), "run": run_info,
                              "python_rng": random.getstate(),
                              "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]}
             atomic_write(new / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(trainer_state)))
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # a full disk reaches safetensors' writer as a SafetensorError
             shutil.rmtree(new, ignore_errors=True)
             kept = f"the previous checkpoint in {folder} is intact" if folder.exists() else "no checkpoint was kept"
-            raise MiniftError(f"could not write the checkpoint ({e.strerror or e}): {kept}; free disk space or "
-                              "choose another --out, then resume") from None
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        new.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+            raise MiniftError(f"could not write the checkpoint ({getattr(e, 'strerror', None) or e}): {kept}; free "
+                              "disk space or choose another --out, then resume") from None
+        replace_folder(new, folder)
 
 
-def load_training_state(folder, model, optimizer, cfg=None):
+def load_training_state(folder, model, optimizer, cfg=None, run_info=None):
     """Restore the weights, the AdamW state and every RNG saved in `folder`; return the LoopState.
-    With `cfg` (this run's settings), say which settings differ from the saved run's."""
-    folder = Path(folder)
-    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
-        folder = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
+    With `cfg` (this run's settings), say which settings differ from the saved run's; with `run_info`, refuse
+    other training data and say so when the number of processes changed."""
+    folder = existing_folder(folder)  # (a crash between the two renames of a save leaves checkpoint.old)
     if not (folder / "trainer_state.json").is_file():
         raise MiniftError(f"nothing to resume in {folder}: no trainer_state.json (start without --resume)")
-    load_state(model, read_safetensors(folder))
     try:
         saved = json.loads((folder / "trainer_state.json").read_text())
         tensors = load_file(str(folder / "optimizer.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
         raise MiniftError(f"the checkpoint in {folder} is damaged ({e}): start again without --resume, or restore "
                           f"{folder.name} from a copy") from None
+    if run_info is not None:
+        check_same_run(saved, run_info, folder)
+    load_state(model, read_safetensors(folder))
     rngs = {k[len("rng."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
     set_rng_states(rngs)
     optimizer.load_state_dict(tensors, saved["optimizer"])
@@ -198,3 +201,56 @@ def load_training_state(folder, model, optimizer, cfg=None):
         if changed:  # allowed (more epochs, a lower lr ...), but the run is no longer the one that was saved
             print("note: settings changed since the checkpoint: " + ", ".join(changed))
     return LoopState(**saved["state"])
+
+
+def check_same_run(saved, now, folder):
+    """A resume must continue the same run. Over other data its test split would hold rows it trained on (and
+    the validation rows that chose best/ may have been trained on too); another model, label set or LoRA shape
+    cannot take the saved weights. Another number of processes is allowed (the update is the same) but no
+    longer bitwise: say so. `saved`: trainer_state.json; `now`: this run's run_info (train.set_up)."""
+    # (a checkpoint saved without run_info, or before minift kept it, has nothing to compare: it is trusted)
+    before, lora = saved.get("run") or {}, {k: v for k, v in saved.get("config", {}).items() if k.startswith("lora_")}
+    if before.get("model") and before["model"] != now.get("model"):
+        raise MiniftError(f"the checkpoint in {folder} holds another model or other LoRA settings (it was saved with "
+                          f"{', '.join(f'{k}={v}' for k, v in lora.items())}): resume with the same --model and LoRA "
+                          "settings, or start a new run without --resume")
+    if "labels" in before and before["labels"] != now.get("labels"):
+        raise MiniftError(f"the run saved in {folder} has the labels {before.get('labels')}, this one "
+                          f"{now.get('labels')}: resume with the same data, or start a new run without --resume")
+    if before.get("data") and before["data"] != now.get("data"):
+        raise MiniftError(f"the training data differ from the run saved in {folder} (the file or its splits "
+                          "changed, or --limit, --max-length or the seed): resuming would mix two data sets; "
+                          "start a new run without --resume (or with another --out)")
+    if before.get("processes", 1) != now.get("processes", 1):
+        print(f"note: the checkpoint was saved by {before.get('processes', 1)} processes, this run has "
+              f"{now.get('processes', 1)}: the updates are the same, the rounding is not, so the result will "
+              "differ from an uninterrupted run in the last bits")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the log back
+
+def read_log(log_jsonl):
+    """(train records, eval records) of a log.jsonl that train() wrote, in step order.
+
+    A resumed run logs again the steps after its last checkpoint, and a rerun into the same folder starts
+    again at step 1: when a step number comes round again, the newer records replace the older ones."""
+    path = Path(log_jsonl)
+    if not path.is_file():
+        raise MiniftError(f"{path}: no such log; train() writes log.jsonl in its output folder")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "eval" in r:
+            evals.append(r)
+            continue
+        if train and r["step"] <= train[-1]["step"]:
+            train = [t for t in train if t["step"] < r["step"]]
+            evals = [e for e in evals if e["step"] < r["step"]]
+        train.append(r)
+    if not train:
+        raise MiniftError(f"{path} has no training steps yet; plot it once training has logged a step")
+    return train, evals
+

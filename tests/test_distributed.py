@@ -7,6 +7,7 @@
 - with dropout on, the loss curve stays close to one process's (the masks differ, the data does not);
 - a Ctrl-C on one rank saves one checkpoint; resuming under two processes is bitwise the uninterrupted run;
 - an exception on one rank stops both within seconds, with that rank's message, instead of a hang.
+- ranks that read different data (another hash) stop before the first step, with one message.
 
 This file is also the worker: torchrun runs it as a script (see `worker` at the bottom). The tiny models and
 data are test_train.py's, so both sides build the same things.
@@ -157,6 +158,15 @@ def test_an_error_on_one_rank_stops_both_quickly_with_its_message(tmp_path):
     # whole run that succeeds; most of either is starting torchrun and two Pythons)
 
 
+def test_ranks_that_read_different_data_stop_at_once_with_one_message(tmp_path):
+    """Rank 1 reads other examples (as many, so the step count agrees): the data's hash differs, and every rank
+    stops in set_up, before any step, instead of training two different runs that wait on each other."""
+    proc, _ = launch(tmp_path / "other", "bert", "0.0", "1e-2", "rank1-reads-other-data", timeout=60)
+    assert proc.returncode != 0
+    assert "the 2 processes disagree on the training plan" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "other" / "checkpoint").exists() and not (tmp_path / "other" / "log.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The worker: what each of the two processes runs (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR ...)
 
@@ -181,6 +191,9 @@ def worker(out, kind, dropout, lr, *extra):
                 raise RuntimeError("injected failure on rank 1")
             return forward_backward(*args, **kw)
         T.STEP.forward_backward = failing_forward_backward
+    if "rank1-reads-other-data" in extra and rank == 1:  # another copy of the data, of the same size
+        real_examples = T.examples
+        T.examples = lambda kind, n, seed=0: real_examples(kind, n, seed + 100)
     model, _ = T.run(settings(kind, float(dropout), float(lr)), out, kind=kind, n=N_EXAMPLES, val=T.examples(kind, 6, seed=1),
                      resume=resume)
     save_file(T.params_of(model), str(Path(out) / f"params_rank{rank}.safetensors"))

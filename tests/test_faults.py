@@ -29,15 +29,16 @@ from safetensors.torch import load_file
 
 from test_train import PAD, _one_thread, cls_examples, make_model  # noqa: F401  (_one_thread: autouse, one torch thread)
 
+from minift.batching import TrainData
 from minift.config import TrainConfig
 from minift.errors import MiniftError
-from minift.train import CLOCK_FIELDS
 
 TM = importlib.import_module("minift.train")
 STEP = importlib.import_module("minift.step")
 RESUME = importlib.import_module("minift.resume")
+OUTPUTS = importlib.import_module("minift.outputs")
 HERE = Path(__file__).resolve().parent
-
+CLOCK_FIELDS = ("tokens_per_s", "seconds", "eval_seconds")  # the log's wall-clock fields: the rest repeats exactly
 
 
 
@@ -53,7 +54,7 @@ def fault_config(**kw):
 
 def fault_run(out, resume=False, **kw):
     model = make_model()
-    return TM.train(model, cls_examples(24), cls_examples(8, seed=1), fault_config(**kw), out, pad_id=PAD,
+    return TM.train(model, TrainData(cls_examples(24), cls_examples(8, seed=1), PAD), fault_config(**kw), out,
                     resume=resume)
 
 
@@ -101,14 +102,14 @@ def child_run(out, moment, at):
                 wait_for_parent(out, "in-eval")
             return real(*args, **kw)
         TM.evaluate = evaluate
-    elif moment == "best":  # while the best model so far is written to best/
-        real = TM.save_checkpoint
+    elif moment == "best":  # while the best model so far is written to best/ (outputs.export_best)
+        real = OUTPUTS.save_checkpoint
 
         def save_checkpoint(*args, **kw):
             if hit():
                 wait_for_parent(out, "in-best")
             return real(*args, **kw)
-        TM.save_checkpoint = save_checkpoint
+        OUTPUTS.save_checkpoint = save_checkpoint
     elif moment == "earlier":  # the earlier run has just been moved aside; the new one has saved nothing yet
         real = TM.move_earlier_run_aside
 
@@ -286,19 +287,24 @@ def test_ctrl_c_after_an_earlier_run_was_moved_aside_loses_nothing(tmp_path, tmp
               for name in ("checkpoint", "best", "log.jsonl")}
     code = interrupt(tmp_path, "earlier", 1, signal.SIGINT)
     assert code == 130
-    # the earlier run is whole in previous/, and nothing of the new run pretends to be it
-    for name, content in before.items():
-        moved = tmp_path / "previous" / name
-        got = moved.read_bytes() if moved.is_file() else {f.name: f.read_bytes() for f in moved.iterdir()}
-        assert got == content, name
+
+    def assert_earlier_run_in_previous_1():
+        for name, content in before.items():
+            moved = tmp_path / "previous-1" / name
+            got = moved.read_bytes() if moved.is_file() else {f.name: f.read_bytes() for f in moved.iterdir()}
+            assert got == content, name
+
+    # the earlier run is whole in previous-1/, and nothing of the new run pretends to be it
+    assert_earlier_run_in_previous_1()
     assert not (tmp_path / "checkpoint").exists()
     with pytest.raises(MiniftError, match="nothing to resume"):
         fault_run(tmp_path, resume=True)
-    # the same command again (not --resume) now runs to exactly the straight result; the earlier run moves
-    # aside once more, so previous/ still holds it
+    # the same command again (not --resume) now runs to exactly the straight result; the interrupted run left
+    # no files of its own, so nothing more is moved aside: previous-1/ still holds the earlier run, untouched
     fault_run(tmp_path)
     assert_same_outcome(outcome(tmp_path), reference)
-    assert (tmp_path / "previous" / "checkpoint" / "trainer_state.json").is_file()
+    assert_earlier_run_in_previous_1()
+    assert not (tmp_path / "previous-2").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +325,9 @@ def tiny(tmp_path_factory, minilm_dir):
     tokenizer, and a 3-class CSV of 90 rows."""
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    save_checkpoint(build_model(TINY, task="encode"), root / "model", tokenizer_file=minilm_dir / "tokenizer.json")
+    model = build_model(TINY, task="encode")
+    model.tokenizer_file = minilm_dir / "tokenizer.json"  # copied into the saved folder
+    save_checkpoint(model, root / "model")
     lines = ["text,label"]
     for i in range(30):
         for label, words in WORDS.items():
@@ -494,21 +502,26 @@ def test_same_command_same_seed_same_result(capsys, tmp_path, tiny):
 
 
 def test_fp32_report_reuses_the_best_evaluation(tmp_path, tiny, monkeypatch):
-    """In fp32 the report's validation metrics are the ones measured when the best model was chosen (one pass
-    fewer): they must be what evaluating the saved best/ model gives."""
-    import minift.finetune
+    """The report's validation metrics are the ones measured when the best model was chosen (no second pass
+    over validation): the same numbers as the log's evaluation at best_step, and what evaluating the saved
+    best/ model gives."""
+    import minift.classify
     from minift.checkpoints import load_checkpoint
+    from minift.corpora import load_classification_splits
     from minift.evaluate import evaluate
     from minift.tasks import encode_classification
     from minift.tokenizer import Tokenizer
 
-    passes = []
-    monkeypatch.setattr(minift.finetune, "evaluate", lambda *a, **kw: passes.append(1) or evaluate(*a, **kw))
+    passes, real = [], minift.classify.evaluate_like_training
+    monkeypatch.setattr(minift.classify, "evaluate_like_training", lambda *a, **kw: passes.append(1) or real(*a, **kw))
     cli.main(quick(tiny, tmp_path / "out", "--max-steps", "6", "--eval-every", "2"))
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(passes) == 1  # the test split only
     assert report["best_step"] in (2, 4, 6) and "best_metrics" not in report
-    splits, names = minift.finetune.load_classification_splits(tiny / "data.csv")
+    logged = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    at_best = next(r["eval"] for r in logged if "eval" in r and r["step"] == report["best_step"])
+    assert at_best == {k: v for k, v in report["validation"].items() if isinstance(v, (int, float))}
+    splits, names = load_classification_splits(tiny / "data.csv")
     tok = Tokenizer.from_file(tiny / "model")
     again = evaluate(load_checkpoint(tmp_path / "out" / "best", "classify", verbose=False),
                      encode_classification(splits["validation"], tok, names, 16), tok.pad_id, label_names=names)
@@ -519,7 +532,7 @@ def test_fp32_report_reuses_the_best_evaluation(tmp_path, tiny, monkeypatch):
 
 def test_evaluate_maps_a_label_subset_by_name(capsys, tmp_path, tiny):
     from minift.checkpoints import load_checkpoint
-    from minift.finetune import predict
+    from minift.classify import predict
     from minift.tokenizer import Tokenizer
 
     cli.main(quick(tiny, tmp_path / "out", "--max-steps", "6"))
@@ -535,7 +548,8 @@ def test_evaluate_maps_a_label_subset_by_name(capsys, tmp_path, tiny):
     # the expected accuracy, from the model's own answers mapped by name
     model = load_checkpoint(best, "classify", verbose=False)
     names = [model.hf_config["id2label"][str(i)] for i in range(3)]
-    answers = predict(model, Tokenizer.from_file(best), [t for t, _ in rows], names, max_length=16)
+    assert model.label_names == names and model.max_length == 16  # what predict names and cuts by
+    answers = predict(model, Tokenizer.from_file(best), [t for t, _ in rows], max_length=16)
     right = sum(a == y for (a, _), (_, y) in zip(answers, rows))
     assert 0 < right, "the control: this model gets some of them right, so 0.0 would be wrong"
     assert f"accuracy {right / len(rows):.4f}" in out or f"accuracy: {right / len(rows):.4f}" in out, out

@@ -15,8 +15,11 @@ from minift import checkpoints
 from minift.checkpoints import build_model, load_checkpoint, save_checkpoint
 from minift.errors import MiniftError
 from minift.freeze import count_trainable, freeze, mark_frozen_below
-from minift.heads import Classifier, Encoder
-from minift.layers import Embedding, Linear, frozen_below
+from minift.batching import TrainData
+from minift.config import TrainConfig
+from minift.heads import Backbone, Classifier
+from minift.layers import Embedding, LayerNorm, Linear, frozen_below
+from minift.lora import load_adapter, lora_layers
 from minift.memory import estimate_memory, format_kept, kept_for_backward
 from minift.optim import AdamW, param_groups
 from minift.step import forward_backward
@@ -72,7 +75,7 @@ def test_frozen_parts_leave_the_other_gradients_unchanged(kind, task, patterns):
             torch.testing.assert_close(g, g_full[name], rtol=1e-12, atol=1e-14, msg=name)
     # nothing was kept and left over: backward freed every kept tensor, and the frozen stages kept none
     assert kept_for_backward(part) == []
-    optimizer = AdamW(param_groups(part.named_parameters(), 0.01))
+    optimizer = AdamW(param_groups(part, 0.01))
     state = optimizer.state_dict()[0]
     assert not any(key.split(".", 1)[1] in frozen for key in state), "AdamW keeps state for a frozen tensor"
     trainable, total = count_trainable(part)
@@ -141,7 +144,10 @@ def test_kept_tensors_are_listed_and_the_estimate_adds_up(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A third family is one file and one dict entry: a toy family written here as a module
+# A third family is one file and one dict entry: a toy family written here as a module. Its names are
+# none of BERT's, GPT-2's or Llama's (the table is `lookup`, the blocks `floors`, the norm `calm`, the head
+# `judge`), and its checkpoint keys differ from ours (`toy.` for `body.`): every generic module must find
+# them through the family's constants, not by name.
 
 @dataclass
 class ToyConfig:
@@ -155,40 +161,58 @@ class ToyConfig:
         return cls(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_labels") if k in d})
 
 
-class ToyModel(Encoder):
+class ToyFloor(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.mix, self.calm = Linear(c.hidden_size, c.hidden_size), LayerNorm(c.hidden_size, 1e-5)
+
+    def forward(self, x):
+        return self.calm(self.mix(x))
+
+    def backward(self, dout):
+        return self.mix.backward(self.calm.backward(dout))
+
+
+class ToyModel(Backbone):
     def __init__(self, c):
         super().__init__()
         self.config = c
-        self.embed = Embedding(c.vocab_size, c.hidden_size)
-        self.blocks = nn.ModuleList([Linear(c.hidden_size, c.hidden_size)])
+        self.lookup = Embedding(c.vocab_size, c.hidden_size)
+        self.floors = nn.ModuleList([ToyFloor(c), ToyFloor(c)])
 
     def stages(self):
-        return [self.embed, *self.blocks]
+        return [self.lookup, *self.floors]
 
     def forward(self, input_ids, attention_mask=None):
-        return self.blocks[0](self.embed(input_ids))
+        h = self.lookup(input_ids)
+        for floor in self.floors:
+            h = floor(h)
+        return h
 
     def backward(self, dh):
-        if not frozen_below(self.blocks[0]):
-            self.embed.backward(self.blocks[0].backward(dh))
+        for floor in reversed(self.floors):
+            if frozen_below(floor):
+                return
+            dh = floor.backward(dh)
+        self.lookup.backward(dh)
 
 
 class ToyClassifier(Classifier):
-    """Mean of a linear map of the embeddings, then a head: enough to load, train and save."""
+    """Mean of two linear+norm floors over the embeddings, then a head: enough to load, train and save."""
 
     def __init__(self, c):
         super().__init__()
         self.config = c
         self.body = ToyModel(c)
-        self.head = Linear(c.hidden_size, c.num_labels)
+        self.judge = Linear(c.hidden_size, c.num_labels)
 
     def forward(self, input_ids, attention_mask=None):
         h = self.body(input_ids)
         self.T = h.shape[1]
-        return self.head(h.mean(1))
+        return self.judge(h.mean(1))
 
     def backward(self, dlogits):
-        dmean = self.head.backward(dlogits)
+        dmean = self.judge.backward(dlogits)
         self.body.backward(dmean.unsqueeze(1).expand(-1, self.T, -1) / self.T)
 
 
@@ -196,15 +220,20 @@ def toy_family():
     toy = types.ModuleType("toy")
     toy.MODEL_TYPES, toy.Config = ("toy",), ToyConfig
     toy.TASKS = {"classify": ToyClassifier, "encode": ToyModel}
-    toy.NEW_HEADS, toy.UNUSED_HEADS = ("head.",), ()
-    toy.hf_to_ours = lambda key, t, model: (key, t)
-    toy.hf_state_dict = lambda model: {n: p.detach() for n, p in model.named_parameters()}
+    toy.NEW_HEADS, toy.UNUSED_HEADS, toy.LABEL_HEAD = ("judge.",), (), "judge.weight"
+    toy.DEFAULT_TASK, toy.FAN_IN_FAN_OUT = "encode", False
+    toy.hf_to_ours = lambda key, t, model: (key.replace("toy.", "body.", 1), t)
+    toy.hf_state_dict = lambda model: {n.replace("body.", "toy.", 1): p.detach() for n, p in model.named_parameters()}
     toy.architecture = lambda model: "ToyForSequenceClassification"
     return toy
 
 
+def toy_examples(n=16):
+    return [{"input_ids": [1 + i % 5, 2 + i % 7, 3], "label": i % 2} for i in range(n)]
+
+
 def test_a_toy_third_family_loads_trains_and_saves(tmp_path, monkeypatch):
-    from minift.train import TrainConfig, train
+    from minift.train import train
 
     monkeypatch.setitem(checkpoints.FAMILIES, "toy", toy_family())  # the one dict entry
     torch.manual_seed(0)
@@ -213,10 +242,54 @@ def test_a_toy_third_family_loads_trains_and_saves(tmp_path, monkeypatch):
     loaded = load_checkpoint(tmp_path / "base", "classify", verbose=False)
     for (n, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), n
-    examples = [{"input_ids": [1 + i % 5, 2 + i % 7, 3], "label": i % 2} for i in range(16)]
-    before = loaded.head.weight.detach().clone()
-    train(loaded, examples, examples[:4], TrainConfig(batch_size=4, epochs=1, lr=1e-2, precision="fp32",
-                                                     log_every=1), tmp_path / "run", pad_id=0)
-    assert not torch.equal(before, loaded.head.weight)
+    examples = toy_examples()
+    before = loaded.judge.weight.detach().clone()
+    train(loaded, TrainData(examples, examples[:4], pad_id=0),
+          TrainConfig(batch_size=4, epochs=1, lr=1e-2, precision="fp32", log_every=1), tmp_path / "run")
+    assert not torch.equal(before, loaded.judge.weight)
     again = load_checkpoint(tmp_path / "run" / "best", "classify", verbose=False)
     assert isinstance(again, ToyClassifier)
+
+
+def test_the_toy_family_under_freeze_lora_decay_and_export(tmp_path, monkeypatch):
+    """Freeze, param_groups, LoRA through train(), save_adapter's peft layout and the merged best/ find the
+    toy's head, tables and norms by the family's constants and by type, whatever they are called."""
+    from minift.train import train
+
+    monkeypatch.setitem(checkpoints.FAMILIES, "toy", toy_family())
+    torch.manual_seed(0)
+    model = build_model({"model_type": "toy", "vocab_size": 20, "hidden_size": 8}, "classify", num_labels=2)
+    decay, plain = param_groups(model, 0.1)
+    assert decay["names"] == ["body.floors.0.mix.weight", "body.floors.1.mix.weight", "judge.weight"]
+    assert plain["names"] == ["body.lookup.weight", "body.floors.0.mix.bias", "body.floors.0.calm.weight",
+                              "body.floors.0.calm.bias", "body.floors.1.mix.bias", "body.floors.1.calm.weight",
+                              "body.floors.1.calm.bias", "judge.bias"]
+    assert freeze(model, ["embeddings"]) == ["body.lookup.weight"]
+    assert freeze(model, ["layers:1"]) == ["body.floors.0.calm.bias", "body.floors.0.calm.weight",
+                                           "body.floors.0.mix.bias", "body.floors.0.mix.weight", "body.lookup.weight"]
+
+    base = build_model({"model_type": "toy", "vocab_size": 20, "hidden_size": 8}, "classify", num_labels=2)
+    save_checkpoint(base, tmp_path / "base")
+    model = load_checkpoint(tmp_path / "base", "classify", verbose=False)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples = toy_examples()
+    train(model, TrainData(examples, examples[:4], pad_id=0),
+          TrainConfig(batch_size=4, epochs=1, lr=1e-2, precision="fp32", lora_r=2), tmp_path / "run")
+    # train() attached the adapters itself: on every linear layer of the body, not on the new head, which trains
+    assert sorted(lora_layers(model)) == ["body.floors.0.mix", "body.floors.1.mix"]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"body.floors.{i}.mix.lora_{ab}" for i in (0, 1) for ab in "AB"} | {"judge.weight", "judge.bias"}
+    moved = {n for n, p in model.named_parameters() if n in start and not torch.equal(p, start[n])}
+    assert moved == {"judge.weight", "judge.bias"}  # the base weights are where they were
+    # adapter/ in peft's layout, under the family's checkpoint keys (toy.), with the head as modules_to_save
+    from safetensors.torch import load_file
+    keys = set(load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert keys == {f"base_model.model.toy.floors.{i}.mix.lora_{ab}.weight" for i in (0, 1) for ab in "AB"} | \
+        {"base_model.model.judge.weight", "base_model.model.judge.bias"}
+    # best/ is a plain checkpoint (merged); base + adapter/ gives the same logits
+    best = load_checkpoint(tmp_path / "run" / "best", "classify", verbose=False).eval()
+    assert not lora_layers(best) and not best.load_report.new_head
+    again = load_checkpoint(tmp_path / "base", "classify", verbose=False)
+    load_adapter(again, tmp_path / "run" / "adapter")
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(best(ids), again.eval()(ids), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """GPT2LMHeadModel.generate and pick_next_token: greedy against transformers, the KV cache against a
-full recompute, left padding, EOS, top-k, top-p and seeded sampling."""
+full recompute, left padding, EOS, top-k, top-p and seeded sampling; bad settings refused in one line."""
+import json
+
 import pytest
 import torch
 
@@ -161,3 +163,78 @@ def test_pick_next_token_rows_are_independent():
     g = torch.Generator().manual_seed(0)
     assert pick_next_token(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1, 0, 2]
     assert pick_next_token(logits, temperature=1.0, top_p=0.5, generator=g).tolist() == [1, 0, 2]
+
+
+# --- bad settings: one line that names the setting, before any work ---------------------------------------
+
+BAD_SETTINGS = [  # each used to give gibberish (-1 inverts the distribution), a traceback, or pass silently
+    ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
+    ("top_k", 0), ("top_k", -3), ("top_k", 2.5),
+    ("top_p", 1.5), ("top_p", 0.0), ("top_p", -0.2), ("top_p", float("nan")),
+    ("max_new_tokens", -5), ("max_new_tokens", 0), ("max_new_tokens", 2.0),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS)
+def test_bad_sampling_settings_are_refused_in_one_line(name, value):
+    model = small_lm().train()
+    with pytest.raises(MiniftError) as e:
+        model.generate(torch.randint(0, 61, (2, 4)), **{"temperature": 1.0, name: value})
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{name}={value!r}:"), message
+    assert model.training, "refused before generate() switched the model to eval mode"
+
+
+def test_edge_settings_are_accepted():
+    model = small_lm()
+    prompt = torch.randint(0, 61, (2, 4))
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(prompt, max_new_tokens=1, temperature=0.5, top_k=10**6, top_p=1.0, generator=g)
+    assert out.shape == (2, 5)
+    assert torch.equal(model.generate(prompt, max_new_tokens=3, temperature=0), model.generate(prompt, max_new_tokens=3))
+
+
+def test_empty_prompt_is_refused():
+    model = small_lm()
+    for ids, mask in ((torch.zeros(2, 0, dtype=torch.long), None),
+                      (torch.randint(0, 61, (2, 3)), torch.tensor([[1, 1, 1], [0, 0, 0]]))):  # row 1: all padding
+        with pytest.raises(MiniftError) as e:
+            model.generate(ids, attention_mask=mask, max_new_tokens=3)
+        assert str(e.value) == "the prompt is empty: give some text to continue"
+
+
+@pytest.fixture
+def gpt2_folder(hf_checkpoint):
+    """A tiny random GPT-2 folder with a word-level tokenizer and no chat template (plain continuation)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    _, folder = hf_checkpoint("GPT2LMHeadModel", 0)
+    tok = HFTokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1, "hi": 2, "there": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return folder
+
+
+@pytest.mark.parametrize("flags, name", [(["--temperature", "-1"], "temperature"),
+                                         (["--temperature", "nan"], "temperature"),
+                                         (["--top-k", "0"], "top_k"), (["--top-k", "-3"], "top_k"),
+                                         (["--top-p", "1.5"], "top_p"), (["--max-new-tokens", "-5"], "max_new_tokens")])
+def test_command_line_refuses_bad_settings(gpt2_folder, capsys, flags, name):
+    from minift.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(gpt2_folder), "hi", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minift: error: {name}="), err
+
+
+def test_command_line_generates_and_refuses_an_empty_prompt(gpt2_folder, capsys):
+    from minift.cli import main
+    main(["generate", str(gpt2_folder), "hi there", "--max-new-tokens", "3"])  # the folder itself is fine
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(gpt2_folder), ""])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "minift: error: the prompt is empty: give some text to continue"]

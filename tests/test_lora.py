@@ -434,19 +434,22 @@ def test_adapter_for_another_base_model(tmp_path):
 # Training with adapters resumes exactly, and AdamW keeps state for the adapters and the head only
 
 def lora_run(out, max_steps, resume=False, save_every=0):
-    """train() a tiny BERT with LoRA (dropout on) on synthetic rows; the same seed builds the same model."""
-    from minift.train import TrainConfig, train
+    """train() a tiny BERT with TrainConfig(lora_r=4) (dropout on) on synthetic rows: train() attaches the
+    adapters itself. The same seed builds the same model."""
+    from minift.batching import TrainData
+    from minift.config import TrainConfig
+    from minift.train import train
 
     torch.manual_seed(0)
     model = make_model("bert-cls")
-    add_lora(model, ["query", "value"], r=4, alpha=8, dropout=0.1)
     g = torch.Generator().manual_seed(1)
     rows = [{"input_ids": torch.randint(2, 50, (int(n),), generator=g).tolist(), "label": i % 3}
             for i, n in enumerate(torch.randint(4, 12, (24,), generator=g))]
     # a constant lr: the plan of an 8-step run and of a 4-step run then agree on the first 4 steps
     cfg = TrainConfig(batch_size=4, lr=1e-2, max_steps=max_steps, save_every=save_every, log_every=1,
-                      precision="fp32", epochs=2, schedule="constant", warmup_ratio=0.0)
-    train(model, rows, None, cfg, out, pad_id=0, resume=resume)
+                      precision="fp32", epochs=2, schedule="constant", warmup_ratio=0.0, lora_r=4, lora_alpha=8,
+                      lora_dropout=0.1, lora_targets=["query", "value"])
+    train(model, TrainData(rows, None, pad_id=0), cfg, out, resume=resume)
     return model
 
 
@@ -461,6 +464,12 @@ def test_training_with_adapters_resumes_bitwise(tmp_path):
     torch.manual_seed(0)
     untrained = make_model("bert-cls")
     assert not torch.equal(straight.classifier.weight, untrained.classifier.weight)
+    # TrainConfig(lora_r=4) alone: adapters on query and value, and only they and the head moved
+    assert sorted(lora_layers(straight)) == [f"bert.encoder.layer.{i}.attention.self.{k}" for i in (0, 1)
+                                             for k in ("query", "value")]
+    base = dict(untrained.named_parameters())
+    moved = {n for n, p in straight.named_parameters() if n in base and not torch.equal(p, base[n])}
+    assert moved and all(n.startswith(("classifier.", "bert.pooler.")) for n in moved), sorted(moved)
     state = load_file(str(tmp_path / "split" / "checkpoint" / "optimizer.safetensors"))
     kept = {k.split(".", 1)[1] for k in state if k.startswith("exp_avg.")}
     assert kept and all(".lora_" in k or k.startswith(("classifier.", "bert.pooler.")) for k in kept), sorted(kept)[:5]
@@ -471,13 +480,13 @@ def test_training_with_adapters_resumes_bitwise(tmp_path):
 def test_the_lora_flag_takes_the_lora_recipe(tmp_path, monkeypatch):
     """`minift finetune --lora` trains with recipe.LORA_TRAIN on top of MAIN_TRAIN; a flag still wins, and
     without --lora the main job's recipe is untouched."""
-    import minift.finetune
+    import minift.classify
     from minift import cli
     from minift.config import TrainConfig
     from minift.recipe import LORA_TRAIN, MAIN_TRAIN
 
     seen = {}
-    monkeypatch.setattr(minift.finetune, "finetune_classifier", lambda *args, **kw: seen.update(cfg=args[3]))
+    monkeypatch.setattr(minift.classify, "finetune_classifier", lambda *args, **kw: seen.update(cfg=args[3]))
     cli.main(["finetune", "--lora", "--out", str(tmp_path)])
     assert LORA_TRAIN and vars(seen["cfg"]) == vars(TrainConfig(**{**MAIN_TRAIN, **LORA_TRAIN, "lora_r": 8}))
     cli.main(["finetune", "--lora", "--lr", "2e-3", "--out", str(tmp_path)])

@@ -8,14 +8,39 @@ import pytest
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
+from minift.checkpoints import build_model
 from minift.errors import MiniftError
+from minift.layers import Embedding
 from minift.optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups, warmup_steps_for
 
-# A small model's parameters, named like BERT's; "frozen.weight" never gets a gradient.
-SHAPES = [("embeddings.word_embeddings.weight", (50, 8)), ("embeddings.LayerNorm.weight", (8,)),
-          ("embeddings.LayerNorm.bias", (8,)), ("layer.0.dense.weight", (16, 8)), ("layer.0.dense.bias", (16,)),
-          ("layer.0.LayerNorm.weight", (16,)), ("classifier.weight", (3, 16)), ("classifier.bias", (3,)),
-          ("frozen.weight", (4, 4))]
+# A small model's parameters, named like BERT's; "frozen.weight" never gets a gradient. The body (what
+# freeze.base_model finds: the module with `stages`) holds all but the classifier, as in a real model.
+SHAPES = [("bert.embeddings.word_embeddings.weight", (50, 8)), ("bert.embeddings.LayerNorm.weight", (8,)),
+          ("bert.embeddings.LayerNorm.bias", (8,)), ("bert.layer.0.dense.weight", (16, 8)),
+          ("bert.layer.0.dense.bias", (16,)), ("bert.layer.0.LayerNorm.weight", (16,)),
+          ("classifier.weight", (3, 16)), ("classifier.bias", (3,)), ("bert.frozen.weight", (4, 4))]
+FROZEN = "bert.frozen.weight"
+
+
+class Body(torch.nn.Module):
+    def stages(self):
+        return []
+
+
+def module_of(named):
+    """A model whose parameters are `named`, at their dotted paths: `word_embeddings` is a real Embedding
+    (param_groups finds tables by type), `bert` the body."""
+    root = torch.nn.Module()
+    for name, p in named:
+        *path, leaf = name.split(".")
+        parent = root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, Embedding(1, 1) if part == "word_embeddings" else
+                                  Body() if part == "bert" else torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_parameter(leaf, p)
+    return root
 
 
 def make_params(dtype):
@@ -26,11 +51,11 @@ def make_params(dtype):
 def set_grads(named, step):
     g = torch.Generator().manual_seed(1000 + step)  # same random grads for every copy of the model
     for name, p in named:
-        p.grad = None if name == "frozen.weight" else torch.randn(p.shape, generator=g, dtype=p.dtype)
+        p.grad = None if name == FROZEN else torch.randn(p.shape, generator=g, dtype=p.dtype)
 
 
 def run_minift(named, steps, sched, start=0, opt=None):
-    opt = opt or AdamW(param_groups(named, 0.1), lr=1.0, betas=(0.9, 0.98), eps=1e-6)
+    opt = opt or AdamW(param_groups(module_of(named), 0.1), lr=1.0, betas=(0.9, 0.98), eps=1e-6)
     for step in range(start, start + steps):
         set_grads(named, step)
         opt.step(lr=sched(step))
@@ -38,7 +63,7 @@ def run_minift(named, steps, sched, start=0, opt=None):
 
 
 def run_torch(named, steps, sched):
-    groups = param_groups(named, 0.1)
+    groups = param_groups(module_of(named), 0.1)
     opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                             lr=1.0, betas=(0.9, 0.98), eps=1e-6)
     for step in range(steps):
@@ -56,22 +81,22 @@ def test_adamw_matches_torch(dtype, tol):
     run_torch(theirs, 200, sched)
     diff = max((a - b).abs().max().item() for (_, a), (_, b) in zip(ours, theirs))
     start = make_params(dtype)
-    moved = min((a - p0).abs().max().item() for (n, a), (_, p0) in zip(ours, start) if n != "frozen.weight")
+    moved = min((a - p0).abs().max().item() for (n, a), (_, p0) in zip(ours, start) if n != FROZEN)
     print(f"AdamW vs torch.optim.AdamW, {dtype}: max abs diff {diff:.3g}")
     assert diff <= tol
     assert moved > 1e-2  # the comparison means something only if the weights really moved
-    assert torch.equal(dict(ours)["frozen.weight"], make_params(dtype)[-1][1])  # no grad: not even decayed
+    assert torch.equal(dict(ours)[FROZEN], make_params(dtype)[-1][1])  # no grad: not even decayed
 
 
 def test_adamw_groups_decay_only_matrices():
     named = make_params(torch.float32)
-    opt = AdamW(param_groups(named, 0.5), lr=0.1)
+    opt = AdamW(param_groups(module_of(named), 0.5), lr=0.1)
     for _, p in named:
         p.grad = torch.zeros_like(p)  # zero gradient: the only change is weight decay
     before = {n: p.clone() for n, p in named}
     opt.step()
     for n, p in named:
-        factor = 1 - 0.1 * 0.5 if n in ("layer.0.dense.weight", "classifier.weight", "frozen.weight") else 1.0
+        factor = 1 - 0.1 * 0.5 if n in ("bert.layer.0.dense.weight", "classifier.weight", FROZEN) else 1.0
         assert torch.allclose(p, before[n] * factor), n
 
 
@@ -85,7 +110,7 @@ def test_adamw_resume_is_bitwise():
     tensors, meta = opt.state_dict()
     tensors, meta = st_load(st_save(tensors)), json.loads(json.dumps(meta))  # through the real file formats
     resumed = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in first]  # leaves, as a model's are
-    fresh = AdamW(param_groups(resumed, 0.1))  # default hyperparameters: load must restore the saved ones
+    fresh = AdamW(param_groups(module_of(resumed), 0.1))  # default hyperparameters: load must restore the saved ones
     fresh.load_state_dict(tensors, meta)
     assert fresh.t == 50 and fresh.betas == (0.9, 0.98) and fresh.eps == 1e-6
     run_minift(resumed, 50, sched, start=50, opt=fresh)
@@ -95,7 +120,7 @@ def test_adamw_resume_is_bitwise():
 
 def test_load_state_dict_names_the_problem():
     named = make_params(torch.float32)
-    tensors, meta = AdamW(param_groups(named, 0.1)).state_dict()
+    tensors, meta = AdamW(param_groups(module_of(named), 0.1)).state_dict()
     assert set(tensors) == {f"{kind}.{n}" for kind in ("exp_avg", "exp_avg_sq") for n, _ in SHAPES}
     assert meta == {"step": 0, "lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": [0.1, 0.0]}
     missing = {k: v for k, v in tensors.items() if k != "exp_avg.classifier.bias"}
@@ -104,12 +129,12 @@ def test_load_state_dict_names_the_problem():
     for bad, name in [(missing, "exp_avg.classifier.bias"), (extra, "exp_avg.pooler.dense.weight"),
                       (shaped, "exp_avg_sq.classifier.weight")]:
         with pytest.raises(MiniftError, match=name.replace(".", r"\.")):
-            AdamW(param_groups(named, 0.1)).load_state_dict(bad, meta)
+            AdamW(param_groups(module_of(named), 0.1)).load_state_dict(bad, meta)
 
 
 def test_zero_grad_sets_none():
     named = make_params(torch.float32)
-    opt = AdamW(param_groups(named, 0.1))
+    opt = AdamW(param_groups(module_of(named), 0.1))
     set_grads(named, 0)
     opt.zero_grad()
     assert all(p.grad is None for _, p in named)
@@ -124,67 +149,59 @@ def weight(*shape):
 
 def test_param_groups_leave_frozen_tensors_out():
     named = [("a.weight", weight(3, 3)), ("b.weight", weight(3, 3).requires_grad_(False)), ("c.bias", weight(3))]
-    decay, plain = param_groups(named, 0.01)
+    decay, plain = param_groups(module_of(named), 0.01)
     assert decay["names"] == ["a.weight"] and plain["names"] == ["c.bias"]
 
 
-def test_param_groups_bert_names():
-    H = 4
-    named = [("bert.embeddings.word_embeddings.weight", weight(30, H)),
-             ("bert.embeddings.position_embeddings.weight", weight(16, H)),
-             ("bert.embeddings.LayerNorm.weight", weight(H)), ("bert.embeddings.LayerNorm.bias", weight(H)),
-             ("bert.encoder.layer.0.attention.self.query.weight", weight(H, H)),
-             ("bert.encoder.layer.0.attention.self.query.bias", weight(H)),
-             ("bert.encoder.layer.0.attention.output.LayerNorm.weight", weight(H)),
-             ("bert.encoder.layer.0.intermediate.dense.weight", weight(2 * H, H)),
-             ("bert.pooler.dense.weight", weight(H, H)),
-             ("classifier.weight", weight(3, H)), ("classifier.bias", weight(3))]
-    decay, plain = param_groups(named, 0.01)
+def test_param_groups_bert_by_type():
+    """No decay for biases, norm gains and embedding tables, found by what they are, not by their names."""
+    cfg = {"model_type": "bert", "vocab_size": 30, "hidden_size": 4, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 16}
+    model = build_model(cfg, "classify", num_labels=3)
+    decay, plain = param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
-    assert decay["names"] == ["bert.encoder.layer.0.attention.self.query.weight",
-                              "bert.encoder.layer.0.intermediate.dense.weight", "bert.pooler.dense.weight",
-                              "classifier.weight"]
-    assert plain["names"] == ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
-                              "bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias",
-                              "bert.encoder.layer.0.attention.self.query.bias",
-                              "bert.encoder.layer.0.attention.output.LayerNorm.weight", "classifier.bias"]
-    assert describe_groups([decay, plain]) == "decay: 4 tensors, 76 params | no decay: 7 tensors, 203 params"
+    assert all(name.endswith("weight") and model.get_parameter(name).ndim == 2 for name in decay["names"])
+    assert "classifier.weight" in decay["names"] and "bert.pooler.dense.weight" in decay["names"]
+    embeddings = [n for n in plain["names"] if "_embeddings." in n]
+    assert embeddings == ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+                          "bert.embeddings.token_type_embeddings.weight"]
+    assert {n for n in plain["names"] if n not in embeddings} == {n for n, p in model.named_parameters() if p.ndim < 2}
+    assert len(decay["names"]) + len(plain["names"]) == len(list(model.parameters()))
 
 
-def test_param_groups_gpt2_names_and_tied_weight():
-    wte = weight(1000, 8)
-    named = [("transformer.wte.weight", wte), ("transformer.wpe.weight", weight(32, 8)),
-             ("transformer.h.0.ln_1.weight", weight(8)),
-             ("transformer.h.0.attn.c_attn.weight", weight(24, 8)),
-             ("transformer.h.0.attn.c_attn.bias", weight(24)),
-             ("transformer.h.0.mlp.c_fc.weight", weight(32, 8)),
-             ("transformer.ln_f.weight", weight(8)), ("lm_head.weight", wte)]  # tied: the same tensor
-    decay, plain = param_groups(named, 0.1)
-    assert decay["names"] == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"]
-    assert plain["names"] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-                              "transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight"]
+def test_param_groups_gpt2_tied_weight_and_llama_embedding():
+    gpt2 = build_model({"model_type": "gpt2", "vocab_size": 50, "n_embd": 8, "n_layer": 1, "n_head": 2,
+                        "n_positions": 16}, "lm")
+    decay, plain = param_groups(gpt2, 0.1)
+    assert decay["names"] == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                              "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]
+    assert plain["names"][:2] == ["transformer.wte.weight", "transformer.wpe.weight"]
+    wte = gpt2.transformer.wte.weight  # also the LM head's (heads.TiedLMHead): one tensor, updated once
     assert sum(p is wte for g in (decay, plain) for p in g["params"]) == 1
-    assert describe_groups([decay, plain]) == "decay: 2 tensors, 448 params | no decay: 5 tensors, 8.3K params"
-    # A custom rule: decay the embeddings too (some recipes do).
-    decay, plain = param_groups(named, 0.1, no_decay=lambda name, p: p.ndim < 2)
-    assert "transformer.wte.weight" in decay["names"] and "lm_head.weight" not in decay["names"]
+    # Llama names its table embed_tokens; the rule finds it by type all the same (d758b89 decayed it).
+    llama = build_model({"model_type": "llama", "vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16,
+                         "tie_word_embeddings": True}, "lm")
+    decay, plain = param_groups(llama, 0.1)
+    assert "model.embed_tokens.weight" in plain["names"] and "model.embed_tokens.weight" not in decay["names"]
+    assert all(llama.get_parameter(n).ndim == 2 for n in decay["names"])
 
 
 def test_a_faster_head_gets_its_own_groups_and_matches_torch_per_group_lr():
     """head_lr_scale: the head's tensors move to groups of their own whose lr is the schedule's times the scale;
     the same as torch.optim.AdamW given that lr for those groups."""
     named = make_params(torch.float64)
-    groups = param_groups(named, 0.1, head={"classifier.weight", "classifier.bias"}, head_lr_scale=10)
+    groups = param_groups(module_of(named), 0.1, head_lr_scale=10)  # the head: what lies outside the body
     assert [g["names"] for g in groups[2:]] == [["classifier.weight"], ["classifier.bias"]]
     assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.1, 10), (0.0, 10)]
     assert "classifier.weight" not in groups[0]["names"] and "classifier.bias" not in groups[1]["names"]
     assert describe_groups(groups).endswith("| decay at lr x10: 1 tensors, 48 params | no decay at lr x10: 1 tensors, 3 params")
-    assert len(param_groups(named, 0.1, head={"classifier.weight"})) == 2  # scale 1: no groups of its own
+    assert len(param_groups(module_of(named), 0.1)) == 2  # scale 1: no groups of its own
 
     sched = LRSchedule(1e-3, 50, warmup_steps=5)
     theirs = [(n, torch.nn.Parameter(p.clone())) for n, p in named]
     ours_opt = AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-6)
-    their_groups = param_groups(theirs, 0.1, head={"classifier.weight", "classifier.bias"}, head_lr_scale=10)
+    their_groups = param_groups(module_of(theirs), 0.1, head_lr_scale=10)
     torch_opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"], "scale": g["lr_scale"]}
                                    for g in their_groups], lr=1.0, betas=(0.9, 0.98), eps=1e-6)
     for step in range(50):
@@ -197,7 +214,7 @@ def test_a_faster_head_gets_its_own_groups_and_matches_torch_per_group_lr():
     diff = max((a - b).abs().max().item() for (_, a), (_, b) in zip(named, theirs))
     start = dict(make_params(torch.float64))
     head_moved = (dict(named)["classifier.weight"] - start["classifier.weight"]).abs().max().item()
-    body_moved = (dict(named)["layer.0.dense.weight"] - start["layer.0.dense.weight"]).abs().max().item()
+    body_moved = (dict(named)["bert.layer.0.dense.weight"] - start["bert.layer.0.dense.weight"]).abs().max().item()
     assert diff < 1e-12
     assert head_moved > 5 * body_moved  # the head really took bigger steps
 

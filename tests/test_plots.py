@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from minift.errors import MiniftError
-from minift.plots import plot_confusion, plot_learning_curves, plot_time_vs_accuracy, read_log
+from minift.plots import plot_confusion, plot_learning_curves, plot_time_vs_accuracy
+from minift.resume import read_log
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import minift.sweep
 from minift.cli import main
 from minift.errors import MiniftError
 from minift.sweep import grid, random_trials, run_sweep, seconds_to
-from minift.train import TrainConfig
+from minift.config import TrainConfig
 
 SPACE = {"lr": [1e-5, 5e-5, 1e-4], "batch_size": [16, 32]}
 
@@ -181,6 +181,33 @@ def test_command_line_sweep(tmp_path, fake_finetune, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--out", str(tmp_path / "none")])
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+def test_command_line_sweep_with_lora_follows_finetunes_lora_recipe(tmp_path, fake_finetune, monkeypatch, capsys):
+    """One --lora-r: recipe.LORA_TRAIN on top of MAIN_TRAIN for every trial, as `minift finetune --lora-r 8`
+    does; several ranks in one sweep are refused (each rank wants its own lr and freeze)."""
+    main_lr, lora_lr = minift.recipe.MAIN_TRAIN["lr"], minift.recipe.LORA_TRAIN["lr"]
+    for lr in (main_lr, lora_lr):  # the fake's numbers for the trials' (unswept) lr
+        for batch_size in (16, 32):
+            monkeypatch.setitem(SCRIPT, (lr, batch_size), (0.7, 0.6, 0.5))
+    argv = ["sweep", "--batch-size", "16,32", "--limit", "200"]
+    main(argv + ["--out", str(tmp_path / "full")])
+    assert [c["cfg"].batch_size for c in fake_finetune] == [16, 32]
+    assert all(c["cfg"].lora_r == 0 and c["cfg"].lr == main_lr and c["cfg"].freeze == minift.recipe.MAIN_TRAIN["freeze"]
+               for c in fake_finetune)
+    fake_finetune.clear()
+    main(argv + ["--lora-r", "8", "--out", str(tmp_path / "lora")])
+    assert [c["cfg"].batch_size for c in fake_finetune] == [16, 32]
+    for c in fake_finetune:
+        assert c["cfg"].lora_r == 8
+        assert c["cfg"].lr == lora_lr and c["cfg"].freeze == minift.recipe.LORA_TRAIN["freeze"]
+        assert c["cfg"].dropout == minift.recipe.MAIN_TRAIN["dropout"]  # the rest of MAIN_TRAIN still holds
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--lora-r", "1,2", "--out", str(tmp_path / "ranks")])
+    assert exit_.value.code == 2
+    assert "--lora-r takes one value per sweep" in capsys.readouterr().err
+    assert len(fake_finetune) == 2 and not (tmp_path / "ranks").exists()  # refused before any trial
 
 
 def test_a_real_sweep_never_opens_the_test_split(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ synthetic examples, so a whole train() takes about 0.1 s. Torch runs on one thre
 other), and one thread also keeps CPU results bitwise reproducible between this process and the child
 processes that the resume and crash tests start.
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -21,15 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from minift.batching import TrainData, collate
 from minift.checkpoints import build_model
-from minift.batching import collate
+from minift.config import TrainConfig
 from minift.errors import MiniftError
 from minift.evaluate import evaluate
 from minift.layers import Dropout
 from minift.optim import AdamW, LRSchedule, param_groups, warmup_steps_for
 from minift.resume import LoopState, load_training_state, save_training_state
 from minift.step import forward_backward
-from minift.train import TrainConfig, seed_everything, set_dropout, train
+from minift.train import seed_everything, set_dropout, train
 
 # `minift.train` is the train() function (minift/__init__.py re-exports it under the module's name), so
 # monkeypatching the loop's globals needs the module object itself:
@@ -95,10 +97,10 @@ def config(kind="bert", **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def run(cfg, out, kind="bert", n=24, model=None, val=None, resume=False, **kw):
+def run(cfg, out, kind="bert", n=24, model=None, val=None, resume=False):
     """train() on `n` synthetic examples; returns (model, the per-step records of log.jsonl)."""
     model = make_model(kind) if model is None else model
-    train(model, examples(kind, n), val, cfg, out, pad_id=PAD, resume=resume, **kw)
+    train(model, TrainData(examples(kind, n), val or [], PAD), cfg, out, resume=resume)
     return model, steps_logged(out)
 
 
@@ -244,7 +246,7 @@ def first_then_second_save(folder, crash):
     checkpoints = importlib.import_module("minift.checkpoints")
     folder = Path(folder)
     model = make_model()
-    optimizer = AdamW(param_groups(model.named_parameters(), 0.01))
+    optimizer = AdamW(param_groups(model, 0.01))
     save_training_state(folder, model, optimizer, LoopState(step=1), TrainConfig(), None, None)
     with torch.no_grad():
         for p in model.parameters():
@@ -293,7 +295,7 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint(tmp_path, cra
     else:
         assert not folder.exists() and (tmp_path / "checkpoint.old").is_dir()
     model = make_model(seed=123)
-    optimizer = AdamW(param_groups(model.named_parameters(), 0.01))
+    optimizer = AdamW(param_groups(model, 0.01))
     state = load_training_state(folder, model, optimizer)
     assert state.step == 1
     first = make_model()  # the weights of the first save (the child built the same model, seed 0)
@@ -645,8 +647,8 @@ def test_early_stopping_with_a_metric_that_cannot_improve(tmp_path):
     # sets "best"; an equal value is not an improvement, so with patience 1 the second evaluation stops it.
     model = make_model()
     start = params_of(model)
-    result = train(model, cls_examples(24), cls_examples(8, seed=1), config(lr=1e-30, eval_every=1, patience=1),
-                   tmp_path, pad_id=PAD)
+    result = train(model, TrainData(cls_examples(24), cls_examples(8, seed=1), PAD),
+                   config(lr=1e-30, eval_every=1, patience=1), tmp_path)
     assert result["stopped_early"] and result["steps"] == 2 and result["best_step"] == 1
     evals = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if "eval" in r] == [1, 2]
@@ -665,8 +667,8 @@ def test_early_stopping_keeps_the_model_of_the_best_evaluation(tmp_path, monkeyp
 
     monkeypatch.setattr(TM, "evaluate", scripted)
     model = make_model()
-    result = train(model, cls_examples(24), cls_examples(8, seed=1),
-                   config(eval_every=1, patience=1, metric=metric), tmp_path, pad_id=PAD)
+    result = train(model, TrainData(cls_examples(24), cls_examples(8, seed=1), PAD),
+                   config(eval_every=1, patience=1, metric=metric), tmp_path)
     assert result["stopped_early"] and result["steps"] == len(values) and result["best_step"] == best_step
     assert_bitwise_equal(weights(tmp_path / "best"), seen[best_step - 1])
     assert not all(torch.equal(seen[-1][n], seen[best_step - 1][n]) for n in seen[-1])  # the model did move
@@ -679,17 +681,20 @@ def test_the_time_estimate_times_only_steps_of_shapes_already_seen(tmp_path, mon
     monkeypatch.setattr(T, "ESTIMATE_AFTER", 4)
     monkeypatch.setattr(T, "ESTIMATE_SECONDS", 0.0)
     rows = [{"input_ids": [1 + i % 7] * 6, "label": i % 3} for i in range(24)]
-    train(make_model(), rows, rows[:8], config(epochs=1), tmp_path, pad_id=PAD)
+    train(make_model(), TrainData(rows, rows[:8], PAD), config(epochs=1), tmp_path)
     out = capsys.readouterr().out
     assert out.count("time estimate:") == 1
     assert "for the 1 steps left and 1 evaluation (" in out and "over 4 steps of batch shapes already seen" in out
 
-    run = T.Run(*[None] * 19)
-    run.dist, run.timing, run.shapes_seen = None, [], set()
+    # a bare Run (every required field None, a fresh StepClock): note_step_time needs only the clock and dist
+    required = [f for f in dataclasses.fields(T.Run)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    run = T.Run(*[None] * len(required))
+    assert run.dist is None and run.clock == T.StepClock()
     for length in (5, 5, 9, 5, 9, 12):
         T.note_step_time(run, [{"input_ids": torch.zeros(4, length)}], seconds=length / 10)
-    assert run.timing == [(0.5, 20), (0.5, 20), (0.9, 36)]  # the first 5, the first 9 and the 12 are not counted
-    assert not run.estimated  # 3 steps, 1.9 s: not yet
+    assert run.clock.timing == [(0.5, 20), (0.5, 20), (0.9, 36)]  # the first 5, the first 9 and the 12 are not counted
+    assert not run.clock.estimated  # 3 steps, 1.9 s: not yet
 
 
 def test_head_lr_scale_moves_the_new_head_faster_and_the_body_the_same(tmp_path):

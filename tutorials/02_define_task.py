@@ -30,10 +30,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import minift
 from minift.batching import collate
 from minift.checkpoints import build_model
+from minift.corpora import TWEET_LABELS, load_classification_splits
 from minift.data import read_jsonl
-from minift.finetune import load_classification_splits
 from minift.tasks import ALPACA_TEMPLATE, encode_classification, encode_instruction, show_supervised
-from minift.tweets import TWEET_LABELS
 
 parser = argparse.ArgumentParser(description="Stage 2: the head and the loss")
 parser.add_argument("--quick", action="store_true", help="the same lesson (it is already quick); for CI")
@@ -89,8 +88,8 @@ for name, model in (("[CLS] pooling", clf), ("mean pooling", clf_mean)):
         loss, _ = model.loss(logits, batch["labels"])
     probs = logits.softmax(-1)
     print(f"\n{name}: logits shape {tuple(logits.shape)}  (batch x {len(label_names)} classes)")
-    for r, l, p in list(zip(rows, logits.tolist(), probs.tolist()))[:3]:
-        print(f"  {r['text'][:48]!r:<52} logits {[round(v, 3) for v in l]}  probs {[round(v, 3) for v in p]}")
+    for r, row_logits, p in list(zip(rows, logits.tolist(), probs.tolist()))[:3]:
+        print(f"  {r['text'][:48]!r:<52} logits {[round(v, 3) for v in row_logits]}  probs {[round(v, 3) for v in p]}")
     print(f"  untrained loss {loss.item():.4f}   ln 3 = {math.log(3):.4f}")
     # the same loss by hand: mean over the batch of -log p(true class)
     by_hand = -probs.log()[torch.arange(len(rows)), batch["labels"]].mean()
@@ -139,7 +138,8 @@ sample = "What is 6 times 7?"
 print(f"{sample!r} -> {[bpe_tok.id_to_token(i) for i in bpe_tok.encode(sample)]}  (Ġ marks a space)")
 
 # %% [markdown]
-# `encode_instruction` builds (input_ids, labels) pairs; `collate` pads a batch on the right (labels with
+# `encode_instruction` builds (input_ids, labels) pairs (the prompt is `format_instruction`'s: Alpaca's
+# template, as this tokenizer has no chat template); `collate` pads a batch on the right (labels with
 # -100); `show_supervised` prints each row with only the trained tokens visible (a `·` stands for a run of
 # prompt tokens). Only the answer and the end-of-text token are learnt. In the table below `labels[t]` is
 # the token at t itself (or -100); the loss pairs it with the logits at t-1, which is where the shift by
@@ -155,7 +155,7 @@ print(show_supervised(lm_batch, bpe_tok))
 
 ids, labels = lm_batch["input_ids"][0].tolist(), lm_batch["labels"][0].tolist()
 first = next(i for i, y in enumerate(labels) if y != -100)
-print(f"\nrow 0 around the prompt/response boundary (position, token, label):")
+print("\nrow 0 around the prompt/response boundary (position, token, label):")
 for t in range(first - 3, min(first + 8, len(ids))):
     shown = bpe_tok.decode([ids[t]], skip_special_tokens=False)
     note = {first: "   <- first supervised token"}.get(t, "")

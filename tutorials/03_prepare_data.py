@@ -21,10 +21,9 @@ from pathlib import Path
 
 import minift
 from minift.batching import batch_order, collate
+from minift.corpora import TWEET_LABELS, load_tweets, split_folder
 from minift.data import clean, format_stats, load_splits, repair_mojibake, save_splits, split, stats
-from minift.finetune import split_folder
 from minift.tasks import encode_classification
-from minift.tweets import TWEET_LABELS, load_tweets
 
 parser = argparse.ArgumentParser(description="Stage 3: read, clean, split, tokenize, batch")
 parser.add_argument("--quick", action="store_true", help="length statistics on a sample (for CI)")

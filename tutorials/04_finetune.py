@@ -11,7 +11,7 @@
 #     optimizer.zero_grad()
 #
 # We first write a few steps out by hand, check our hand-written gradient against PyTorch's autograd, and
-# then run the real thing with `minift.finetune.finetune_classifier`, which wraps the same steps in
+# then run the real thing with `minift.classify.finetune_classifier`, which wraps the same steps in
 # `minift.train.train` (batching, evaluation, checkpoints, logging). The loop's step is the function
 # `minift.step.train_step`: its body is these six lines with a loop over micro-batches; put a breakpoint
 # there to watch a real run.
@@ -24,7 +24,6 @@
 
 # %%
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -32,12 +31,14 @@ from pathlib import Path
 import torch
 
 import minift
-from minift import recipe
+from minift import TrainConfig, recipe
 from minift.batching import batch_order, collate
-from minift.finetune import finetune_classifier, load_classification_splits
+from minift.classify import finetune_classifier
+from minift.corpora import load_classification_splits
 from minift.optim import AdamW, LRSchedule, clip_grad_norm, describe_groups, param_groups
+from minift.resume import read_log
 from minift.tasks import encode_classification
-from minift.train import TrainConfig, fast_precision, pick_device, set_dropout
+from minift.train import set_dropout
 
 parser = argparse.ArgumentParser(description="Stage 4: the training loop, by hand and for real")
 parser.add_argument("--quick", action="store_true", help="a few hundred rows, 1 epoch (for CI)")
@@ -66,7 +67,7 @@ model.train()  # dropout on; and, with autograd off, each layer keeps what its b
 examples = encode_classification(splits["train"][:256], tok, label_names, max_length=64)
 lengths = [len(e["input_ids"]) for e in examples]
 
-groups = param_groups(model.named_parameters(), weight_decay=0.01)
+groups = param_groups(model, weight_decay=0.01)
 params = [p for g in groups for p in g["params"]]
 print(describe_groups(groups))
 n_steps = 5
@@ -185,7 +186,7 @@ if args.quick:
 else:
     cfg = TrainConfig(**recipe.MAIN_TRAIN)  # the default recipe
     limit = None
-shutil.rmtree(out, ignore_errors=True)  # a fresh run: train() appends to log.jsonl and could resume
+shutil.rmtree(out, ignore_errors=True)  # a fresh run (train() would move an earlier run aside, to previous-1/)
 report = finetune_classifier("minilm", out=str(out), cfg=cfg, limit=limit, test=False)
 
 # %% [markdown]
@@ -194,12 +195,12 @@ report = finetune_classifier("minilm", out=str(out), cfg=cfg, limit=limit, test=
 # The log has one line per optimizer step (loss, lr, gradient norm) and one per evaluation.
 
 # %%
-log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-losses = [r["loss"] for r in log if "loss" in r]
+steps, _ = read_log(out / "log.jsonl")  # (training records, evaluation records)
+losses = [r["loss"] for r in steps]
 k = max(3, len(losses) // 5)
 first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
 val = report["validation"]
-precision = fast_precision(pick_device(cfg.device)) if cfg.precision == "auto" else cfg.precision
+precision = report["precision"]  # what "auto" became on this machine
 print(f"\n{len(losses)} optimizer steps in {report['seconds']:.0f} s ({report['seconds'] / len(losses):.2f} s/step, "
       f"{precision}); training loss, mean of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
 print(f"validation accuracy {val['accuracy']:.4f}  macro-F1 {val['macro_f1']:.4f}  on {val['num_examples']} rows;  "

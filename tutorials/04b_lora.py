@@ -28,12 +28,11 @@ import torch
 import minift
 from minift import recipe
 from minift.batching import collate
-from minift.finetune import load_classification_splits
+from minift.corpora import load_classification_splits
 from minift.layers import Linear
 from minift.lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_and_unload, merge_lora, save_adapter,
                          unmerge_lora)
 from minift.tasks import encode_classification
-from minift.train import TrainConfig
 
 parser = argparse.ArgumentParser(description="Stage 4b: LoRA, by hand and for real")
 parser.add_argument("--quick", action="store_true", help="a few hundred rows, 1 epoch (for CI)")
@@ -95,6 +94,7 @@ assert layer.weight.grad is None
 tok = minift.load_tokenizer(recipe.MODEL)
 splits, label_names = load_classification_splits()
 model = minift.load(recipe.MODEL, task="classify", num_labels=len(label_names), pooling=recipe.POOLING, verbose=False)
+model.label_names = list(label_names)  # saved with it (config.json's id2label)
 probe = encode_classification(splits["validation"][:64], tok, label_names, recipe.MAX_LENGTH)
 batch = collate(probe, tok.pad_id)
 model.eval()
@@ -120,18 +120,21 @@ print(f"trained: {len(trainable)} tensors; lora_A/lora_B {sum(v for n, v in trai
 # estimates for the 22.6 M frozen numbers) and the backward stops below the lowest adapter (nothing is kept
 # for the embeddings). LoRA's update starts small and is scaled by alpha / r, so it wants a larger learning
 # rate than full fine-tuning: 5e-4 here (1e-3 for the short --quick run) against stage 4's 5e-5.
+# The adapters are on already, so the settings keep `lora_r=0` (the default): `TrainConfig(lora_r=8)` would
+# have train() add them itself (every linear layer, `lora_targets`), as `minift finetune --lora` does. When it
+# keeps a best model, train() writes run/best/ as the merged plain checkpoint and run/adapter/ in peft's layout.
 
 # %%
 if args.quick:
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, log_every=5)
+    cfg = minift.TrainConfig(epochs=1, batch_size=16, lr=1e-3, log_every=5)
     train_rows = splits["train"][:400]
     val_rows = splits["validation"][:100]
 else:
-    cfg = TrainConfig(lr=5e-4)
+    cfg = minift.TrainConfig(lr=5e-4)
     train_rows, val_rows = splits["train"], splits["validation"]
 train_ex = encode_classification(train_rows, tok, label_names, recipe.MAX_LENGTH)
 val_ex = encode_classification(val_rows, tok, label_names, recipe.MAX_LENGTH)
-result = minift.train(model, train_ex, val_ex, cfg, out / "run", tok.pad_id, label_names)
+result = minift.train(model, minift.TrainData(train_ex, val_ex, tok.pad_id), cfg, out / "run")
 moved = max(layer.lora_B.abs().max().item() for layer in lora_layers(model).values())
 print(f"{result['steps']} steps in {result['seconds']:.0f} s; best validation accuracy {result['best']:.4f} "
       f"(step {result['best_step']}); largest |B| entry now {moved:.3g} (it started at 0)")
@@ -169,7 +172,7 @@ with torch.no_grad():
     assert torch.equal(again.eval()(batch["input_ids"], batch["attention_mask"]), unmerged)
 
 plain = merge_and_unload(model)
-minift.save_checkpoint(plain, out / "merged", label_names)
+minift.save_checkpoint(plain, out / "merged")  # with plain.label_names, set in 4b.2
 reloaded = minift.load_checkpoint(out / "merged", verbose=False).eval()
 with torch.no_grad():
     diff = (reloaded(batch["input_ids"], batch["attention_mask"]) - unmerged).abs().max().item()

@@ -24,7 +24,6 @@
 
 # %%
 import argparse
-import json
 import math
 import shutil
 import time
@@ -32,8 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import minift
-from minift.finetune import load_classification_splits
+from minift.corpora import load_classification_splits
 from minift.plots import plot_confusion, plot_learning_curves
+from minift.resume import read_log
 from minift.tasks import encode_classification
 
 parser = argparse.ArgumentParser(description="Stage 5: over-fitting, under-fitting and early stopping")
@@ -64,11 +64,11 @@ def run(name, cfg):
     """Fine-tune a fresh MiniLM with `cfg`; return what train() returned and what it logged."""
     minift.seed_everything(0)  # the same new classification head every time: the runs differ only by cfg
     model = minift.load("minilm", task="classify", num_labels=len(label_names), verbose=False)
-    result = minift.train(model, train_examples, val_examples, cfg, out / name, tok.pad_id, label_names,
-                          tokenizer_file=tokenizer_file)
-    log = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in log if "loss" in r]  # one line per optimizer step: loss, lr, grad_norm
-    evals = [r for r in log if "eval" in r]  # one line per evaluation: {"step", "eval": {loss, accuracy, ...}}
+    model.label_names, model.tokenizer_file = list(label_names), tokenizer_file  # saved with its checkpoints
+    result = minift.train(model, minift.TrainData(train_examples, val_examples, tok.pad_id), cfg, out / name)
+    # log.jsonl has one line per optimizer step (loss, lr, grad_norm) and one per evaluation
+    # ({"step", "eval": {loss, accuracy, ...}}); read_log splits them
+    steps, evals = read_log(out / name / "log.jsonl")
     return result, steps, evals
 
 

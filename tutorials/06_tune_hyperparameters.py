@@ -26,7 +26,8 @@
 #                                                           # then the 5 levers on 2,000 rows
 #
 # Writes runs/tutorials/06_tune_hyperparameters/{quick,full}/ (and {quick,full}-levers/ for section 6.4):
-# results.jsonl, results.csv, sweep.json and one trial-NNN/ folder per trial (its best model, log.jsonl and full printout, output.txt).
+# results.jsonl, results.csv, sweep.json and one trial-NNN/ folder per trial (its best model, log.jsonl and full
+# printout, output.txt).
 # A sweep like it from the command line (its trials follow `minift finetune`'s defaults):
 #
 #     minift sweep --lr 2e-5,5e-5,1e-4 --batch-size 16,32 --epochs 1 --limit 2000
@@ -38,9 +39,8 @@ import shutil
 import time
 from pathlib import Path
 
-from minift import recipe
+from minift import TrainConfig, recipe
 from minift.sweep import grid, random_trials, run_sweep
-from minift.train import TrainConfig
 
 parser = argparse.ArgumentParser(description="Stage 6: a hyperparameter sweep, chosen on validation")
 parser.add_argument("--quick", action="store_true", help="3 trials on 192 rows (under a minute, for CI)")
@@ -73,9 +73,9 @@ print(f"3 random trials of the full grid's {len(grid(full_grid))}: {random_trial
 # ## 6.2 Run the sweep
 #
 # `run_sweep` calls `finetune_classifier(..., test=False)` once per trial, on the first `limit` training
-# rows (and the first `limit // 4`, at least 50, validation rows), with `base`'s settings and the trial's
-# own. Each trial's full printout goes to its `output.txt`; the screen gets one line per trial and the
-# table at the end, best first.
+# rows (and the first `limit // 4`, at least 16, validation rows: `corpora.limit_rows`), with `base`'s
+# settings and the trial's own. Each trial's full printout goes to its `output.txt`; the screen gets one line
+# per trial and the table at the end, best first.
 
 # %%
 result = run_sweep(space, out=out, limit=limit, base=base)

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 import minift
+from minift import TrainConfig
+from minift.classify import finetune_classifier, predict
+from minift.corpora import load_classification_splits, split_folder
 from minift.data import load_splits
-from minift.finetune import finetune_classifier, load_classification_splits, look_at_test_set, predict, \
-    split_folder
+from minift.outputs import look_at_test_set
 from minift.tasks import encode_classification
-from minift.train import TrainConfig
 
 parser = argparse.ArgumentParser(description="Stage 7: one look at the test set, then save, reload, predict, export")
 parser.add_argument("--quick", action="store_true", help="a copy of the split folder and 300 test rows (for CI)")
@@ -108,8 +109,7 @@ print(f"looking at {split_dir / 'test.jsonl'}{' again (--again)' if args.again e
 # %%
 tok = minift.load_tokenizer(checkpoint)
 model = minift.load(checkpoint, verbose=False).eval()
-names = [model.hf_config["id2label"][str(i)] for i in range(model.config.num_labels)]
-assert tuple(names) == tuple(label_names)
+assert tuple(model.label_names) == tuple(label_names)  # read from config.json's id2label: they travel with it
 test_rows = load_splits(split_dir)["test"]
 if args.quick:
     test_rows = test_rows[:300]  # a sample: quick mode is about the procedure
@@ -120,12 +120,13 @@ print(f"\ntest set{' (first 300 rows of the copy)' if args.quick else ''}:\n{min
 # %% [markdown]
 # ## 7.4 Save, reload, compare
 #
-# `save_checkpoint` writes config.json (with id2label, so the labels travel with the model),
-# model.safetensors (the tensors under Hugging Face's names) and tokenizer.json. Loading it back must give
-# the very same model: we compare logits bit for bit.
+# `save_checkpoint` writes config.json (with id2label from `model.label_names`, so the labels travel with the
+# model), model.safetensors (the tensors under Hugging Face's names) and `model.tokenizer_file` (the
+# tokenizer.json it was loaded with). Loading it back must give the very same model: we compare logits bit
+# for bit.
 
 # %%
-export = minift.save_checkpoint(model, out / "export", label_names, tokenizer_file=checkpoint / "tokenizer.json")
+export = minift.save_checkpoint(model, out / "export")
 print(f"\nsaved to {export}: {', '.join(sorted(p.name for p in export.iterdir()))}")
 reloaded = minift.load(export, verbose=False).eval()
 sentences = ["What a great flight, thank you so much!", "My bag is lost again and nobody answers the phone.",
@@ -140,12 +141,13 @@ assert torch.equal(logits, logits_reloaded)
 # %% [markdown]
 # ## 7.5 Predict on new text
 #
-# `predict` tokenizes, runs the model in eval mode and returns the most likely label with its probability.
+# `predict` tokenizes (cutting texts at the max_length the model was trained with, `model.max_length`), runs
+# the model in eval mode and returns the most likely label (named by `model.label_names`) with its probability.
 # (From the shell: `minift predict <folder> "some text"`.)
 
 # %%
 print()
-for text, (label, p) in zip(sentences, predict(reloaded, tok, sentences, label_names)):
+for text, (label, p) in zip(sentences, predict(reloaded, tok, sentences)):
     print(f"{label:>9} {p:.3f}  {text}")
 
 # %% [markdown]

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minift
-from minift.finetune import load_classification_splits
+from minift.corpora import load_classification_splits
 from minift.tasks import encode_classification
 
 parser = argparse.ArgumentParser(description="Stage 8: data parallel training, one process vs two")
@@ -68,7 +68,8 @@ def tweets_and_model():
     examples = encode_classification(splits["train"][:steps * batch_size], tok, label_names, max_length=64)
     minift.seed_everything(0)  # the new head is drawn from the seed (and rank 0's is sent to all ranks anyway)
     model = minift.load("minilm", task="classify", num_labels=len(label_names), verbose=False)
-    return examples, model, tok.pad_id
+    # no validation rows: the lesson is the weights, so no evaluation and no best model
+    return minift.TrainData(examples, [], tok.pad_id), model
 
 
 # Dropout off and fp32: then one process and two must agree up to float rounding (with dropout on, each rank
@@ -92,8 +93,8 @@ if args.worker:
     x = torch.tensor([dist.rank + 1.0])
     torch.distributed.all_reduce(x)
     print(f"all-reduce of (rank + 1) over {dist.world_size} ranks: {x.item():g}")
-    examples, model, pad_id = tweets_and_model()
-    minift.train(model, examples, None, cfg, out / "two", pad_id)
+    data, model = tweets_and_model()
+    minift.train(model, data, cfg, out / "two")
     if dist.is_main:
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
                   str(out / "two" / "weights.safetensors"))
@@ -104,9 +105,9 @@ if args.worker:
 
 # %%
 t0 = time.perf_counter()
-examples, model, pad_id = tweets_and_model()
+data, model = tweets_and_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters()}
-minift.train(model, examples, None, cfg, out / "one", pad_id)
+minift.train(model, data, cfg, out / "one")
 one = {n: p.detach().clone() for n, p in model.named_parameters()}
 print(f"one process: {steps} steps in {time.perf_counter() - t0:.1f} s")
 
@@ -140,8 +141,8 @@ print(f"two processes: {steps} steps in {time.perf_counter() - t0:.1f} s (starti
 # %%
 from dataclasses import replace
 
-examples, model, pad_id = tweets_and_model()
-minift.train(model, examples, None, replace(cfg, grad_accum=2), out / "one_accum", pad_id)
+data, model = tweets_and_model()
+minift.train(model, data, replace(cfg, grad_accum=2), out / "one_accum")
 accum = {n: p.detach().clone() for n, p in model.named_parameters()}
 moved = max(float((one[n] - start[n]).abs().max()) for n in one)
 apart = max(float((one[n] - two[n]).abs().max()) for n in one)

@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 
 import minift
+from minift import TrainConfig
 from minift.batching import collate
-from minift.instruct import TWEET_INSTRUCTION, finetune_instruct, load_instruction_splits
-from minift.tasks import encode_instruction, show_supervised
-from minift.train import TrainConfig
+from minift.corpora import TWEET_INSTRUCTION, load_instruction_splits
+from minift.instruct import finetune_instruct
+from minift.tasks import encode_instruction, format_instruction, show_supervised
 
 parser = argparse.ArgumentParser(description="instruction-tune SmolLM2 on the tweets, exact match before/after")
 parser.add_argument("--quick", action="store_true", help="a few steps on a few rows (for CI)")
@@ -72,16 +73,17 @@ print(f"end of turn: {tok.id_to_token(tok.eos_id)!r} (id {tok.eos_id}), also the
 # ## 2. Prompt masking: which tokens are trained
 #
 # The tweets, with the same stratified 80/10/10 split as the classifier (seed 0), become prompt/response
-# rows; `encode_instruction` tokenizes prompt and response apart (the boundary is exact), joins them and
-# the end-of-turn token, and labels the prompt -100. `show_supervised` prints what the loss sees: `·` for
-# a masked token.
+# rows; `format_instruction` wraps a row's prompt in the chat template (section 1), and `encode_instruction`
+# tokenizes prompt and response apart (the boundary is exact), joins them and the end-of-turn token, and
+# labels the prompt -100. `show_supervised` prints what the loss sees: `·` for a masked token.
 
 # %%
-splits = load_instruction_splits(None, tok)
+splits = load_instruction_splits(None)  # the rows as they are: {"prompt": the instruction, "response": the label}
 row = splits["train"][0]
 (example,), _ = encode_instruction([row], tok, max_length=256)
 print(show_supervised(collate([example], tok.pad_id), tok))
-n_prompt = len(tok.encode(row["prompt"], add_special_tokens=False))
+prompt, _ = format_instruction(row, tok)  # what encode_instruction tokenized as the prompt: the chat template's
+n_prompt = len(tok.encode(prompt, add_special_tokens=False))
 assert example["labels"][:n_prompt] == [-100] * n_prompt, "every prompt token is masked"
 assert example["labels"][-1] == tok.eos_id, "the end-of-turn token keeps its label"
 print(f"{len(example['input_ids'])} tokens, {n_prompt} of them prompt (masked); trained: "

@@ -27,7 +27,6 @@
 
 # %%
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -37,10 +36,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import minift
+from minift import TrainConfig, TrainData, train
 from minift.checkpoints import build_model
 from minift.data import read_jsonl, split
+from minift.resume import read_log
 from minift.tasks import ALPACA_TEMPLATE, encode_instruction
-from minift.train import TrainConfig, train
 
 parser = argparse.ArgumentParser(description="GPT-2 instruction tuning (a tiny random-init GPT-2 without weights)")
 parser.add_argument("--quick", action="store_true", help="the tiny model, a short run (for CI)")
@@ -50,7 +50,7 @@ out = Path(args.runs) / "gpt2_instruction_tuning" / ("quick" if args.quick else 
 DATA = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
 t_start = time.perf_counter()
 minift.seed_everything(0)
-shutil.rmtree(out, ignore_errors=True)  # a fresh run (train() appends to its log)
+shutil.rmtree(out, ignore_errors=True)  # a fresh run (train() would move an earlier run aside, to previous-1/)
 out.mkdir(parents=True)
 
 # %% [markdown]
@@ -104,22 +104,30 @@ print(f"{type(model).__name__}: {n_params / 1e6:.2f}M parameters, vocabulary {to
 # We hold out a few rows as a validation set. With the tiny model they show what 42 rows cannot teach (a
 # model that has seen no English besides these rows does not generalise); with GPT-2 they show whether
 # the format carries over to new instructions.
+#
+# Each row goes to `encode_instruction` as a prompt/response row with the prompt already in our template:
+# for a tokenizer without a chat template (GPT-2's, or ours) it uses such a prompt as written, so training
+# sees exactly the prompt that generation will use.
 
 # %%
+def prompt_of(row):
+    key = "prompt_input" if row.get("input") else "prompt_no_input"
+    return template[key].format(instruction=row["instruction"], input=row.get("input"))
+
+
+def prompt_rows(rows_):
+    return [{"prompt": prompt_of(r), "response": r["output"]} for r in rows_]
+
+
 parts = split(rows, (0.85, 0.15, 0.0), seed=0, stratify=None)
 train_rows, val_rows = parts["train"], parts["validation"]
-train_ex, dropped = encode_instruction(train_rows, tok, max_length=256, template=template)
-val_ex, _ = encode_instruction(val_rows, tok, max_length=256, template=template)
+train_ex, dropped = encode_instruction(prompt_rows(train_rows), tok, max_length=256)
+val_ex, _ = encode_instruction(prompt_rows(val_rows), tok, max_length=256)
 print(f"\none training sequence (prompt + response + end-of-text):\n{tok.decode(train_ex[0]['input_ids'], False)!r}")
 n_sup = sum(sum(y != -100 for y in e["labels"]) for e in train_ex)
 n_tok = sum(len(e["input_ids"]) for e in train_ex)
 print(f"\n{len(train_ex)} training rows ({dropped} dropped as too long), {len(val_ex)} validation rows; "
       f"{n_sup} of {n_tok} training tokens are supervised ({n_sup / n_tok:.0%}: the rest is prompt)")
-
-
-def prompt_of(row):
-    key = "prompt_input" if row.get("input") else "prompt_no_input"
-    return template[key].format(instruction=row["instruction"], input=row.get("input"))
 
 
 @torch.no_grad()
@@ -149,7 +157,8 @@ show("before training, held-out rows:", probe_val, before_val)
 # The same `train()` as the classifier: AdamW, warmup + linear decay, clipping, our hand-written backward
 # (GPT-2's tied embedding gets the sum of its two gradients). Two settings differ:
 # - `metric="loss"`: "best" means the lowest validation loss (there is no accuracy for free text);
-# - `padding_side="right"` for training (labels line up with inputs; generation uses left padding).
+# - `TrainData(..., padding_side="right")` for training (labels line up with inputs; generation uses left
+#   padding).
 #
 # A pretrained GPT-2 needs a gentle lr (5e-5) and a few epochs; a random-init model needs a much larger
 # lr (1e-3) and many more passes over the same 36 rows.
@@ -161,10 +170,10 @@ if pretrained:
 else:
     cfg = TrainConfig(epochs=30 if args.quick else 150, batch_size=8, lr=1e-3, warmup_ratio=0.05, metric="loss",
                       eval_every=50, log_every=50, group_by_length=False)
-result = train(model, train_ex, val_ex, cfg, out, tok.pad_id, tokenizer_file=tokenizer_file, padding_side="right")
-log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-losses = [r["loss"] for r in log if "loss" in r]
-evals = [r for r in log if "eval" in r]
+model.tokenizer_file = tokenizer_file  # copied into best/ and checkpoint/, beside the weights
+result = train(model, TrainData(train_ex, val_ex, tok.pad_id, padding_side="right"), cfg, out)
+steps, evals = read_log(out / "log.jsonl")  # (training records, evaluation records)
+losses = [r["loss"] for r in steps]
 k = max(2, len(losses) // 10)
 first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
 print(f"\n{len(losses)} steps in {result['seconds']:.0f} s; training loss, mean of the first {k} steps {first:.3f} "

