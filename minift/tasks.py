@@ -10,6 +10,7 @@ by NAME, always (label_ids), so a data set that holds only some of a model's cla
 import numpy as np
 import torch
 
+from .data import check_max_length
 from .errors import MiniftError
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ def encode_classification(rows, tokenizer, label_names, max_length):
     """[{"input_ids": [...], "label": class id}] (no padding: collate pads each batch).
 
     label_names[i] is the name of the model's class i; each row's label is matched to it by name."""
+    check_max_length(max_length)
     ids = tokenizer.encode_batch([r["text"] for r in rows], max_length=max_length)
     return [{"input_ids": i, "label": y} for i, y in zip(ids, label_ids(rows, label_names))]
 
@@ -141,6 +143,7 @@ def encode_instruction(rows, tokenizer, max_length):
     -100 on every prompt token, the token itself on the response and on EOS (so the model learns to
     stop). Too long: cut from the right, so the prompt survives if it fits; an example left with no
     supervised token is dropped and counted in `dropped`."""
+    check_max_length(max_length)
     if tokenizer.eos_id is None:
         raise MiniftError("this tokenizer has no end-of-text token; instruction tuning needs one to stop")
     if not rows:

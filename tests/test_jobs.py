@@ -153,3 +153,30 @@ def test_generate_answers_a_chat_model_in_its_template(capsys, smollm2_dir):
     cli.main(["generate", str(smollm2), question, "--max-new-tokens", "12", "--raw"])
     assert capsys.readouterr().out != answer  # the bare text, continued
     assert "--chat and --raw" in cli_error(capsys, ["generate", str(smollm2), question, "--chat", "--raw"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings checked where they enter (issue 26): one line, before any work
+
+@pytest.mark.parametrize("extra, says", [
+    (["--freeze", "*"], "nothing is left to train"),
+    (["--limit", "0"], "limit 0 must be a whole number >= 1"),
+    (["--limit", "-5"], "limit -5 must be a whole number >= 1"),
+    (["--max-length", "0"], "max_length 0 must be a whole number of tokens"),
+])
+def test_settings_that_would_train_nothing_or_cut_everything(capsys, tmp_path, tiny, extra, says):  # noqa: F811
+    assert says in cli_error(capsys, quick(tiny, tmp_path / "bad", *extra))
+    assert not (tmp_path / "bad" / "checkpoint").exists()
+
+
+def test_a_loss_given_labels_for_other_rows_says_so():
+    from minift.errors import MiniftError
+
+    torch.manual_seed(0)
+    classifier = build_model(TINY, "classify", num_labels=3)
+    with pytest.raises(MiniftError, match="2 rows of logits but labels of shape \\(1,\\)"):
+        classifier.loss(torch.zeros(2, 3), [1])
+    lm = build_model({"model_type": "gpt2", "vocab_size": 20, "n_embd": 8, "n_layer": 1, "n_head": 2,
+                      "n_positions": 16}, "lm")
+    with pytest.raises(MiniftError, match="one label per position"):
+        lm.loss(torch.zeros(2, 5, 20), torch.zeros(2, 4, dtype=torch.long))
