@@ -67,5 +67,8 @@ def predict(model, tok, texts, max_length=None):
     model.eval()
     batch = tok(texts, max_length=max_length or model.max_length or recipe.MAX_LENGTH)
     probs = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise MiniftError("the model's outputs are not finite (NaN or inf weights, a diverged run?): predict with an "
+                          "earlier checkpoint, or train again with a lower lr")
     names = model.label_names or [str(i) for i in range(probs.shape[-1])]
     return [(names[int(p.argmax())], float(p.max())) for p in probs]

@@ -121,6 +121,9 @@ def cmd_evaluate(args):
     from .tokenizer import Tokenizer
 
     model, names = load_classifier(args.checkpoint, args.adapter)
+    if model.load_report.new_head and not args.adapter:  # metrics of a head drawn at random mean nothing
+        raise MiniftError(f"{args.checkpoint} has no trained classification head (a pretrained encoder or a language "
+                          "model?): fine-tune it first (minift finetune --model ...), or give --adapter")
     splits, _ = load_classification_splits(args.data, args.text_column, args.label_column, args.seed,
                                            for_training=False)
     if args.split == "test":

@@ -105,6 +105,9 @@ def evaluate(model, examples, pad_id, batch_size=64, padding_side="right", label
             labels.append(batch["labels"].cpu())
     model.train(was_training)
     mean_loss = total_loss / max(total_targets, 1)
+    if not math.isfinite(mean_loss):
+        raise MiniftError(f"the evaluation loss is {mean_loss}: the model's outputs are not finite (NaN or inf weights, "
+                          "a diverged run?); evaluate an earlier checkpoint, or train again with a lower lr")
     if not preds:
         return {"loss": mean_loss, "perplexity": perplexity(mean_loss), "num_targets": total_targets}
     num_labels = logits.shape[-1]

@@ -325,6 +325,10 @@ def _read_adapter(folder):
         tensors = load_file(str(weights_path))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise MiniftError(f"{folder}: adapter files damaged ({e}): save or download the adapter again") from None
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config["r"] < 1 \
+            or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise MiniftError(f"{config_path} is not a LoRA adapter's config (it needs an object with a whole-number 'r' "
+                          "and 'lora_alpha'): save or download the adapter again")
     if config.get("peft_type") != "LORA":
         raise MiniftError(f"{folder} holds a {config.get('peft_type')} adapter: minift loads LoRA adapters only")
     unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")

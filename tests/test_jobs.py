@@ -180,3 +180,26 @@ def test_a_loss_given_labels_for_other_rows_says_so():
                       "n_positions": 16}, "lm")
     with pytest.raises(MiniftError, match="one label per position"):
         lm.loss(torch.zeros(2, 5, 20), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_evaluate_refuses_a_head_drawn_at_random(capsys, tiny):  # noqa: F811
+    line = cli_error(capsys, ["evaluate", tiny / "model", "--data", tiny / "data.csv"])
+    assert "no trained classification head" in line
+
+
+def test_nan_weights_and_broken_adapter_configs_are_one_line(capsys, tmp_path, tiny):  # noqa: F811
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    cli.main(quick(tiny, out, "--lora-r", "2"))
+    weights = load_file(str(out / "best" / "model.safetensors"))
+    weights["classifier.weight"][0, 0] = float("nan")
+    save_file(weights, str(out / "best" / "model.safetensors"))
+    assert "not finite" in cli_error(capsys, ["predict", out / "best", "great day"])
+    assert "not finite" in cli_error(capsys, ["evaluate", out / "best", "--data", tiny / "data.csv"])
+    config = out / "adapter" / "adapter_config.json"
+    good = json.loads(config.read_text())
+    for broken in ([good], {k: v for k, v in good.items() if k != "r"}):
+        config.write_text(json.dumps(broken))
+        line = cli_error(capsys, ["predict", tiny / "model", "great day", "--adapter", out / "adapter"])
+        assert "is not a LoRA adapter's config" in line
