@@ -13,6 +13,7 @@ from .errors import MiniftError
 from .heads import Backbone, Classifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward, positions_from_mask
 from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward,
                      merge_heads, split_heads)
+from .recompute import block_backward, block_forward
 
 
 @dataclass
@@ -197,7 +198,7 @@ class BertModel(Backbone):
         allowed = attention_mask.bool()[:, None, None, :]  # every query may see every real key
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         for layer in self.encoder.layer:
-            x = layer(x, allowed)
+            x = block_forward(layer, x, allowed)
         return x
 
     def stages(self):
@@ -208,7 +209,7 @@ class BertModel(Backbone):
         for layer in reversed(self.encoder.layer):
             if frozen_below(layer):
                 return  # no trainable weight below this layer: no gradient left to compute
-            dhidden = layer.backward(dhidden)
+            dhidden = block_backward(layer, dhidden)
         if not frozen_below(self.embeddings):
             self.embeddings.backward(dhidden)
 

@@ -14,6 +14,7 @@ from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token,
                     positions_from_mask)
 from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
                      split_heads)
+from .recompute import block_backward, block_forward
 
 
 @dataclass
@@ -130,7 +131,7 @@ class GPT2Model(Backbone):
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
-            x = block(x, allowed, caches[i] if caches is not None else None)
+            x = block(x, allowed, caches[i]) if caches is not None else block_forward(block, x, allowed)
         return self.ln_f(x)
 
     def new_cache(self):
@@ -145,7 +146,7 @@ class GPT2Model(Backbone):
         for block in reversed(self.h):
             if frozen_below(block):
                 return  # no trainable weight below this block: no gradient left to compute
-            d = block.backward(d)
+            d = block_backward(block, d)
         if frozen_below(self.drop):
             return  # both embeddings frozen
         d = self.drop.backward(d)

@@ -19,9 +19,11 @@ from .errors import MiniftError
 
 
 def keeps_for_backward(module):
-    """Keep activations only for the hand-written backward: training mode, autograd off, and not below the
-    lowest trainable weight (freeze.py marks those modules: backward stops before it reaches them)."""
-    return module.training and not torch.is_grad_enabled() and not frozen_below(module)
+    """Keep activations only for the hand-written backward: training mode, autograd off, not below the lowest
+    trainable weight (freeze.py marks those modules: backward stops before it reaches them), and not in the first
+    forward of a block that recomputes (recompute.py: its backward runs the forward again, keeping then)."""
+    return (module.training and not torch.is_grad_enabled() and not frozen_below(module)
+            and not getattr(module, "keeps_nothing", False))
 
 
 def frozen_below(module):

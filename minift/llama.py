@@ -20,6 +20,7 @@ from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token,
                     positions_from_mask)
 from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
                      frozen_below, keeps_for_backward, merge_heads, split_heads)
+from .recompute import block_backward, block_forward
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
@@ -238,7 +239,7 @@ class LlamaModel(Backbone):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # computed once, used by every layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, allowed, caches[i] if caches is not None else None)
+            x = layer(x, cos, sin, allowed, caches[i]) if caches is not None else block_forward(layer, x, cos, sin, allowed)
         return self.norm(x)
 
     def new_cache(self):
@@ -253,7 +254,7 @@ class LlamaModel(Backbone):
         for layer in reversed(self.layers):
             if frozen_below(layer):
                 return  # no trainable weight below this layer: no gradient left to compute
-            d = layer.backward(d)
+            d = block_backward(layer, d)
         self.embed_tokens.backward(d)
 
 

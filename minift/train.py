@@ -25,7 +25,7 @@ from .config import TrainConfig, check_config
 from . import distributed
 from .errors import MiniftError
 from .evaluate import evaluate
-from .freeze import count_trainable, describe_trainable, freeze, mark_frozen_below
+from .freeze import blocks, count_trainable, describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
 from .lora import add_lora, lora_layers, lora_summary
 from .memory import estimate_memory, format_memory
@@ -86,8 +86,8 @@ def set_dropout(model, p):
 def prepare_model(model, cfg):
     """The one place that decides what trains, applied once before AdamW is built: the dropout rate, LoRA
     adapters (lora_r > 0: the pretrained body is frozen, the adapters and a new task head train), the frozen
-    parts (freeze), and where the backward may stop (freeze.mark_frozen_below). Returns a line saying what
-    trains."""
+    parts (freeze), where the backward may stop (freeze.mark_frozen_below), and which blocks keep only their input
+    (recompute.py: every cfg.recompute-th). Returns a line saying what trains."""
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if cfg.lora_r:
@@ -98,6 +98,8 @@ def prepare_model(model, cfg):
     if cfg.freeze:
         freeze(model, cfg.freeze)
     mark_frozen_below(model)
+    for i, block in enumerate(blocks(model)):
+        block.recompute = cfg.recompute > 0 and i % cfg.recompute == 0
     if count_trainable(model)[0] == 0:
         raise MiniftError(f"nothing is left to train (freeze={cfg.freeze}): freeze fewer parts, e.g. "
                           "freeze=['layers:2'], or train LoRA adapters")
@@ -297,9 +299,10 @@ def is_out_of_memory(e):
 
 def out_of_memory_error(e, cfg, longest):
     """A torch out-of-memory error as one line that says what to lower."""
+    recompute = "" if cfg.recompute == 1 else ", or keep fewer activations (recompute=1: each block keeps only its input)"
     return MiniftError(f"out of memory ({str(e).splitlines()[0][:80]}): lower batch_size (now {cfg.batch_size}; "
-                       f"or raise grad_accum), max_length (the longest example has {longest} tokens), or train fewer "
-                       f"weights (freeze=['embeddings', 'layers:N'] or LoRA)")
+                       f"or raise grad_accum), max_length (the longest example has {longest} tokens), train fewer "
+                       f"weights (freeze=['embeddings', 'layers:N'] or LoRA){recompute}")
 
 
 def one_step(run, batch_indices, batches_in_epoch):

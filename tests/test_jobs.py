@@ -203,3 +203,33 @@ def test_nan_weights_and_broken_adapter_configs_are_one_line(capsys, tmp_path, t
         config.write_text(json.dumps(broken))
         line = cli_error(capsys, ["predict", tiny / "model", "great day", "--adapter", out / "adapter"])
         assert "is not a LoRA adapter's config" in line
+
+
+def test_an_encoder_given_chat_rows_is_told_it_is_an_encoder(capsys, tmp_path, tiny):  # noqa: F811
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    line = cli_error(capsys, ["finetune", "--task", "instruct", "--model", tiny / "model", "--data", rows,
+                              "--out", tmp_path / "out"])
+    assert "is an encoder" in line and "chat template" not in line
+
+
+def test_an_early_stop_is_announced(capsys, tmp_path, tiny):  # noqa: F811
+    out = tmp_path / "early"
+    cli.main(quick(tiny, out, "--max-steps", "8", "--eval-every", "1", "--patience", "1", "--lr", "1e-12"))
+    report = json.loads((out / "results.json").read_text())
+    assert report["stopped_early"] and report["steps"] < 8
+    assert f"stopped early at step {report['steps']}: 1 evaluations without a better validation accuracy" \
+        in capsys.readouterr().out
+
+
+def test_a_resume_under_another_number_of_processes_says_it_is_not_bitwise(capsys, tmp_path, tiny):  # noqa: F811
+    out = tmp_path / "procs"
+    cli.main(quick(tiny, out, "--save-every", "1", "--max-steps", "2"))
+    state = out / "checkpoint" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    saved["run"]["processes"] = 2  # as if two processes under torchrun had saved it
+    state.write_text(json.dumps(saved))
+    capsys.readouterr()
+    cli.main(quick(tiny, out, "--max-steps", "3", "--resume"))
+    assert "the checkpoint was saved by 2 processes, this run has 1" in capsys.readouterr().out
