@@ -1,6 +1,8 @@
 """Memory levers, side by side in one run: peak memory and seconds per step of full fine-tuning of SmolLM2-135M
-on random token rows, plain and with recompute (TrainConfig.recompute: every block keeps only its input and
-runs its forward again in backward), and what the forward keeps for backward (the activations).
+on random token rows, plain, with recompute (TrainConfig.recompute: every block keeps only its input and
+runs its forward again in backward), with the chunked loss (TrainConfig.chunked_loss: the LM head and the loss
+256 positions at a time) and with both; what the forward keeps for backward (the activations) and the logits
+with their gradient that the loss holds at once.
 
 Each configuration runs in a fresh process (peak memory is the process's VmHWM), the configurations take
 turns over `--rounds` rounds, and the same steps on the same rows are timed (the first step, which allocates,
@@ -20,7 +22,9 @@ import time
 
 import torch
 
-CONFIGS = {"plain": {}, "recompute every block": {"recompute": 1}, "recompute every other block": {"recompute": 2}}
+CONFIGS = {"plain": {}, "recompute every block": {"recompute": 1}, "recompute every other block": {"recompute": 2},
+           "chunked loss (256 positions)": {"chunked_loss": 256},
+           "recompute + chunked loss": {"recompute": 1, "chunked_loss": 256}}
 
 
 def child(settings, batch, length, steps):
@@ -41,7 +45,7 @@ def child(settings, batch, length, steps):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(device)
     rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    kept = estimate_memory(model, rows)["activations"]
+    estimate = estimate_memory(model, rows)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     times = []
     for _ in range(steps + 1):
@@ -52,7 +56,7 @@ def child(settings, batch, length, steps):
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
     print("RESULT " + json.dumps({"seconds_per_step": statistics.median(times[1:]), "peak_mb": peak,
-                                  "kept_mb": kept / 2**20}))
+                                  "kept_mb": estimate["activations"] / 2**20, "logits_mb": estimate["logits"] / 2**20}))
 
 
 def main():
@@ -81,10 +85,12 @@ def main():
           f"fine-tuning, fp32, batch {args.batch} x {args.length} tokens, {args.steps} timed steps, {args.rounds} round(s)")
     base = results["plain"]
     t0, m0 = statistics.median(r["seconds_per_step"] for r in base), max(r["peak_mb"] for r in base)
-    print(f"{'configuration':30s} {'s/step':>7s} {'time x':>7s} {'peak MB':>8s} {'peak x':>7s} {'kept MB':>8s}")
+    print(f"{'configuration':30s} {'s/step':>7s} {'time x':>7s} {'peak MB':>8s} {'peak x':>7s} {'kept MB':>8s} "
+          f"{'logits MB':>9s}")
     for name, runs in results.items():
         t, m = statistics.median(r["seconds_per_step"] for r in runs), max(r["peak_mb"] for r in runs)
-        print(f"{name:30s} {t:7.2f} {t / t0:7.2f} {m:8d} {m / m0:7.2f} {runs[0]['kept_mb']:8.0f}")
+        print(f"{name:30s} {t:7.2f} {t / t0:7.2f} {m:8d} {m / m0:7.2f} {runs[0]['kept_mb']:8.0f} "
+              f"{runs[0]['logits_mb']:9.0f}")
 
 
 if __name__ == "__main__":

@@ -293,4 +293,11 @@ def hf_state_dict(model):
 
 
 def architecture(model):
-    return ("Roberta" if model.config.model_type == "roberta" else "Bert") + ARCHITECTURE[type(model)]
+    """The `architectures` entry of config.json. A mean-pooled classifier claims only its encoder (BertModel):
+    transformers' BertForSequenceClassification would read [CLS] through a pooler this model never trained, and
+    answer differently. transformers' BertModel computes the same hidden states; the head is mean pooling and
+    the `classifier` tensors in the file (config.json's "pooling": "mean" says so)."""
+    name = ARCHITECTURE[type(model)]
+    if isinstance(model, BertForSequenceClassification) and model.config.pooling != "cls":
+        name = ARCHITECTURE[BertModel]
+    return ("Roberta" if model.config.model_type == "roberta" else "Bert") + name

@@ -11,7 +11,7 @@ from pathlib import Path
 from .data import cached_splits, clean, load_splits, read_csv, read_jsonl, split
 from .errors import MiniftError
 from .hub import data_dir, fetch_tweets
-from .tasks import class_names
+from .tasks import check_instruction_row, class_names
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 TWEET_COLUMNS = {"text": "text", "label": "sentiment"}
@@ -81,9 +81,9 @@ def load_instruction_splits(data=None, seed=0):
     else:
         data = Path(data)
         if data.is_dir():
-            splits = load_splits(data)
+            splits = {k: checked_instruction_rows(rows, data / f"{k}.jsonl") for k, rows in load_splits(data).items()}
         elif data.is_file():
-            splits = split(read_jsonl(data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
+            splits = split(checked_instruction_rows(read_jsonl(data), data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
         else:
             raise MiniftError(f"{data}: no such file or folder; give a JSONL file of prompt/response, "
                               f"instruction/output or chat 'messages' rows")
@@ -91,6 +91,13 @@ def load_instruction_splits(data=None, seed=0):
         raise MiniftError(f"{len(splits['train'])} training and {len(splits['validation'])} validation rows: "
                           f"instruction tuning needs some of each (give at least 10 rows)")
     return splits
+
+
+def checked_instruction_rows(rows, path):
+    """Every row checked before the split shuffles them, so that an error names the file's line."""
+    for line, row in zip(getattr(rows, "lines", None) or range(1, len(rows) + 1), rows):
+        check_instruction_row(row, f"{path}:{line}")
+    return rows
 
 
 def limit_rows(splits, limit):

@@ -29,14 +29,16 @@ from .files import sha256_of
 
 
 class Rows(list):
-    """A list of row dicts that also remembers how many bytes of its file were not valid UTF-8.
+    """A list of row dicts that also remembers how many bytes of its file were not valid UTF-8 and, for a
+    JSONL file, the line each row came from.
 
-    Readers return it so that clean() can put that count in its report; otherwise it is a plain list
-    (slicing or filtering it gives a plain list, and the count is then simply not reported)."""
+    Readers return it so that clean() can put that count in its report and row checks can name the file's
+    line; otherwise it is a plain list (slicing or filtering it gives a plain list, without them)."""
 
-    def __init__(self, rows=(), invalid_utf8_bytes=0):
+    def __init__(self, rows=(), invalid_utf8_bytes=0, lines=None):
         super().__init__(rows)
         self.invalid_utf8_bytes = invalid_utf8_bytes
+        self.lines = lines
 
 
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
@@ -112,7 +114,7 @@ def read_jsonl(path, columns=None):
                 except json.JSONDecodeError as e:
                     raise MiniftError(f"{path}:{n}: not JSON ({e.msg}, column {e.colno}); each line "
                                       f"must be one JSON object") from None
-    rows = Rows(invalid_utf8_bytes=bad)
+    rows = Rows(invalid_utf8_bytes=bad, lines=[n for n, _ in numbered])
     for n, obj in numbered:
         if not isinstance(obj, dict):
             raise MiniftError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object; each row must "

@@ -15,7 +15,7 @@ step, so the weights stay identical without ever being sent again (only once, at
 PyTorch's DistributedDataParallel does step 2 with hooks on autograd; our backward does not use autograd,
 so the hooks would never fire. Here it is one function you can step through.
 
-Two rules keep N processes from hanging:
+Two rules keep N processes from hanging (and a timeout ends the wait for a rank that hangs itself):
 - every rank must reach every collective call (all-reduce, broadcast, barrier) in the same order; an
   exception on one rank would leave the others waiting forever. So every collective starts with `_agree`:
   the ranks first add up a "did anyone fail?" flag, and a rank that fails calls `fail(error)`, which is that
@@ -36,9 +36,10 @@ from .errors import MiniftError
 
 BUCKET_ELEMENTS = 8 * 2**20  # 32 MB of fp32 per all-reduce: a few calls for a whole model, as DDP does (25 MB)
 MESSAGE_BYTES = 1000  # room for a failing rank's one-line message
-# How long a rank waits in a collective before giving up. Rank 0 evaluates alone while the others wait,
-# so this must exceed the longest evaluation; a crash is caught much sooner by `_agree` or by torchrun.
-TIMEOUT = datetime.timedelta(minutes=30)
+# How long a rank waits in a collective before giving up (MINIFT_COLLECTIVE_TIMEOUT, in seconds). Rank 0
+# evaluates alone while the others wait, so this must exceed the longest evaluation; a crash is caught much
+# sooner by `_agree` or by torchrun. What is left is a rank that hangs: train() then saves and stops (is_timeout).
+TIMEOUT_SECONDS = 30 * 60
 
 _current = None  # the one Distributed of this process (train() may be called several times)
 
@@ -66,12 +67,30 @@ def setup(device="auto"):
                               "start at most that many processes per machine, or use --device cpu")
         torch.cuda.set_device(local_rank)  # "cuda" now means this rank's own GPU, here and in evaluate()
     if not td.is_initialized():  # a script may have made the process group itself
-        td.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds()))
         atexit.register(td.destroy_process_group)
     _current = Distributed(rank, td.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one rank prints; N copies of every line help nobody
     return _current
+
+
+def timeout_seconds():
+    value = os.environ.get("MINIFT_COLLECTIVE_TIMEOUT", str(TIMEOUT_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise MiniftError(f"MINIFT_COLLECTIVE_TIMEOUT={value!r}: give the seconds a process may wait for the others, "
+                          f"e.g. {TIMEOUT_SECONDS}")
+    return seconds
+
+
+def is_timeout(error):
+    """A collective call that waited its whole timeout: another rank is stuck (or gone without a word). Asking
+    the others whether anyone failed (`fail`) would wait again, so the loop saves and stops instead."""
+    return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
 
 
 def is_main():

@@ -163,15 +163,22 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(c)
         self.head = TiedLMHead()  # no parameter of its own: the head is wte
 
+    def head_weight(self):
+        return self.transformer.wte.weight  # tied: logits = h @ wte.T
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
         hidden = self.transformer(input_ids, attention_mask, position_ids, caches)
-        return self.head(hidden, self.transformer.wte.weight)  # tied: logits = h @ wte.T
+        if self.head_is_deferred():
+            return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
+        return self.head(hidden, self.head_weight())
 
     def new_cache(self):
         return self.transformer.new_cache()
 
     def backward(self, dlogits):
-        self.transformer.backward(self.head.backward(dlogits, self.transformer.wte.weight))
+        if self.head_is_deferred():  # the chunked loss did the head's backward: this is the hidden states' gradient
+            return self.transformer.backward(dlogits)
+        self.transformer.backward(self.head.backward(dlogits, self.head_weight()))
 
 
 class GPT2ForSequenceClassification(Classifier):

@@ -77,6 +77,32 @@ class TiedLMHead(nn.Module):
         return dlogits @ weight  # the gradient of the hidden states
 
 
+def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
+    """The LM head and the cross-entropy together, `chunk` positions at a time, forward and backward in one go:
+    the (positions, vocab) logits and their gradient exist for one chunk only (for SmolLM2 at 4 x 1024 tokens the
+    whole batch's are 0.8 GB each in fp32). hidden (N, d) and targets (N,), already shifted; weight (vocab, d), so
+    logits = hidden @ weight.T. The head's weight gradient is added into weight.grad chunk by chunk (for a tied
+    head that is the embedding's .grad, which its own backward adds to later). Returns (loss, dhidden)."""
+    if num_targets is None:
+        num_targets = int((targets != -100).sum())
+    hidden = cast_for_matmul(hidden)
+    loss = 0.0
+    dhidden = torch.zeros_like(hidden)
+    for start in range(0, len(hidden), chunk):
+        part = slice(start, start + chunk)
+        if not (targets[part] != -100).any():
+            continue  # nothing to learn here (a prompt, padding): the gradient stays 0, the logits are never made
+        part_loss, dlogits = cross_entropy(hidden[part] @ weight.T, targets[part], num_targets)
+        loss = loss + part_loss
+        dlogits = cast_for_matmul(dlogits)
+        if weight.requires_grad:
+            accumulate_grad(weight, dlogits.T @ hidden[part])  # dW = sum over chunks of dlogits^T @ hidden
+        dhidden[part] = dlogits @ weight
+    if not torch.is_tensor(loss):
+        raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
+    return loss, dhidden
+
+
 class TaskModel(nn.Module):
     """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
     checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
@@ -104,8 +130,16 @@ class Classifier(TaskModel):
 
 class CausalLM(TaskModel):
     """A language model: position t predicts token t+1; labels -100 (prompt, padding) are not targets.
-    Its forward also takes `caches` (a list from new_cache()), which generate() uses."""
+    Its forward also takes `caches` (a list from new_cache()), which generate() uses. Each family gives
+    `head_weight()`, the matrix W of logits = hidden @ W.T (the token embedding when the head is tied)."""
     task = "lm"
+    loss_chunk = 0  # TrainConfig.chunked_loss, set by train.prepare_model: positions per chunk of the loss
+
+    def head_is_deferred(self):
+        """True in a training forward with the chunked loss: forward then returns the hidden states, not the
+        logits, and loss() runs the head itself, a chunk of positions at a time (chunked_lm_loss); backward gets
+        the hidden states' gradient. Evaluation and generation always get the logits."""
+        return self.loss_chunk > 0 and keeps_for_backward(self)
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy over the supervised tokens."""
@@ -116,6 +150,11 @@ class CausalLM(TaskModel):
         # shift the labels, not the logits: the last position gets the target -100 (nothing follows it), so
         # the loss skips it and its gradient is 0, with no copy of the (batch, time, vocab) logits
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if self.head_is_deferred():  # `logits` are the hidden states: the head and the loss a chunk at a time
+            hidden = logits
+            loss, dhidden = chunked_lm_loss(hidden.reshape(-1, hidden.shape[-1]), self.head_weight(),
+                                            targets.reshape(-1), num_targets, self.loss_chunk)
+            return loss, dhidden.view(hidden.shape)
         loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
                                       want_grad=self.training)
         return loss, None if dlogits is None else dlogits.view(logits.shape)

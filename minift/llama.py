@@ -274,16 +274,23 @@ class LlamaForCausalLM(CausalLM):
     def new_cache(self):
         return self.model.new_cache()
 
+    def head_weight(self):
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
         hidden = self.model(input_ids, attention_mask, position_ids, caches)
+        if self.head_is_deferred():
+            return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         if not self.config.tie_word_embeddings:
             return self.lm_head(hidden)
-        return self.tied_head(hidden, self.model.embed_tokens.weight)  # tied: logits = h @ E.T
+        return self.tied_head(hidden, self.head_weight())  # tied: logits = h @ E.T
 
     def backward(self, dlogits):
+        if self.head_is_deferred():  # the chunked loss did the head's backward: this is the hidden states' gradient
+            return self.model.backward(dlogits)
         if not self.config.tie_word_embeddings:
             return self.model.backward(self.lm_head.backward(dlogits))
-        self.model.backward(self.tied_head.backward(dlogits, self.model.embed_tokens.weight))
+        self.model.backward(self.tied_head.backward(dlogits, self.head_weight()))
 
 
 class LlamaForSequenceClassification(Classifier):

@@ -1,5 +1,5 @@
 """Where the memory of a training step goes: what the forward keeps for the hand-written backward, and an
-estimate of the whole (weights, gradients, AdamW state, kept activations) before a run starts.
+estimate of the whole (weights, gradients, AdamW state, kept activations, an LM's logits) before a run starts.
 """
 import torch
 
@@ -31,8 +31,9 @@ def format_kept(rows, top=None):
 
 
 def estimate_memory(model, batch):
-    """Bytes of weights, gradients, AdamW state (m and v) and kept activations for one training step on
-    `batch` (measured with one forward, then the kept tensors are dropped again). Returns a dict."""
+    """Bytes of weights, gradients, AdamW state (m and v), kept activations and a language model's logits with
+    their gradient for one training step on `batch` (the activations measured with one forward, then dropped
+    again; the logits counted for the positions the loss takes at once). Returns a dict."""
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     grads = sum(p.numel() * p.element_size() for p in trainable)
@@ -43,8 +44,13 @@ def estimate_memory(model, batch):
     activations = sum(r[3] for r in kept_for_backward(model))
     forget_kept(model)
     model.train(was_training)
+    logits = 0  # a classifier's are a few numbers per text
+    if model.task == "lm":  # the logits and their fp32 log-probs (which become the gradient), for the positions at once
+        positions = batch["input_ids"].numel()
+        at_once = min(model.loss_chunk, positions) if model.loss_chunk else positions
+        logits = 2 * at_once * model.config.vocab_size * 4
     return {"weights": weights, "gradients": grads, "adamw": 2 * grads, "activations": activations,
-            "total": weights + 3 * grads + activations}
+            "logits": logits, "total": weights + 3 * grads + activations + logits}
 
 
 def forget_kept(model):
@@ -58,4 +64,4 @@ def forget_kept(model):
 def format_memory(m):
     gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
     return (f"memory estimate: weights {gb(m['weights'])}, gradients {gb(m['gradients'])}, AdamW state "
-            f"{gb(m['adamw'])}, activations {gb(m['activations'])}: about {gb(m['total'])} in all")
+            f"{gb(m['adamw'])}, activations {gb(m['activations'])}, logits {gb(m['logits'])}: about {gb(m['total'])} in all")

@@ -91,6 +91,30 @@ ALPACA_TEMPLATE = {
 }
 
 
+def check_instruction_row(row, where):
+    """What an instruction row must hold, whatever the model: one of the three formats, texts, an answer that
+    is not empty. `where` names the row in the errors: the file's line when the file was just read."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
+                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
+            raise MiniftError(f"{where}: 'messages' must be a list that ends with the assistant's answer "
+                              f"({{'role': 'assistant', 'content': ...}}) after at least one other message")
+        texts = [msgs[-1]["content"]]
+    elif "prompt" in row and "response" in row:
+        texts = [row["prompt"], row["response"]]
+    elif "instruction" in row and "output" in row:
+        texts = [row["instruction"], row["output"]]
+    else:
+        raise MiniftError(f"{where} has fields {', '.join(row)}; an instruction row needs prompt and response, "
+                          f"instruction and output (input optional), or a chat 'messages' list")
+    if not all(isinstance(t, str) for t in texts):
+        raise MiniftError(f"{where}: prompt and response must be texts")
+    if not texts[-1].strip():
+        raise MiniftError(f"{where}: the response is empty, so the model would learn to answer nothing; fill it "
+                          "in or drop the row")
+
+
 def format_instruction(row, tokenizer, n=0):
     """One instruction row -> (prompt text, response text): the one formatter every job and evaluation uses.
 
@@ -98,14 +122,12 @@ def format_instruction(row, tokenizer, n=0):
     prompt. prompt/response and instruction/output[/input] rows are one user turn. A tokenizer with a chat
     template (an instruction-tuned model) gets its template: the format the model was tuned on matters more
     than any hyperparameter. Without one, instruction rows get Stanford Alpaca's prompt and prompt rows are
-    used as written. `n`: the row's number, for the error messages."""
+    used as written. `n`: the row's number, for the error messages (the loaders have checked each row
+    against its file's line already)."""
+    check_instruction_row(row, f"row {n}")
     chat = tokenizer.chat_template is not None
     if "messages" in row:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
-                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
-            raise MiniftError(f"row {n}: 'messages' must be a list that ends with the assistant's answer "
-                              f"({{'role': 'assistant', 'content': ...}}) after at least one other message")
         if chat:
             prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
         elif len(msgs) == 2 and msgs[0].get("role") == "user":
@@ -116,21 +138,15 @@ def format_instruction(row, tokenizer, n=0):
         response = msgs[-1]["content"]
     elif "prompt" in row and "response" in row:
         prompt, response = row["prompt"], row["response"]
-    elif "instruction" in row and "output" in row:
+    else:  # instruction and output (check_instruction_row made sure)
         if chat:
             prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         else:
             key = "prompt_input" if row.get("input") else "prompt_no_input"
             prompt = ALPACA_TEMPLATE[key].format(instruction=row["instruction"], input=row.get("input"))
         response = row["output"]
-    else:
-        raise MiniftError(f"row {n} has fields {', '.join(row)}; an instruction row needs prompt and response, "
-                          f"instruction and output (input optional), or a chat 'messages' list")
-    if not isinstance(prompt, str) or not isinstance(response, str):
+    if not isinstance(prompt, str):
         raise MiniftError(f"row {n}: prompt and response must be texts")
-    if not response.strip():
-        raise MiniftError(f"row {n}: the response is empty, so the model would learn to answer nothing; fill it "
-                          "in or drop the row")
     if chat and "messages" not in row:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return prompt, response

@@ -86,8 +86,9 @@ def set_dropout(model, p):
 def prepare_model(model, cfg):
     """The one place that decides what trains, applied once before AdamW is built: the dropout rate, LoRA
     adapters (lora_r > 0: the pretrained body is frozen, the adapters and a new task head train), the frozen
-    parts (freeze), where the backward may stop (freeze.mark_frozen_below), and which blocks keep only their input
-    (recompute.py: every cfg.recompute-th). Returns a line saying what trains."""
+    parts (freeze), where the backward may stop (freeze.mark_frozen_below), which blocks keep only their input
+    (recompute.py: every cfg.recompute-th), and how many positions the chunked LM loss takes at once (heads.py).
+    Returns a line saying what trains."""
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if cfg.lora_r:
@@ -100,6 +101,11 @@ def prepare_model(model, cfg):
     mark_frozen_below(model)
     for i, block in enumerate(blocks(model)):
         block.recompute = cfg.recompute > 0 and i % cfg.recompute == 0
+    if cfg.chunked_loss and (model.task != "lm" or any(n.startswith("lm_head") for n in lora_layers(model))):
+        raise MiniftError("chunked_loss splits a language model's head (a plain matrix) and its loss: set it to 0 "
+                          "for a classifier, or leave lm_head out of lora_targets")
+    if model.task == "lm":
+        model.loss_chunk = cfg.chunked_loss
     if count_trainable(model)[0] == 0:
         raise MiniftError(f"nothing is left to train (freeze={cfg.freeze}): freeze fewer parts, e.g. "
                           "freeze=['layers:2'], or train LoRA adapters")
@@ -143,19 +149,20 @@ def train(model, data, cfg, out_dir, resume=False):
     except KeyboardInterrupt as e:
         if run.dist:  # a Ctrl-C on one rank stops them all, before the next step's update
             run.dist.fail(e)
-        if run.rng_at_step_start is not None:  # the step was not applied: resume redoes it, same dropout masks
-            set_rng_states(run.rng_at_step_start)
-        save(run)
+        save_where_it_stopped(run)
         if run.dist:  # torchrun ends every rank once one exits: wait for rank 0's checkpoint
             run.dist.barrier()
         print(f"\ninterrupted at step {state.step}: checkpoint saved in {run.out_dir / 'checkpoint'}; "
               f"run the same command with --resume to continue")
         raise
     except Exception as e:
+        if run.dist and distributed.is_timeout(e):  # another rank hangs: asking it anything would wait again
+            save_where_it_stopped(run)
+            raise stuck_error(e, run) from None
         if run.dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
             run.dist.fail(e)
         if is_out_of_memory(e):
-            raise out_of_memory_error(e, cfg, max(run.lengths)) from None
+            raise out_of_memory_error(e, cfg, max(run.lengths), run.model) from None
         raise
     finally:
         run.bar.close()
@@ -234,7 +241,7 @@ def set_up(model, data, cfg, out_dir, resume):
             print(format_memory(estimate_memory(model, longest_batch(data, cfg, device))))
         except Exception as e:  # the longest batch is the first to run out of memory: say so before any step
             if is_out_of_memory(e):
-                raise out_of_memory_error(e, cfg, max(lengths)) from None
+                raise out_of_memory_error(e, cfg, max(lengths), model) from None
             raise
     if resume:
         state = load_training_state(out_dir / "checkpoint", model, optimizer, cfg, run_info)
@@ -297,12 +304,23 @@ def is_out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def out_of_memory_error(e, cfg, longest):
+def out_of_memory_error(e, cfg, longest, model):
     """A torch out-of-memory error as one line that says what to lower."""
-    recompute = "" if cfg.recompute == 1 else ", or keep fewer activations (recompute=1: each block keeps only its input)"
+    levers = [] if cfg.recompute == 1 else ["keep fewer activations (recompute=1: each block keeps only its input)"]
+    if model.task == "lm" and not cfg.chunked_loss:
+        levers.append("make the logits a chunk at a time (chunked_loss=1024)")
     return MiniftError(f"out of memory ({str(e).splitlines()[0][:80]}): lower batch_size (now {cfg.batch_size}; "
                        f"or raise grad_accum), max_length (the longest example has {longest} tokens), train fewer "
-                       f"weights (freeze=['embeddings', 'layers:N'] or LoRA){recompute}")
+                       f"weights (freeze=['embeddings', 'layers:N'] or LoRA)" + "".join(f", or {x}" for x in levers))
+
+
+def stuck_error(e, run):
+    """A collective call that timed out, as one line that says what was kept and how to go on."""
+    why = str(e).splitlines()[0].rpartition("] ")[2][:80]  # gloo's message after its source-file prefix
+    return MiniftError(f"rank {run.dist.rank} waited {distributed.timeout_seconds():g} s for the other processes "
+                       f"({why}): one of them is stuck or gone. The checkpoint of step {run.state.step} is in "
+                       f"{run.out_dir / 'checkpoint'}: run the same command with --resume (MINIFT_COLLECTIVE_TIMEOUT "
+                       "sets the wait, in seconds)")
 
 
 def one_step(run, batch_indices, batches_in_epoch):
@@ -424,6 +442,14 @@ def evaluate_and_keep_best(run):
                    + (" (best so far, saved)" if better else ""))
         state.eval_due = False
     return bool(cfg.patience) and state.evals_without_gain >= cfg.patience
+
+
+def save_where_it_stopped(run):
+    """A checkpoint of the last step done, when a run stops between two: a step that had not reached its update
+    is redone on resume, with the same dropout masks (its RNG state is put back first)."""
+    if run.rng_at_step_start is not None:
+        set_rng_states(run.rng_at_step_start)
+    save(run)
 
 
 def save(run):

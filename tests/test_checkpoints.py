@@ -118,6 +118,37 @@ def test_label_names_are_saved_for_transformers(hf_checkpoint, transformers, tmp
     assert again.source == str(out) and again.tokenizer_file == out / "tokenizer.json"
 
 
+def test_a_mean_pooled_classifier_claims_only_its_encoder(hf_checkpoint, padded_batch, transformers, tmp_path):
+    """transformers' BertForSequenceClassification pools [CLS] through a pooler: a mean-pooled classifier must not
+    claim it. It says BertModel, which transformers computes the same; mean pooling + its classifier tensors
+    then give minift's logits. A [CLS]-pooled one still claims (and loads as) the classifier."""
+    hf, folder = hf_checkpoint("BertModel", 0)
+    ours = load_checkpoint(folder, task="classify", num_labels=3, pooling="mean", verbose=False).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ours.classifier.weight.normal_()
+    out = save_checkpoint(ours, tmp_path / "mean")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"] and config["pooling"] == "mean"
+    ids, mask = padded_batch([7, 3], "right", hf.config.vocab_size)
+    body = transformers.AutoModel.from_pretrained(out).eval()
+    assert type(body).__name__ == "BertModel"
+    head = load_file(out / "model.safetensors")
+    with torch.no_grad():
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        theirs = torch.nn.functional.linear(pooled, head["classifier.weight"], head["classifier.bias"])
+        mine = ours(ids, mask)
+    assert (theirs - mine).abs().max() <= 1e-5
+    again = load_checkpoint(out, task="classify", verbose=False).eval()  # and minift reads it back as it was
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask), mine)
+
+    cls = load_checkpoint(folder, task="classify", num_labels=3, pooling="cls", verbose=False)
+    out = save_checkpoint(cls, tmp_path / "cls")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+
+
 def test_load_report_and_skipped_buffers(hf_checkpoint):
     _, folder = hf_checkpoint("BertForMaskedLM", 0)  # a pretraining head (cls.*) and no pooler
     rewrite_tensors(folder, lambda t: t.update({"bert.embeddings.position_ids": torch.arange(40)[None]}))

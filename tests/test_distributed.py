@@ -7,7 +7,8 @@
 - with dropout on, the loss curve stays close to one process's (the masks differ, the data does not);
 - a Ctrl-C on one rank saves one checkpoint; resuming under two processes is bitwise the uninterrupted run;
 - an exception on one rank stops both within seconds, with that rank's message, instead of a hang.
-- ranks that read different data (another hash) stop before the first step, with one message.
+- ranks that read different data (another hash) stop before the first step, with one message;
+- a rank that hangs: after the collective timeout rank 0 saves and stops; the resume is bitwise the straight run.
 
 This file is also the worker: torchrun runs it as a script (see `worker` at the bottom). The tiny models and
 data are test_train.py's, so both sides build the same things.
@@ -44,9 +45,9 @@ def settings(kind="bert", dropout=0.0, lr=1e-2):
 EQUAL_LR = 5e-4
 
 
-def launch(out, *args, timeout=90):
+def launch(out, *args, timeout=90, env=None):
     """torchrun with two CPU processes on 127.0.0.1; returns (the finished process, seconds it took)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(HERE.parent), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__)), str(out), *map(str, args)]
     t0 = time.perf_counter()
@@ -158,6 +159,25 @@ def test_an_error_on_one_rank_stops_both_quickly_with_its_message(tmp_path):
     # whole run that succeeds; most of either is starting torchrun and two Pythons)
 
 
+def test_a_rank_that_hangs_costs_the_wait_not_the_run(tmp_path):
+    """Rank 1 hangs inside step 3 while rank 0 waits in the step's first all-reduce. After
+    MINIFT_COLLECTIVE_TIMEOUT seconds rank 0 saves the checkpoint of step 2, says so in one line and stops
+    (torchrun then ends rank 1); a resume under two processes ends bitwise where an uninterrupted run ends."""
+    proc, _ = launch(tmp_path / "straight", "bert", "0.1", "1e-2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, seconds = launch(tmp_path / "stuck", "bert", "0.1", "1e-2", "stuck-rank1-at", "3", timeout=120,
+                           env={"MINIFT_COLLECTIVE_TIMEOUT": "5"})
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if "MiniftError: rank 0 waited 5 s" in x)
+    assert "one of them is stuck or gone" in line and "checkpoint of step 2" in line and "--resume" in line
+    assert T.trainer_state(tmp_path / "stuck" / "checkpoint")["state"]["step"] == 2
+    proc, _ = launch(tmp_path / "stuck", "bert", "0.1", "1e-2", "resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("params_rank0.safetensors", "params_rank1.safetensors"):
+        T.assert_bitwise_equal(load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "stuck" / name)))
+    assert T.steps_logged(tmp_path / "straight") == T.steps_logged(tmp_path / "stuck")
+
+
 def test_ranks_that_read_different_data_stop_at_once_with_one_message(tmp_path):
     """Rank 1 reads other examples (as many, so the step count agrees): the data's hash differs, and every rank
     stops in set_up, before any step, instead of training two different runs that wait on each other."""
@@ -191,6 +211,15 @@ def worker(out, kind, dropout, lr, *extra):
                 raise RuntimeError("injected failure on rank 1")
             return forward_backward(*args, **kw)
         T.STEP.forward_backward = failing_forward_backward
+    if "stuck-rank1-at" in extra and rank == 1:  # rank 1 hangs in its step k (a deadlock, a stalled disk ...)
+        at, forward_backward, calls = int(extra[extra.index("stuck-rank1-at") + 1]), T.STEP.forward_backward, []
+
+        def stuck_forward_backward(*args, **kw):
+            calls.append(1)
+            if len(calls) > 2 * (at - 1):
+                time.sleep(600)
+            return forward_backward(*args, **kw)
+        T.STEP.forward_backward = stuck_forward_backward
     if "rank1-reads-other-data" in extra and rank == 1:  # another copy of the data, of the same size
         real_examples = T.examples
         T.examples = lambda kind, n, seed=0: real_examples(kind, n, seed + 100)

@@ -105,6 +105,25 @@ def test_without_a_chat_template_prompts_are_plain(tiny):
                                       {"role": "assistant", "content": "a"}]}, plain)
 
 
+@pytest.mark.parametrize("bad, says", [({"prompt": "q", "response": "  "}, "the response is empty"),
+                                       ({"text": "x"}, "has fields text"),
+                                       ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must be")])
+def test_a_bad_instruction_row_is_named_by_its_file_line(tmp_path, bad, says):
+    """The split shuffles the rows: an error must name the line of the file, not a position in a split."""
+    rows = [json.dumps(r) for r in rows_of_each_format(20)]
+    rows[12] = json.dumps(bad)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(rows[:5]) + "\n\n" + "\n".join(rows[5:]) + "\n")  # a blank line: row 13 is line 14
+    with pytest.raises(MiniftError, match=f"rows.jsonl:14.*{says}"):
+        load_instruction_splits(path, seed=0)
+    folder = tmp_path / "splits"  # a folder of splits: the line of its file
+    folder.mkdir()
+    for name, part in [("train", rows[:2] + rows[12:13]), ("validation", rows[2:4]), ("test", rows[4:6])]:
+        (folder / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    with pytest.raises(MiniftError, match=f"train.jsonl:3.*{says}"):
+        load_instruction_splits(folder, seed=0)
+
+
 def test_prompt_masked_end_of_turn_supervised(tiny, data):
     _, tok = tiny
     splits = load_instruction_splits(data, seed=0)
@@ -171,6 +190,7 @@ def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("out of memory (CUDA out of memory")
     assert "batch_size (now 8" in msg and "max_length (the longest example has" in msg and "LoRA" in msg
+    assert "recompute=1" in msg and "chunked_loss=1024" in msg  # a language model's two memory levers
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
     def broken(self, *args, **kwargs):  # any other error is not dressed up as out-of-memory

@@ -10,7 +10,8 @@
 #
 # Then we deploy: save the model (config.json + model.safetensors + tokenizer.json), load it back and
 # check it gives identical logits, classify new sentences, and load the same folder with Hugging Face
-# `transformers`, where it is an ordinary `BertForSequenceClassification`.
+# `transformers`: its `BertModel` under our mean pooling (or, trained with [CLS] pooling, its
+# `BertForSequenceClassification` as it is).
 #
 #     python tutorials/07_test_and_deploy.py           # the real test set, once (needs 04's full run)
 #     python tutorials/07_test_and_deploy.py --again   # a deliberate second look
@@ -153,8 +154,8 @@ for text, (label, p) in zip(sentences, predict(reloaded, tok, sentences)):
 # %% [markdown]
 # ## 7.6 Export for Hugging Face transformers
 #
-# The folder is already in Hugging Face's format (our parameter names are theirs, config.json says
-# `"architectures": ["BertForSequenceClassification"]`), so
+# The folder is already in Hugging Face's format (our parameter names are theirs). A model trained with
+# [CLS] pooling says `"architectures": ["BertForSequenceClassification"]` in config.json, so
 #
 #     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 #     folder = "runs/tutorials/07_test_and_deploy/full/export"
@@ -164,8 +165,9 @@ for text, (label, p) in zip(sentences, predict(reloaded, tok, sentences)):
 #
 # loads it, and from there the rest of that ecosystem (pipelines, the hub, ONNX export) takes over. One
 # catch: transformers' BERT classifier always pools the [CLS] token. A model trained with [CLS] pooling
-# (`pooling="cls"`) loads there as it is; the main job's mean pooling does not exist in that class, so
-# there the encoder loads as `AutoModel` and the mean and the head are two lines on top (below).
+# (`pooling="cls"`) loads there as it is; the main job's mean pooling does not exist in that class, so its
+# config.json claims only `"architectures": ["BertModel"]` (with `"pooling": "mean"`): the encoder loads as
+# `AutoModel` and the mean and the head are two lines on top (below).
 # minift itself never imports transformers; if it is installed (it is a test dependency), we do it for
 # real: its tokenizer must give our token ids and its model our logits.
 
