@@ -396,6 +396,20 @@ def test_jsonl_text_that_is_not_a_string(capsys, tmp_path, tiny, text):
     assert "d.jsonl:4" in line, line
 
 
+def test_texts_longer_than_the_models_positions_stop_before_the_first_step(capsys, tmp_path, tiny):
+    """The tiny BERT has 64 positions; --max-length 128 lets one long text through. The run must stop in set-up
+    (its memory estimate runs the longest batch), in one line, before a step or a checkpoint exists."""
+    lines = (tiny / "data.csv").read_text().splitlines()
+    lines[40] = " ".join(["word"] * 100) + ",pos"
+    (tmp_path / "long.csv").write_text("\n".join(lines) + "\n")
+    argv = quick(tiny, tmp_path / "out")
+    argv[argv.index("--data") + 1] = str(tmp_path / "long.csv")
+    argv[argv.index("--max-length") + 1] = "128"
+    line = cli_error(capsys, argv)
+    assert "longer than the model's" in line and "64" in line, line
+    assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "log.jsonl").exists()
+
+
 def broken_checkpoint(tiny, tmp_path, config=None, index=None):
     folder = tmp_path / "broken"
     folder.mkdir()
