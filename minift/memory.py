@@ -3,19 +3,29 @@ estimate of the whole (weights, gradients, AdamW state, kept activations, an LM'
 """
 import torch
 
+from .freeze import blocks
 
-def kept_for_backward(model):
-    """After a forward in training mode with autograd off: every tensor a layer kept for its backward, as
-    (owner, name, shape, bytes) rows. Parameters and buffers are not counted; backward frees the rest."""
-    rows = []
+
+def kept_tensors(model):
+    """After a forward in training mode with autograd off: (owner, name, tensor) for every tensor a layer kept for
+    its backward. Parameters and buffers are not counted (they are not plain attributes); backward frees the rest."""
     for owner, module in model.named_modules():
         for name, value in vars(module).items():
             tensors = value if isinstance(value, tuple) else (value,)
             for i, t in enumerate(tensors):
                 if isinstance(t, torch.Tensor):
-                    label = name if len(tensors) == 1 else f"{name}[{i}]"
-                    rows.append((owner or type(model).__name__, label, tuple(t.shape), t.numel() * t.element_size()))
-    return rows
+                    yield owner or type(model).__name__, name if len(tensors) == 1 else f"{name}[{i}]", t
+
+
+def kept_for_backward(model):
+    """The kept tensors as (owner, name, shape, bytes) rows. A tensor that two layers keep (one layer's output is
+    the next one's input) is a row of each: the rows can add up to more than the memory (storage_bytes)."""
+    return [(owner, name, tuple(t.shape), t.numel() * t.element_size()) for owner, name, t in kept_tensors(model)]
+
+
+def storage_bytes(kept):
+    """The memory that (owner, name, tensor) triples really hold: each storage once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, _, t in kept}.values())
 
 
 def format_kept(rows, top=None):
@@ -33,35 +43,88 @@ def format_kept(rows, top=None):
 def estimate_memory(model, batch):
     """Bytes of weights, gradients, AdamW state (m and v), kept activations and a language model's logits with
     their gradient for one training step on `batch` (the activations measured with one forward, then dropped
-    again; the logits counted for the positions the loss takes at once). Returns a dict."""
+    again; the logits counted for the positions the loss takes at once), and what each memory lever that is
+    not on yet would give back (`levers`: {setting: bytes}). Returns a dict."""
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     grads = sum(p.numel() * p.element_size() for p in trainable)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    kept = forward_keeping(model, inputs)
+    activations = storage_bytes(kept)
+    names = {id(m): n for n, m in model.named_modules()}
+    largest_block = max(storage_bytes([k for k in kept if k[0].startswith(names[id(b)] + ".")]) for b in blocks(model))
+    del kept  # before the next forward: at most one forward's activations at a time
+    positions = batch["input_ids"].numel()
+    logits = logits_bytes(model, positions, model.loss_chunk) if model.task == "lm" else 0  # a classifier's: a few
+    levers = {}
+    if "recompute=1" in levers_not_on(model):
+        levers["recompute=1"] = activations - kept_with_recompute(model, inputs, largest_block)
+    if "chunked_loss=1024" in levers_not_on(model):
+        levers["chunked_loss=1024"] = logits - logits_bytes(model, positions, 1024)
+    return {"weights": weights, "gradients": grads, "adamw": 2 * grads, "activations": activations,
+            "logits": logits, "total": weights + 3 * grads + activations + logits, "levers": levers}
+
+
+def levers_not_on(model):
+    """The memory settings this model does not use yet: recompute=1 (unless every block recomputes) and, for a
+    language model that makes all its logits at once, chunked_loss=1024."""
+    names = [] if all(getattr(b, "recompute", False) for b in blocks(model)) else ["recompute=1"]
+    if model.task == "lm" and not model.loss_chunk:
+        names.append("chunked_loss=1024")
+    return names
+
+
+def forward_keeping(model, inputs):
+    """A training forward of `model` on `inputs`; what it kept for backward is taken out of the layers (as
+    kept_tensors' triples) and returned."""
     was_training = model.training
     model.train()
     with torch.no_grad():
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    activations = sum(r[3] for r in kept_for_backward(model))
+        model(**inputs)
+    kept = list(kept_tensors(model))
     forget_kept(model)
     model.train(was_training)
-    logits = 0  # a classifier's are a few numbers per text
-    if model.task == "lm":  # the logits and their fp32 log-probs (which become the gradient), for the positions at once
-        positions = batch["input_ids"].numel()
-        at_once = min(model.loss_chunk, positions) if model.loss_chunk else positions
-        logits = 2 * at_once * model.config.vocab_size * 4
-    return {"weights": weights, "gradients": grads, "adamw": 2 * grads, "activations": activations,
-            "logits": logits, "total": weights + 3 * grads + activations + logits}
+    return kept
+
+
+def kept_with_recompute(model, inputs, largest_block):
+    """The activations at their peak with every block recomputing, measured the same way (every block marked for
+    one forward): the blocks' inputs and what lies outside them, plus, in the backward, one block's own again
+    (the largest, measured by the plain forward)."""
+    marks = [getattr(b, "recompute", False) for b in blocks(model)]
+    for b in blocks(model):
+        b.recompute = True
+    kept = storage_bytes(forward_keeping(model, inputs))
+    for b, mark in zip(blocks(model), marks):
+        b.recompute = mark
+    return kept + largest_block
+
+
+def logits_bytes(model, positions, chunk):
+    """The logits and their fp32 log-probs (which become the gradient) for the positions the loss takes at once."""
+    return 2 * (min(chunk, positions) if chunk else positions) * model.config.vocab_size * 4
 
 
 def forget_kept(model):
     """Drop what a forward kept (a forward whose backward will not run)."""
     for module in model.modules():
         for name in [n for n, v in vars(module).items() if isinstance(v, torch.Tensor)
-                     or (isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v))]:
+                     or (isinstance(v, tuple) and any(isinstance(t, torch.Tensor) for t in v))]:
             delattr(module, name)
 
 
 def format_memory(m):
-    gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
-    return (f"memory estimate: weights {gb(m['weights'])}, gradients {gb(m['gradients'])}, AdamW state "
-            f"{gb(m['adamw'])}, activations {gb(m['activations'])}, logits {gb(m['logits'])}: about {gb(m['total'])} in all")
+    return (f"memory estimate: weights {size(m['weights'])}, gradients {size(m['gradients'])}, AdamW state "
+            f"{size(m['adamw'])}, activations {size(m['activations'])}, logits {size(m['logits'])}: about {size(m['total'])} "
+            f"in all" + "".join(f"; {lever}" for lever in levers_by_gain(m)[:1]))
+
+
+def levers_by_gain(m):
+    """The levers of an estimate that give memory back, the most first: ["recompute=1 (about 8.71 GB back)", ...]."""
+    gains = sorted(((saved, name) for name, saved in m["levers"].items() if saved > 0), reverse=True)
+    return [f"{name} (about {size(saved)} back)" for saved, name in gains]
+
+
+def size(n):
+    """Bytes as people read them: GB from a tenth of one, MB below."""
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MB"

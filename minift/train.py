@@ -28,7 +28,7 @@ from .evaluate import evaluate
 from .freeze import blocks, count_trainable, describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
 from .lora import add_lora, lora_layers, lora_summary
-from .memory import estimate_memory, format_memory
+from .memory import estimate_memory, format_memory, levers_by_gain, levers_not_on
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .outputs import export_best
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
@@ -162,7 +162,7 @@ def train(model, data, cfg, out_dir, resume=False):
         if run.dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
             run.dist.fail(e)
         if is_out_of_memory(e):
-            raise out_of_memory_error(e, cfg, max(run.lengths), run.model) from None
+            raise out_of_memory_error(e, cfg, max(run.lengths), run.model, run.memory) from None
         raise
     finally:
         run.bar.close()
@@ -204,6 +204,7 @@ class Run:
     tokens: int = 0  # tokens trained on in this process, for the tokens/s on the progress bar
     rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
     clock: StepClock = field(default_factory=StepClock)
+    memory: dict | None = None  # memory.estimate_memory's figures (rank 0), for an out-of-memory message
 
     @property
     def main(self):  # the one process that prints, evaluates and writes
@@ -236,9 +237,11 @@ def set_up(model, data, cfg, out_dir, resume):
     if dist:
         dist.check_same_plan([total_steps, len(data.train), int(run_info["data"], 16)])
     main = dist is None or dist.is_main
+    memory = None
     if main:  # before any RNG is seeded or restored: its forward's dropout draws change nothing that follows
         try:
-            print(format_memory(estimate_memory(model, longest_batch(data, cfg, device))))
+            memory = estimate_memory(model, longest_batch(data, cfg, device))
+            print(format_memory(memory))
         except Exception as e:  # the longest batch is the first to run out of memory: say so before any step
             if is_out_of_memory(e):
                 raise out_of_memory_error(e, cfg, max(lengths), model) from None
@@ -260,7 +263,7 @@ def set_up(model, data, cfg, out_dir, resume):
     log = open_log(out_dir, state) if main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
     return Run(model, data, cfg, optimizer, schedule, state, out_dir, lengths, total_steps, device, dist, run_info,
-               log, bar)
+               log, bar, memory=memory)
 
 
 def check_task(model, data, cfg):
@@ -304,11 +307,10 @@ def is_out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def out_of_memory_error(e, cfg, longest, model):
-    """A torch out-of-memory error as one line that says what to lower."""
-    levers = [] if cfg.recompute == 1 else ["keep fewer activations (recompute=1: each block keeps only its input)"]
-    if model.task == "lm" and not cfg.chunked_loss:
-        levers.append("make the logits a chunk at a time (chunked_loss=1024)")
+def out_of_memory_error(e, cfg, longest, model, memory=None):
+    """A torch out-of-memory error as one line that says what to lower, and the memory levers not on yet: the one
+    that gives most back first, with set-up's estimate of how much (when it got that far)."""
+    levers = levers_by_gain(memory) if memory else levers_not_on(model)
     return MiniftError(f"out of memory ({str(e).splitlines()[0][:80]}): lower batch_size (now {cfg.batch_size}; "
                        f"or raise grad_accum), max_length (the longest example has {longest} tokens), train fewer "
                        f"weights (freeze=['embeddings', 'layers:N'] or LoRA)" + "".join(f", or {x}" for x in levers))

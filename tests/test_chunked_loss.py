@@ -11,7 +11,7 @@ from minift.batching import TrainData
 from minift.checkpoints import build_model
 from minift.config import TrainConfig, check_config
 from minift.errors import MiniftError
-from minift.memory import estimate_memory
+from minift.memory import estimate_memory, format_memory, kept_tensors, levers_by_gain, storage_bytes
 from minift.step import forward_backward
 from minift.train import prepare_model, train
 from test_freeze import CONFIGS, batch
@@ -137,3 +137,52 @@ def test_chunked_loss_under_bf16_autocast_is_close_to_the_plain_one():
         assert g_chunked[name].dtype == torch.float32
         err = (g_chunked[name] - g_plain[name]).norm() / g_plain[name].norm()
         assert err < 2e-2, (name, float(err))
+
+
+def test_the_estimate_names_the_levers_not_on_with_what_they_give_back():
+    torch.manual_seed(0)
+    model = build_model(CONFIGS["gpt2"], "lm")
+    prepare_model(model, TrainConfig())
+    b = batch("lm")
+    m = estimate_memory(model, b)
+    assert set(m["levers"]) == {"recompute=1", "chunked_loss=1024"}
+    assert not any(getattr(block, "recompute", False) for block in model.transformer.h)  # the marks put back
+    assert 0 < m["levers"]["recompute=1"] < m["activations"]
+    assert m["levers"]["chunked_loss=1024"] == 0  # 21 positions: under 1024, chunking changes nothing here
+    assert levers_by_gain(m) == [f"recompute=1 (about {m['levers']['recompute=1'] / 2**20:.1f} MB back)"]
+    assert format_memory(m).endswith(levers_by_gain(m)[0])
+
+    # the claim, against a real backward with every block recomputing: what is kept at its peak (each block's
+    # backward starts after its forward ran again) is at most the plain activations less the gain
+    prepare_model(model, TrainConfig(recompute=1))
+    peaks = []
+    for block in model.transformer.h:
+        real = block.backward
+        block.backward = lambda d, real=real: peaks.append(storage_bytes(kept_tensors(model))) or real(d)
+    model.train()
+    forward_backward(model, b, model.count_targets(b["labels"]))
+    estimated = m["activations"] - m["levers"]["recompute=1"]  # an upper bound: it counts the head's rows too,
+    assert len(peaks) == 3 and 0.6 * estimated < max(peaks) <= estimated  # freed before the blocks' backward
+    assert estimate_memory(model, b)["levers"] == {"chunked_loss=1024": 0}
+    prepare_model(model, TrainConfig(recompute=1, chunked_loss=8))
+    assert estimate_memory(model, b)["levers"] == {}
+
+
+def test_out_of_memory_in_a_step_names_the_levers_with_the_estimates_numbers(tmp_path, monkeypatch):
+    import importlib
+    loop = importlib.import_module("minift.train")  # the module (minift.train is also the function)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    torch.manual_seed(0)
+    model = build_model(CONFIGS["gpt2"], "lm")
+    rows = [{"input_ids": list(range(1, 9)), "labels": list(range(1, 9))}] * 8
+    with pytest.raises(MiniftError) as e:
+        train(model, TrainData(rows, rows[:2], pad_id=0), TrainConfig(batch_size=4, max_steps=1, precision="fp32",
+                                                                      metric="loss"), tmp_path / "oom")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("out of memory (CUDA out of memory")
+    assert msg.endswith("MB back)") and ", or recompute=1 (about 0.0 MB back)" in msg  # a tiny model: tiny numbers
+    assert "chunked_loss" not in msg  # 32 positions: chunks of 1024 would give nothing back

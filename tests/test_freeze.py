@@ -20,7 +20,7 @@ from minift.config import TrainConfig
 from minift.heads import Backbone, Classifier
 from minift.layers import Embedding, LayerNorm, Linear, frozen_below
 from minift.lora import load_adapter, lora_layers
-from minift.memory import estimate_memory, format_kept, kept_for_backward
+from minift.memory import estimate_memory, format_kept, kept_for_backward, kept_tensors, storage_bytes
 from minift.optim import AdamW, param_groups
 from minift.step import forward_backward
 
@@ -137,8 +137,14 @@ def test_kept_tensors_are_listed_and_the_estimate_adds_up(capsys):
     assert rows and all(size > 0 for *_, size in rows)
     assert ("bert.encoder.layer.0.attention.self.query", "x", (3, 7, 16), 3 * 7 * 16 * 4) in rows
     assert "total:" in format_kept(rows)
+    # q, k and v keep the same input: a row each, one storage in memory
+    shared = {t.untyped_storage().data_ptr() for o, n, t in kept_tensors(model) if o.endswith(("query", "key", "value"))
+              and o.startswith("bert.encoder.layer.0.") and n == "x"}
+    assert len(shared) == 1
+    held = storage_bytes(list(kept_tensors(model)))
+    assert held < sum(r[3] for r in rows)
     m = estimate_memory(model, b)
-    assert m["activations"] == sum(r[3] for r in rows)  # the same forward keeps the same tensors
+    assert m["activations"] == held  # the same forward keeps the same tensors, each storage counted once
     assert m["weights"] == sum(p.numel() * 4 for p in model.parameters()) == m["gradients"]
     assert kept_for_backward(model) == []  # and the estimate leaves nothing kept behind
 
