@@ -6,7 +6,10 @@ unpadded (see tasks.py); each batch is padded only to its own longest row.
     data = TrainData(train, validation, tok.pad_id)            # what train() is given
     for idx in batch_order([len(e["input_ids"]) for e in train], 32, seed=0, epoch=0):
         batch = collate([train[i] for i in idx], tok.pad_id)   # input_ids, attention_mask, labels
+
+    packed = pack_examples(train, 1024)                        # rows packed into sequences (packing=1024)
 """
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +53,49 @@ def collate(examples, pad_id, padding_side="right"):
         ids.append(pad(e["input_ids"], pad_id, width, padding_side))
         mask.append(pad([1] * len(e["input_ids"]), 0, width, padding_side))
         labels.append(e["label"] if "label" in e else pad(e["labels"], -100, width, padding_side))
-    return {"input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": torch.tensor(mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long)}
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
+             "labels": torch.tensor(labels, dtype=torch.long)}
+    if any("document_ids" in e for e in examples):  # packed examples (pack_examples); an unpacked row is one text
+        for key, alone in (("document_ids", lambda n: [1] * n), ("position_ids", lambda n: list(range(n)))):
+            rows = [e.get(key) or alone(len(e["input_ids"])) for e in examples]
+            batch[key] = torch.tensor([pad(r, 0, width, padding_side) for r in rows], dtype=torch.long)  # pad: text 0
+    return batch
+
+
+def pack_examples(examples, capacity):
+    """Language-model examples packed into sequences of at most `capacity` tokens, best-fit decreasing: the
+    longest rows first, each into the sequence it fills most tightly (a row longer than `capacity` stays alone).
+    A packed example also has `document_ids` (1, 2, ... per row, so attention never crosses two of them:
+    heads.attention_allowed) and `position_ids` (restarting at 0 for every row). Each row's first label is
+    -100: it is the target of the previous row's last token, which in the row alone has no target either, so
+    the loss and its count of targets are those of the rows unpacked. Deterministic: a resume packs alike."""
+    if any("labels" not in e for e in examples):
+        raise MiniftError("packing is for language-model examples ({'input_ids', 'labels'}): set packing=0 for a classifier")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    sequences, free = [], []  # free: sorted (room left, sequence index) of the sequences still open
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        k = bisect.bisect_left(free, (n, -1))  # the sequence with the least room that still fits this row
+        if k < len(free):
+            room, s = free.pop(k)
+        else:
+            room, s = capacity, len(sequences)
+            sequences.append([])
+        sequences[s].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, s))
+    return [_packed([examples[i] for i in rows]) for rows in sequences]
+
+
+def _packed(rows):
+    ids, labels, documents, positions = [], [], [], []
+    for d, e in enumerate(rows, 1):
+        n = len(e["input_ids"])
+        ids += e["input_ids"]
+        labels += [-100] + e["labels"][1:]
+        documents += [d] * n
+        positions += list(range(n))
+    return {"input_ids": ids, "labels": labels, "document_ids": documents, "position_ids": positions}
 
 
 def batch_order(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=False, drop_last=False):

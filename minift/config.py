@@ -34,6 +34,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); resumes keep counting
     recompute: int = 0  # every N-th block keeps only its input and runs its forward again in backward; 0: off
+    packing: int = 0  # a language model's rows packed into sequences of this many tokens (best-fit); 0: one row each
     chunked_loss: int = 0  # a language model's head and loss over this many positions at a time; 0: all at once
     freeze: list = field(default_factory=list)  # parameters not trained: "embeddings", "layers:N", name prefixes
     lora_r: int = 0  # LoRA rank; 0: no adapters, every weight is trained (lora.py)
@@ -54,6 +55,7 @@ RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "g
           "patience": (0, True, "0 = never stop early"), "log_every": (1, True, "e.g. 10"),
           "save_every": (0, True, "0 = at each evaluation"), "max_steps": (0, True, "0 = run all epochs"),
           "recompute": (0, True, "0 = off, 1 = every block, 2 = every other block"),
+          "packing": (0, True, "0 = off; e.g. 1024 tokens per packed sequence"),
           "chunked_loss": (0, True, "0 = off; e.g. 1024 positions"),
           "lora_r": (0, True, "0 = no LoRA; 8 or 16 are usual"), "lora_alpha": (0, False, "e.g. 16"),
           "lora_dropout": (0, True, "e.g. 0.05, below 1")}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token, pick_rows, pick_rows_backward,
+from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows, pick_rows_backward,
                     positions_from_mask)
 from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
                      split_heads)
@@ -115,7 +115,7 @@ class GPT2Model(Backbone):
         self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.n_layer))
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         """caches: a list of one [] per layer, filled and extended by generate(); None when training."""
         B, T = input_ids.shape
         past = caches[0][0].shape[2] if caches and caches[0] else 0
@@ -126,9 +126,7 @@ class GPT2Model(Backbone):
         if past + T > self.config.n_positions:
             raise MiniftError(f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} "
                               "positions: lower max_length (or max_new_tokens)")
-        # query i may see key j if j <= i (causal) and j is a real token (padding mask)
-        causal = torch.ones(past + T, past + T, dtype=torch.bool, device=input_ids.device).tril()[past:]
-        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        allowed = attention_allowed(attention_mask, T, past, document_ids)  # causal, padding, packed texts apart
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
             x = block(x, allowed, caches[i]) if caches is not None else block_forward(block, x, allowed)
@@ -166,8 +164,8 @@ class GPT2LMHeadModel(CausalLM):
     def head_weight(self):
         return self.transformer.wte.weight  # tied: logits = h @ wte.T
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
-        hidden = self.transformer(input_ids, attention_mask, position_ids, caches)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
+        hidden = self.transformer(input_ids, attention_mask, position_ids, caches, document_ids)
         if self.head_is_deferred():
             return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         return self.head(hidden, self.head_weight())

@@ -26,6 +26,19 @@ def positions_from_mask(attention_mask, offset=0):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
 
 
+def attention_allowed(attention_mask, T, past=0, document_ids=None):
+    """Which keys each query may see, as (batch, 1, T, past + T) booleans: key j for query i if j <= i (causal)
+    and j is a real token (padding mask) and, in a packed row (batching.pack_examples: document_ids 1, 2, ...
+    per token, 0 on padding), j is in i's own text: a block-diagonal causal mask, so packed texts never see each
+    other. It is a constant of the attention: the softmax backward needs nothing more (a masked probability is
+    0, and so is its gradient)."""
+    causal = torch.ones(past + T, past + T, dtype=torch.bool, device=attention_mask.device).tril()[past:]
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return allowed
+
+
 def last_real_token(attention_mask):
     """Index of the last 1 in each row of the mask: works for left and right padding alike."""
     T = attention_mask.shape[1]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import MiniftError
-from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, last_real_token, pick_rows, pick_rows_backward,
+from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows, pick_rows_backward,
                     positions_from_mask)
 from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
                      frozen_below, keeps_for_backward, merge_heads, split_heads)
@@ -221,7 +221,7 @@ class LlamaModel(Backbone):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta)  # no parameters: angles from positions
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         """caches: a list of one [] per layer (new_cache()), filled and extended by generation; None in training."""
         B, T = input_ids.shape
         past = caches[0][0].shape[2] if caches and caches[0] else 0
@@ -233,9 +233,7 @@ class LlamaModel(Backbone):
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:  # counted over real tokens only, so a left-padded row starts at 0 too
             position_ids = positions_from_mask(attention_mask)[:, past:]
-        # query i may see key j if j <= i (causal) and j is a real token (padding mask)
-        causal = torch.ones(past + T, past + T, dtype=torch.bool, device=input_ids.device).tril()[past:]
-        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        allowed = attention_allowed(attention_mask, T, past, document_ids)  # causal, padding, packed texts apart
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # computed once, used by every layer
         for i, layer in enumerate(self.layers):
@@ -277,8 +275,8 @@ class LlamaForCausalLM(CausalLM):
     def head_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None):
-        hidden = self.model(input_ids, attention_mask, position_ids, caches)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
+        hidden = self.model(input_ids, attention_mask, position_ids, caches, document_ids)
         if self.head_is_deferred():
             return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         if not self.config.tie_word_embeddings:

@@ -13,14 +13,14 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .batching import TrainData, batch_order, collate
+from .batching import TrainData, batch_order, collate, pack_examples
 from .config import TrainConfig, check_config
 from . import distributed
 from .errors import MiniftError
@@ -216,6 +216,10 @@ def set_up(model, data, cfg, out_dir, resume):
     start fresh or restore a checkpoint, and say what is about to happen."""
     check_config(cfg)
     check_task(model, data, cfg)
+    if cfg.packing:  # rows packed into sequences of cfg.packing tokens; a batch counts sequences now
+        rows, data = len(data.train), replace(data, train=pack_examples(data.train, cfg.packing))
+        fill = sum(len(e["input_ids"]) for e in data.train) / (len(data.train) * cfg.packing)
+        print(f"packing: {rows} rows into {len(data.train)} sequences of up to {cfg.packing} tokens, {fill:.0%} full")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.setup(cfg.device)  # None unless torchrun started several processes (distributed.py)
