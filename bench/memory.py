@@ -1,8 +1,9 @@
-"""Memory levers, side by side in one run: peak memory and seconds per step of full fine-tuning of SmolLM2-135M
+"""Memory levers, side by side in one run: peak memory and seconds per step of fine-tuning SmolLM2-135M
 on random token rows, plain, with recompute (TrainConfig.recompute: every block keeps only its input and
 runs its forward again in backward), with the chunked loss (TrainConfig.chunked_loss: the LM head and the loss
 256 positions at a time) and with both; what the forward keeps for backward (the activations) and the logits
-with their gradient that the loss holds at once.
+with their gradient that the loss holds at once. And LoRA (r=8, every linear layer of the blocks), on the
+base as it is and on a base quantized to q4_0 (TrainConfig.quantize), alone and with both levers.
 
 Each configuration runs in a fresh process (peak memory is the process's VmHWM), the configurations take
 turns over `--rounds` rounds, and the same steps on the same rows are timed (the first step, which allocates,
@@ -24,7 +25,10 @@ import torch
 
 CONFIGS = {"plain": {}, "recompute every block": {"recompute": 1}, "recompute every other block": {"recompute": 2},
            "chunked loss (256 positions)": {"chunked_loss": 256},
-           "recompute + chunked loss": {"recompute": 1, "chunked_loss": 256}}
+           "recompute + chunked loss": {"recompute": 1, "chunked_loss": 256},
+           "LoRA r=8": {"lora_r": 8},
+           "LoRA r=8 on a q4_0 base": {"lora_r": 8, "quantize": "q4_0"},
+           "LoRA q4_0 + recompute + chunked": {"lora_r": 8, "quantize": "q4_0", "recompute": 1, "chunked_loss": 256}}
 
 
 def child(settings, batch, length, steps):
@@ -65,14 +69,16 @@ def main():
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--only", help="comma-separated configuration names (plain is always run: the ratios are to it)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child(json.loads(args.child), args.batch, args.length, args.steps)
         return
-    results = {name: [] for name in CONFIGS}
+    names = ["plain"] + [n for n in CONFIGS if n != "plain" and (not args.only or n in args.only.split(","))]
+    results = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in (list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]):  # take turns
+        for name in (names if r % 2 == 0 else names[::-1]):  # take turns
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(CONFIGS[name]), "--batch",
                                    str(args.batch), "--length", str(args.length), "--steps", str(args.steps)],
                                   capture_output=True, text=True)
@@ -81,15 +87,16 @@ def main():
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(line[len("RESULT "):]))
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; SmolLM2-135M full "
-          f"fine-tuning, fp32, batch {args.batch} x {args.length} tokens, {args.steps} timed steps, {args.rounds} round(s)")
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; SmolLM2-135M fine-tuning "
+          f"(plain: every weight), fp32, batch {args.batch} x {args.length} tokens, {args.steps} timed steps, "
+          f"{args.rounds} round(s)")
     base = results["plain"]
     t0, m0 = statistics.median(r["seconds_per_step"] for r in base), max(r["peak_mb"] for r in base)
-    print(f"{'configuration':30s} {'s/step':>7s} {'time x':>7s} {'peak MB':>8s} {'peak x':>7s} {'kept MB':>8s} "
+    print(f"{'configuration':32s} {'s/step':>7s} {'time x':>7s} {'peak MB':>8s} {'peak x':>7s} {'kept MB':>8s} "
           f"{'logits MB':>9s}")
     for name, runs in results.items():
         t, m = statistics.median(r["seconds_per_step"] for r in runs), max(r["peak_mb"] for r in runs)
-        print(f"{name:30s} {t:7.2f} {t / t0:7.2f} {m:8d} {m / m0:7.2f} {runs[0]['kept_mb']:8.0f} "
+        print(f"{name:32s} {t:7.2f} {t / t0:7.2f} {m:8d} {m / m0:7.2f} {runs[0]['kept_mb']:8.0f} "
               f"{runs[0]['logits_mb']:9.0f}")
 
 

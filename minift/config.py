@@ -41,10 +41,12 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
     lora_dropout: float = 0.0  # on the adapters' input (peft's default 0; each one costs a random mask a layer)
     lora_targets: list = field(default_factory=lambda: ["all-linear"])  # which Linear layers get adapters
+    quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1
 
 
 CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
-           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss")}
+           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss"),
+           "quantize": ("none", "q8_0", "q4_0", "q4_1")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
           "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"),

@@ -45,13 +45,21 @@ class LoRALinear(Linear):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=self.weight.dtype, device=self.weight.device))
         self.lora_dropout = Dropout(dropout)  # on the side path's input only, as in peft
         self.merged = False  # True while the update sits inside W (merge_lora)
+        self.quantized = None  # W in 8 or 4 bits instead of `weight` (quantize.py: QLoRA)
 
     def extra_repr(self):
+        if self.quantized is not None:
+            return f"{self.quantized.extra_repr()}, bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}"
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
 
     def forward(self, x):
         x = cast_for_matmul(x)
-        y = super().forward(x)  # x W^T + b (Linear keeps x only if W is trainable: for LoRA it is not)
+        if self.quantized is not None:  # x W^T + b with W dequantized a slice at a time
+            y = self.quantized.linear(x)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = super().forward(x)  # x W^T + b (Linear keeps x only if W is trainable: for LoRA it is not)
         if self.merged:
             return y  # W already holds the update
         h = self.lora_dropout(x)
@@ -66,7 +74,10 @@ class LoRALinear(Linear):
         h, u = self.h, self.u
         del self.h, self.u
         dy = cast_for_matmul(dy)
-        dx = super().backward(dy)  # dy @ W, and dW / db only where they are trainable
+        if self.quantized is not None:
+            dx = self.quantized.linear_backward(dy)  # dy @ W; a quantized W (and its bias) is frozen
+        else:
+            dx = super().backward(dy)  # dy @ W, and dW / db only where they are trainable
         # the side path, y_lora = s * u B^T with u = h A^T and s = alpha / r:
         if self.lora_B.requires_grad:  # dB = s * dy^T u   (out, r)
             accumulate_grad(self.lora_B, (dy.reshape(-1, dy.shape[-1]).T @ u.reshape(-1, self.r)).mul_(self.scale))
@@ -78,7 +89,11 @@ class LoRALinear(Linear):
 
     @torch.no_grad()
     def merge(self):
-        """W += s * B A: from now on the plain matmul gives the adapted output."""
+        """W += s * B A: from now on the plain matmul gives the adapted output. A quantized W is dequantized
+        first: the merged layer is full precision (no rounding to 4 bits after training)."""
+        if self.quantized is not None:
+            self.weight = nn.Parameter(self.quantized.dequantize(self.lora_A.dtype), requires_grad=False)
+            self.quantized = None
         if not self.merged:
             self.weight += self.scale * (self.lora_B @ self.lora_A)
             self.merged = True
@@ -178,11 +193,14 @@ def add_lora(model, targets, r=8, alpha=16, dropout=0.0):
 def lora_summary(model):
     trainable, total = count_trainable(model)
     layers = lora_layers(model)
+    quantized = [layer.quantized for layer in layers.values() if layer.quantized is not None]
+    total += sum(q.shape[0] * q.shape[1] for q in quantized)  # weights kept as blocks, not parameters
     kinds = dict.fromkeys(n.rpartition(".")[2] for n in layers)
     first = next(iter(layers.values()), None)
     what = (f"LoRA r={first.r} alpha={first.alpha:g} on {len(layers)} layers ({', '.join(kinds)})"
             if first else "no LoRA layers")
-    return f"{what}: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    base = f", their frozen weights in {quantized[0].kind} blocks" if quantized else ""
+    return f"{what}{base}: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
 def merge_lora(model):
@@ -233,7 +251,9 @@ def hf_names(model):
 
 
 def _hf_module(names, module):
-    return names[module + ".weight"][:-len(".weight")]
+    """A layer's Hugging Face path, read off its weight's key (or its lora_A's: a quantized base has no weight)."""
+    leaf = ".weight" if module + ".weight" in names else ".lora_A"
+    return names[module + leaf][:-len(leaf)]
 
 
 def _short_targets(all_linear, adapted):

@@ -47,6 +47,7 @@ def estimate_memory(model, batch):
     not on yet would give back (`levers`: {setting: bytes}). Returns a dict."""
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())  # quantized blocks (quantize.py) too
     grads = sum(p.numel() * p.element_size() for p in trainable)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     kept = forward_keeping(model, inputs)

@@ -30,6 +30,7 @@ from .layers import Dropout
 from .lora import add_lora, lora_layers, lora_summary
 from .memory import estimate_memory, format_memory, levers_by_gain, levers_not_on
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
+from .quantize import quantize_base
 from .outputs import export_best
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
                      save_training_state, set_rng_states, sigterm_as_interrupt)
@@ -96,6 +97,8 @@ def prepare_model(model, cfg):
             raise MiniftError("this model already has LoRA layers: pass lora_r=0 to train them as they are, or "
                               "give train() a model without adapters")
         add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    if cfg.quantize != "none":  # after LoRA: the adapted layers' frozen weights go into 8- or 4-bit blocks
+        quantize_base(model, cfg.quantize)
     if cfg.freeze:
         freeze(model, cfg.freeze)
     mark_frozen_below(model)

@@ -14,7 +14,7 @@ from minift.errors import MiniftError
 from minift.memory import estimate_memory, format_memory, kept_tensors, levers_by_gain, storage_bytes
 from minift.step import forward_backward
 from minift.train import prepare_model, train
-from test_freeze import CONFIGS, batch
+from test_freeze import CONFIGS, batch, lm_rows
 
 CASES = {  # name: (config, settings)
     "gpt2 (tied)": (CONFIGS["gpt2"], {}),
@@ -100,9 +100,7 @@ def test_chunked_loss_through_train_gives_the_same_weights(tmp_path):
     def run(chunk):
         torch.manual_seed(0)
         model = build_model(CONFIGS["gpt2"], "lm")
-        g = torch.Generator().manual_seed(1)
-        rows = [{"input_ids": ids, "labels": ids} for ids in
-                (torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(4, 12, (16,), generator=g))]
+        rows = lm_rows()
         cfg = TrainConfig(batch_size=4, grad_accum=2, lr=1e-3, max_steps=4, precision="fp32", metric="loss",
                           chunked_loss=chunk, log_every=1)
         train(model, TrainData(rows, rows[:4], pad_id=0), cfg, tmp_path / f"c{chunk}")

@@ -35,6 +35,13 @@ CONFIGS = {
 }
 
 
+def lm_rows(n=16, seed=1):
+    """n language-model rows of 4 to 11 random tokens, every token a target: a few steps of train() on a toy."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in
+            (torch.randint(1, 50, (int(k),), generator=g).tolist() for k in torch.randint(4, 12, (n,), generator=g))]
+
+
 def batch(task, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 50, (3, 7), generator=g)

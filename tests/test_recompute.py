@@ -12,7 +12,7 @@ from minift.config import TrainConfig
 from minift.memory import kept_for_backward
 from minift.step import forward_backward
 from minift.train import prepare_model, train
-from test_freeze import CONFIGS, batch
+from test_freeze import CONFIGS, batch, lm_rows
 
 CASES = {  # name: (family, task, settings); dropout 0.1 wherever the family has it, so masks are in play
     "bert every block": ("bert", "classify", dict(recompute=1, dropout=0.1)),
@@ -64,9 +64,7 @@ def test_recompute_through_train_gives_the_same_weights(tmp_path):
     def run(recompute):
         torch.manual_seed(0)
         model = build_model(CONFIGS["gpt2"], "lm")
-        g = torch.Generator().manual_seed(1)
-        rows = [{"input_ids": ids, "labels": ids} for ids in
-                (torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(4, 12, (16,), generator=g))]
+        rows = lm_rows()
         cfg = TrainConfig(batch_size=4, lr=1e-2, max_steps=4, precision="fp32", metric="loss", dropout=0.1,
                           recompute=recompute, log_every=1)
         train(model, TrainData(rows, rows[:4], pad_id=0), cfg, tmp_path / f"r{recompute}")

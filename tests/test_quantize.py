@@ -1,0 +1,169 @@
+"""A quantized frozen base under LoRA (minift/quantize.py, TrainConfig.quantize): the blocks are GGUF's, byte for byte
+(gguf.py's dequantizers read them back), rounded within half a step; the sliced forward and input gradient equal
+the matmul with the dequantized weight; a model with a q8_0/q4_0/q4_1 base gives the outputs and the adapter
+gradients of the same model on the dequantized fp64 base; train() runs, and best/ is the merged full-precision
+model."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from minift.batching import TrainData
+from minift.checkpoints import build_model, load_checkpoint
+from minift.config import TrainConfig
+from minift.errors import MiniftError
+from minift.gguf import DEQUANTIZE
+from minift.lora import lora_layers
+from minift.memory import estimate_memory
+from minift.quantize import KINDS, QuantizedWeight, quantize_base
+from minift.step import forward_backward
+from minift.train import prepare_model, train
+from test_freeze import batch, lm_rows
+
+LLAMA = dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+GPT2 = dict(model_type="gpt2", vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0)
+GGML_TYPE = {"q8_0": 8, "q4_0": 2, "q4_1": 3}
+
+
+def gguf_bytes(qw):
+    """The blocks as a GGUF file holds them: per block d (fp16), [m (fp16)], then the quants."""
+    parts = [qw.d.numpy().view(np.uint8).reshape(*qw.d.shape, 2)]
+    if qw.m is not None:
+        parts.append(qw.m.numpy().view(np.uint8).reshape(*qw.m.shape, 2))
+    parts.append(qw.q.numpy().view(np.uint8))
+    return np.concatenate(parts, axis=-1).reshape(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_are_ggufs_and_round_within_half_a_step(kind):
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * 0.05
+    w[3, :32] = 0  # a block of zeros: scale 0, no division by it
+    qw = QuantizedWeight.quantize(w, kind)
+    back = qw.dequantize()
+    theirs = DEQUANTIZE[GGML_TYPE[kind]](gguf_bytes(qw)).reshape(64, 96)  # llama.cpp's layout, read by gguf.py
+    assert torch.equal(back, torch.from_numpy(theirs))
+    step = qw.d.float().abs().repeat_interleave(32, dim=1)
+    # to the nearest step, found with the fp32 scale; the stored fp16 scale moves q * d by up to 127 x 2^-11 of d.
+    # Q4_0 maps the largest magnitude to -8, so on the other side +8 steps are cut to +7: up to a whole step
+    bound = 1.0 if kind == "q4_0" else 0.5 + 127 / 2048
+    assert ((back - w).abs() <= step * bound + 1e-7).all()
+    assert ((back - w).abs() > step * 0.45).any()  # and the bound is not loose: some values are that far
+    assert torch.equal(back[3, :32], torch.zeros(32))
+    assert qw.nbytes() == {"q8_0": 34, "q4_0": 18, "q4_1": 20}[kind] * 64 * 96 // 32
+
+
+def test_the_sliced_matmuls_equal_the_whole_ones(monkeypatch):
+    import minift.quantize
+    monkeypatch.setattr(minift.quantize, "ROWS", 7)  # several slices, the last one short
+    torch.manual_seed(0)
+    qw = QuantizedWeight.quantize(torch.randn(30, 64), "q4_1").double()
+    w = qw.dequantize(torch.float64)
+    x, dy = torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 5, 30, dtype=torch.float64)
+    torch.testing.assert_close(qw.linear(x), x @ w.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(qw.linear_backward(dy), dy @ w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config, task", [(LLAMA, "lm"), (GPT2, "lm"), (LLAMA, "classify")], ids=["llama", "gpt2", "llama-cls"])
+def test_a_quantized_base_gives_the_outputs_and_adapter_gradients_of_its_dequantized_weights(config, task, kind,
+                                                                                           monkeypatch):
+    import minift.quantize
+    monkeypatch.setattr(minift.quantize, "ROWS", 24)  # layers of 32 to 96 outputs: one to four slices
+    torch.manual_seed(0)
+    quantized = build_model(config, task, num_labels=3).double()
+    torch.manual_seed(1)
+    prepare_model(quantized, TrainConfig(lora_r=4, quantize=kind))
+    reference = copy.deepcopy(quantized)
+    for layer in lora_layers(reference).values():  # the same model on the dequantized weights, plain fp64
+        layer.weight = torch.nn.Parameter(layer.quantized.dequantize(torch.float64), requires_grad=False)
+        layer.quantized = None
+    for layer in lora_layers(quantized).values():
+        assert layer.quantized is not None and "weight" not in dict(layer.named_parameters())
+    with torch.no_grad():
+        for layer in lora_layers(quantized).values():  # B = 0 at the start: give the adapters something to say
+            layer.lora_B.normal_()
+        for a, b in zip(lora_layers(quantized).values(), lora_layers(reference).values()):
+            b.lora_B.copy_(a.lora_B)
+    b = batch(task)
+    quantized.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(b["input_ids"], b["attention_mask"]),
+                                   reference(b["input_ids"], b["attention_mask"]), rtol=1e-12, atol=1e-12)
+    for m in (quantized, reference):
+        m.train()
+        forward_backward(m, b, m.count_targets(b["labels"]))
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    assert ours.keys() == grads.keys() and any("lora_A" in n for n in ours)
+    for name in grads:
+        torch.testing.assert_close(ours[name], grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_train_with_a_q4_base_saves_the_merged_full_precision_best(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(LLAMA, "lm")
+    full_bytes = estimate_memory(model, batch("lm"))["weights"]
+    rows = lm_rows()
+    cfg = TrainConfig(batch_size=4, lr=1e-2, max_steps=3, precision="fp32", metric="loss", lora_r=4, quantize="q4_0")
+    train(model, TrainData(rows, rows[:4], pad_id=0), cfg, tmp_path / "q")
+    assert estimate_memory(model, batch("lm"))["weights"] < 0.6 * full_bytes  # the blocks, not fp32 weights
+    best = load_checkpoint(tmp_path / "q" / "best", "lm", verbose=False).eval()
+    layer = next(iter(lora_layers(model).values()))
+    name = next(iter(lora_layers(model)))
+    merged = layer.quantized.dequantize() + layer.scale * layer.lora_B @ layer.lora_A
+    torch.testing.assert_close(best.get_submodule(name).weight, merged, rtol=0, atol=1e-6)
+    model.eval()
+    b = batch("lm")
+    with torch.no_grad():
+        torch.testing.assert_close(best(b["input_ids"], b["attention_mask"]), model(b["input_ids"], b["attention_mask"]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_quantize_needs_adapters_and_blocks_of_32():
+    with pytest.raises(MiniftError, match="set lora_r"):
+        prepare_model(build_model(LLAMA, "lm"), TrainConfig(quantize="q8_0"))
+    model = build_model(LLAMA, "lm")
+    total = sum(p.numel() for p in model.parameters())
+    line = prepare_model(model, TrainConfig(lora_r=2, quantize="q8_0"))  # the blocks still count as parameters
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"frozen weights in q8_0 blocks: trainable {adapters:,} of {total + adapters:,} parameters" in line
+    with pytest.raises(MiniftError, match="multiple of 32"):
+        prepare_model(build_model({**LLAMA, "hidden_size": 16, "intermediate_size": 24}, "lm"),
+                      TrainConfig(lora_r=2, quantize="q4_0"))
+    with pytest.raises(MiniftError, match="set lora_r"):
+        quantize_base(build_model(LLAMA, "lm"), "q4_0")
+
+
+def test_a_run_on_a_quantized_base_resumes_exactly(tmp_path):
+    """The checkpoint holds the adapters, the head and AdamW; the blocks are made again from the base on resume,
+    the same blocks: stopping after step 2 and resuming ends bitwise where 4 straight steps end."""
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        model = build_model(LLAMA, "lm")
+        rows = lm_rows()
+        cfg = TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, precision="fp32", metric="loss", lora_r=4,
+                          quantize="q4_1", schedule="constant", warmup_ratio=0.0, save_every=2, lora_dropout=0.1)
+        train(model, TrainData(rows, rows[:4], pad_id=0), cfg, out, resume=resume)
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "stopped", 2)
+    resumed = run(tmp_path / "stopped", 4, resume=True)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_smollm2s_weights_come_back_bit_for_bit_from_q4_1(smollm2_dir):
+    """The offline SmolLM2 was converted from llama.cpp's Q4_1 file: quantizing its weights to q4_1 again with
+    llama.cpp's rounding must give the same blocks, so dequantizing them gives every weight back exactly."""
+    model = load_checkpoint(smollm2_dir, "lm", verbose=False)
+    matrices = {n: p.detach() for n, p in model.named_parameters() if n.startswith(("model.layers.0.", "model.layers.29."))
+                and p.ndim == 2}
+    assert len(matrices) == 14
+    for name, w in matrices.items():
+        assert torch.equal(QuantizedWeight.quantize(w, "q4_1").dequantize(), w), name
