@@ -56,9 +56,10 @@ def collate(examples, pad_id, padding_side="right"):
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
              "labels": torch.tensor(labels, dtype=torch.long)}
     if any("document_ids" in e for e in examples):  # packed examples (pack_examples); an unpacked row is one text
-        for key, alone in (("document_ids", lambda n: [1] * n), ("position_ids", lambda n: list(range(n)))):
-            rows = [e.get(key) or alone(len(e["input_ids"])) for e in examples]
-            batch[key] = torch.tensor([pad(r, 0, width, padding_side) for r in rows], dtype=torch.long)  # pad: text 0
+        documents = [e.get("document_ids", [1] * len(e["input_ids"])) for e in examples]
+        positions = [e.get("position_ids", list(range(len(e["input_ids"])))) for e in examples]
+        batch["document_ids"] = torch.tensor([pad(d, 0, width, padding_side) for d in documents])  # padding: text 0
+        batch["position_ids"] = torch.tensor([pad(p, 0, width, padding_side) for p in positions])
     return batch
 
 

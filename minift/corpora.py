@@ -95,7 +95,7 @@ def load_instruction_splits(data=None, seed=0):
 
 def checked_instruction_rows(rows, path):
     """Every row checked before the split shuffles them, so that an error names the file's line."""
-    for line, row in zip(getattr(rows, "lines", None) or range(1, len(rows) + 1), rows):
+    for line, row in zip(rows.lines, rows):  # data.Rows: the line of each row in its file
         check_instruction_row(row, f"{path}:{line}")
     return rows
 

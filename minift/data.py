@@ -334,7 +334,7 @@ def load_splits(folder, columns=None):
         path = folder / f"{name}.jsonl"
         if not path.is_file():
             raise MiniftError(f"{path}: missing; point at a folder written by save_splits")
-        splits[name] = read_jsonl(path, columns) if path.stat().st_size else []  # a 0-fraction split is empty
+        splits[name] = read_jsonl(path, columns) if path.stat().st_size else Rows(lines=[])  # a 0-fraction split
     return splits
 
 

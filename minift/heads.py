@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import MiniftError
 from .generate import generate
-from .layers import accumulate_grad, cast_for_matmul, cross_entropy, keeps_for_backward
+from .layers import accumulate_grad, cast_for_matmul, check_targets, cross_entropy, keeps_for_backward
 
 
 def positions_from_mask(attention_mask, offset=0):
@@ -96,10 +96,9 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
     whole batch's are 0.8 GB each in fp32). hidden (N, d) and targets (N,), already shifted; weight (vocab, d), so
     logits = hidden @ weight.T. The head's weight gradient is added into weight.grad chunk by chunk (for a tied
     head that is the embedding's .grad, which its own backward adds to later). Returns (loss, dhidden)."""
-    if num_targets is None:
-        num_targets = int((targets != -100).sum())
+    num_targets = check_targets(int((targets != -100).sum()) if num_targets is None else num_targets)
     hidden = cast_for_matmul(hidden)
-    loss = 0.0
+    loss = torch.zeros((), device=hidden.device)  # a micro-batch with no target adds 0, as in the plain loss
     dhidden = torch.zeros_like(hidden)
     for start in range(0, len(hidden), chunk):
         part = slice(start, start + chunk)
@@ -111,8 +110,6 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
         if weight.requires_grad:
             accumulate_grad(weight, dlogits.T @ hidden[part])  # dW = sum over chunks of dlogits^T @ hidden
         dhidden[part] = dlogits @ weight
-    if not torch.is_tensor(loss):
-        raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
     return loss, dhidden
 
 

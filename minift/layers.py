@@ -288,6 +288,13 @@ class Attention(nn.Module):
         return dscores @ k, dscores.transpose(-1, -2) @ q, dv
 
 
+def check_targets(num_targets):
+    """The count a loss divides by; 0 is an error, not a NaN."""
+    if num_targets == 0:
+        raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
+    return num_targets
+
+
 def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True, ignore_index=-100):
     """Softmax cross-entropy summed over the targets that are not `ignore_index`, divided by `num_targets`.
 
@@ -298,10 +305,7 @@ def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True
     loss.backward()).
     """
     supervised = labels != ignore_index
-    if num_targets is None:
-        num_targets = int(supervised.sum())
-    if num_targets == 0:
-        raise MiniftError("no supervised token in this batch (every label is -100): check the prompt masking and max_length")
+    num_targets = check_targets(int(supervised.sum()) if num_targets is None else num_targets)
     # in fp32 even for bf16 logits; the upcast happens inside log_softmax (a language model's logits are
     # batch x time x vocab: a separate fp32 copy would be hundreds of MB)
     logprobs = torch.log_softmax(logits, dim=-1, dtype=_fp32_dtype(logits))

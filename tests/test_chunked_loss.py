@@ -184,3 +184,19 @@ def test_out_of_memory_in_a_step_names_the_levers_with_the_estimates_numbers(tmp
     assert "\n" not in msg and msg.startswith("out of memory (CUDA out of memory")
     assert msg.endswith("MB back)") and ", or recompute=1 (about 0.0 MB back)" in msg  # a tiny model: tiny numbers
     assert "chunked_loss" not in msg  # 32 positions: chunks of 1024 would give nothing back
+
+
+def test_a_micro_batch_without_targets_adds_nothing_as_in_the_plain_loss():
+    """The step's count comes from all its micro-batches: one whose rows are all prompt adds a loss of 0 and no
+    gradient in both losses; a step with no target at all is an error in both."""
+    b = batch("lm")
+    silent = {**b, "labels": torch.full_like(b["labels"], -100)}
+    for chunk in (0, 4):
+        torch.manual_seed(0)
+        model = build_model(CONFIGS["gpt2"], "lm")
+        prepare_model(model, TrainConfig(chunked_loss=chunk))
+        model.train()
+        assert forward_backward(model, silent, 5) == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        with pytest.raises(MiniftError, match="no supervised token"):
+            forward_backward(model, silent, model.count_targets(silent["labels"]))
