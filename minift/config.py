@@ -41,6 +41,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
     lora_dropout: float = 0.0  # on the adapters' input (peft's default 0; each one costs a random mask a layer)
     lora_targets: list = field(default_factory=lambda: ["all-linear"])  # which Linear layers get adapters
+    zero: int = 0  # under torchrun: 1 shards AdamW's state across the processes, 2 the gradients too (distributed.py)
     quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1
 
 
@@ -82,6 +83,9 @@ def check_config(cfg):
         raise MiniftError(f"min_lr {cfg.min_lr:g} is above the peak lr {cfg.lr:g}: the floor must be lower")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise MiniftError(f"dropout {cfg.dropout} must be in [0, 1): it is the fraction of values zeroed (0.1 is usual)")
+    if cfg.zero not in (0, 1, 2):
+        raise MiniftError(f"zero = {cfg.zero} is unknown: 0 = off, 1 = AdamW's state sharded across processes, 2 = the "
+                          "gradients too")
     if cfg.grad_accum > cfg.batch_size:
         raise MiniftError(f"grad_accum {cfg.grad_accum} is more than batch_size {cfg.batch_size}: each micro-batch "
                           "needs at least one example")

@@ -15,6 +15,17 @@ step, so the weights stay identical without ever being sent again (only once, at
 PyTorch's DistributedDataParallel does step 2 with hooks on autograd; our backward does not use autograd,
 so the hooks would never fire. Here it is one function you can step through.
 
+ZeRO (TrainConfig.zero, --zero 1|2): every rank above keeps AdamW's m and v for the whole model, twice the
+weights' size, though all ranks compute the same update. ZeRO-1 gives each trainable tensor one owner
+(`partition`, the biggest first to the least loaded rank): a rank keeps m and v for its own tensors only,
+updates only those, and then sends them to the others (`send_updated_weights`, a broadcast from each owner:
+an all-gather), so every rank again holds the whole model for the next forward. ZeRO-2 also shards the
+gradients: instead of the all-reduce, each bucket is summed onto its owner alone (`td.reduce`: together, a
+reduce-scatter) and dropped elsewhere, and the clipping norm is added up from every rank's own tensors
+(`gradient_norm`). The update of each number is the same arithmetic as above, so the weights are those of
+plain data parallel. One caveat: our backward adds every tensor's gradient into .grad before any is sent, so
+ZeRO-2's saving holds from the reduce to the next step, not during the backward itself.
+
 Two rules keep N processes from hanging (and a timeout ends the wait for a rank that hangs itself):
 - every rank must reach every collective call (all-reduce, broadcast, barrier) in the same order; an
   exception on one rank would leave the others waiting forever. So every collective starts with `_agree`:
@@ -105,6 +116,17 @@ class Distributed:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
         self.stopped = False  # set once the ranks agreed that one of them failed
+        self.zero = 0  # 0: plain data parallel; 1: AdamW's state sharded; 2: the gradients too (shard_optimizer)
+        self.owners = {}  # under ZeRO: id(tensor) -> the rank that updates it
+
+    def shard_optimizer(self, level, groups):
+        """ZeRO-`level` (1 or 2) over AdamW's parameter groups: give every tensor an owner; return the names of
+        this rank's own tensors (AdamW's `owned`)."""
+        names = [n for g in groups for n in g["names"]]
+        params = [p for g in groups for p in g["params"]]
+        ranks = partition([p.numel() for p in params], self.world_size)
+        self.zero, self.owners = level, {id(p): r for p, r in zip(params, ranks)}
+        return {n for n, r in zip(names, ranks) if r == self.rank}
 
     # --- the data ----------------------------------------------------------------------------------------
 
@@ -139,12 +161,69 @@ class Distributed:
         td.all_reduce(has)
         td.all_reduce(numbers)
         used = [p for p, h in zip(params, has.tolist()) if h > 0]
+        if self.zero == 2:
+            self._reduce_to_owners(used)
+            return float(numbers)
         for bucket in buckets(used):
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
             td.all_reduce(flat)  # the one line that makes N processes act as one
             for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
                 p.grad = g.view_as(p)  # a view into the bucket: no copy
         return float(numbers)
+
+    def _reduce_to_owners(self, params):
+        """ZeRO-2's reduce-scatter: each bucket of one owner's tensors is summed onto that owner alone, and the
+        other ranks drop their copy: every gradient is then kept once across the ranks, by the rank that needs it."""
+        for owner in range(self.world_size):
+            for bucket in buckets([p for p in params if self.owners[id(p)] == owner]):
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+                td.reduce(flat, dst=owner)  # SUM, delivered to the owner only
+                for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                    p.grad = g.view_as(p) if self.rank == owner else None
+
+    def gradient_norm(self, params):
+        """ZeRO-2: the global gradient norm, from every rank's norms of its own tensors' gradients (each rank puts
+        its own in their slots, the sum fills them all); None otherwise, where every rank has the whole gradient."""
+        if self.zero != 2:
+            return None
+        self._agree()
+        norms = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                norms[i] = p.grad.float().norm()
+        td.all_reduce(norms)
+        return norms.norm()
+
+    def send_updated_weights(self, params):
+        """ZeRO: each rank updated only its own tensors; every owner broadcasts them to the others (together, an
+        all-gather), so that every rank holds the whole, updated model again. Plain data parallel: nothing to do."""
+        if not self.zero:
+            return
+        self._agree()
+        for owner in range(self.world_size):
+            for bucket in buckets([p for p in params if self.owners[id(p)] == owner]):
+                flat = torch.cat([p.detach().reshape(-1) for p in bucket])
+                td.broadcast(flat, src=owner)
+                for p, w in zip(bucket, flat.split([p.numel() for p in bucket])):
+                    p.data.copy_(w.view_as(p))
+
+    def gather_optimizer_state(self, optimizer):
+        """ZeRO: rank 0 collects the m and v of every rank's tensors (point to point, one tensor at a time), to
+        write the same checkpoint as plain data parallel; it returns (tensors, meta), the other ranks None."""
+        self._agree()
+        mine, meta = optimizer.state_dict()
+        tensors = {}
+        for kind in ("exp_avg", "exp_avg_sq"):
+            for name, p in zip(optimizer.names, optimizer.params):
+                key, owner = f"{kind}.{name}", self.owners[id(p)]
+                if owner == self.rank:
+                    tensors[key] = mine[key]
+                    if not self.is_main:
+                        td.send(mine[key].contiguous(), dst=0)
+                elif self.is_main:
+                    tensors[key] = torch.empty_like(p)
+                    td.recv(tensors[key], src=owner)
+        return (tensors, meta) if self.is_main else None
 
     # --- the rest of the loop -----------------------------------------------------------------------------
 
@@ -214,6 +293,16 @@ class Distributed:
             raise KeyboardInterrupt(f"rank {src} was interrupted")
         message = bytes(text.tolist()).rstrip(b"\0").decode(errors="replace")
         raise MiniftError(f"rank {src} of {self.world_size} failed, so every rank stops: {message}")
+
+
+def partition(sizes, world_size):
+    """ZeRO: the rank that owns each tensor, given their sizes: the biggest first, each to the rank with the fewest
+    numbers so far (as torch's ZeroRedundancyOptimizer does), so every rank keeps about 1/world_size of the state."""
+    loads, owner = [0] * world_size, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):  # stable: equal sizes in model order
+        owner[i] = loads.index(min(loads))
+        loads[owner[i]] += sizes[i]
+    return owner
 
 
 def buckets(params):

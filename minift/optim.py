@@ -71,7 +71,7 @@ def describe_groups(groups):
 # m / sqrt(v): a step of about lr in every coordinate, whatever the gradient's size.
 
 class AdamW:
-    def __init__(self, groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, owned=None):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise MiniftError(f"AdamW betas must be in [0, 1), got {tuple(betas)}; the usual are (0.9, 0.999)")
         groups = list(groups)
@@ -80,13 +80,18 @@ class AdamW:
                               "not model.parameters()")
         self.groups, self.lr, self.betas, self.eps = groups, lr, tuple(betas), eps
         self.params = [p for g in groups for p in g["params"]]
+        self.names = [n for g in groups for n in g["names"]]
+        # owned: the names of the tensors this process updates and keeps m and v for; None: all of them. Under
+        # ZeRO (distributed.py) each process owns a share, and sends the others its tensors after each step.
+        self.owned = set(self.names) if owned is None else set(owned)
         self.t = 0  # optimizer steps taken; one count for all parameters (they all step together)
         # State has the parameter's dtype: minift keeps fp32 master weights, so m and v are fp32 too.
-        self.exp_avg = {n: torch.zeros_like(p) for g in groups for n, p in zip(g["names"], g["params"])}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for g in groups for n, p in zip(g["names"], g["params"])}
+        mine = [(n, p) for n, p in zip(self.names, self.params) if n in self.owned]
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in mine}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in mine}
         # Room for one parameter's denominator, reused by all: a fresh tensor as big as the word embedding
         # (47 MB in MiniLM) at every step costs more in page faults than the arithmetic itself.
-        biggest = max((p for g in groups for p in g["params"]), key=torch.numel, default=torch.zeros(0))
+        biggest = max((p for _, p in mine), key=torch.numel, default=torch.zeros(0))
         self.scratch = torch.empty(biggest.numel(), dtype=biggest.dtype, device=biggest.device)
 
     @torch.no_grad()
@@ -102,7 +107,7 @@ class AdamW:
             for name, p in zip(g["names"], g["params"]):
                 # No gradient: frozen or unused. (torch counts steps per parameter, we count one t for all;
                 # the same as long as a parameter has a gradient at every step or at none.)
-                if p.grad is None:
+                if p.grad is None or name not in self.owned:
                     continue
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
                 p.mul_(1 - group_lr * wd)                           # decoupled decay: shrink p, not the gradient
@@ -121,7 +126,7 @@ class AdamW:
 
     def state_dict(self):
         """(tensors, meta): tensors for a safetensors file, meta for a JSON file. The tensors are the live
-        state, not copies: save them before the next step."""
+        state, not copies: save them before the next step. Under ZeRO, only this process's share."""
         tensors = {f"exp_avg.{n}": m for n, m in self.exp_avg.items()}
         tensors |= {f"exp_avg_sq.{n}": v for n, v in self.exp_avg_sq.items()}
         meta = {"step": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
@@ -129,14 +134,17 @@ class AdamW:
         return tensors, meta
 
     def load_state_dict(self, tensors, meta):
-        """Restore exactly what state_dict saved; any mismatch with our parameters is an error."""
+        """Restore exactly what state_dict saved; any mismatch with our parameters is an error. The file holds
+        every tensor's state (ZeRO's rank 0 gathers them to save); this process takes its own share of it."""
         expected = self.state_dict()[0]
-        missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        every = {f"{kind}.{n}" for kind in ("exp_avg", "exp_avg_sq") for n in self.names}
+        missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - every)
         if missing:
             raise MiniftError(f"optimizer state lacks '{missing[0]}'; was it saved for a different model?")
         if extra:
             raise MiniftError(f"optimizer state has '{extra[0]}', which is no parameter here; "
                               f"was it saved for a different model?")
+        tensors = {k: v for k, v in tensors.items() if k in expected}
         for key, value in tensors.items():
             if value.shape != expected[key].shape:
                 raise MiniftError(f"optimizer state '{key}' has shape {tuple(value.shape)}, the parameter "
@@ -200,12 +208,14 @@ def warmup_steps_for(total_steps, warmup_ratio):
 # so its direction is kept) to length max_norm.
 
 @torch.no_grad()
-def clip_grad_norm(params, max_norm):
-    """Scale all .grad in place so their global L2 norm is at most max_norm; return the norm before."""
+def clip_grad_norm(params, max_norm, norm=None):
+    """Scale all .grad in place so their global L2 norm is at most max_norm; return the norm before.
+    `norm`: that norm when it was found elsewhere (ZeRO-2: each process holds a share of the gradients)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.stack([g.float().norm() for g in grads]).norm()  # norm of the per-tensor norms, in fp32
+    if norm is None:
+        if not grads:
+            return 0.0
+        norm = torch.stack([g.float().norm() for g in grads]).norm()  # norm of the per-tensor norms, in fp32
     if not torch.isfinite(norm):  # inf/nan: scaling would wipe every gradient; let the loop decide
         return norm.item()
     if norm > max_norm:

@@ -141,9 +141,10 @@ def move_earlier_run_aside(out_dir):
 # ---------------------------------------------------------------------------------------------------------
 # Save and load
 
-def save_training_state(folder, model, optimizer, state, cfg, run_info, log=None):
+def save_training_state(folder, model, optimizer, state, cfg, run_info, log=None, optimizer_state=None):
     """Everything needed to continue exactly: weights, AdamW m/v/step, RNGs, position in the data, and the log
-    up to here; `run_info` ({"data": fingerprint, "processes": N}) is checked on resume. Written to a new folder
+    up to here; `run_info` ({"data": fingerprint, "processes": N}) is checked on resume. `optimizer_state`: the
+    (tensors, meta) to write when they are not this process's own (ZeRO gathers them). Written to a new folder
     and swapped in by renames, so a crash leaves the previous checkpoint whole; Ctrl-C and SIGTERM wait until
     the swap is done."""
     folder = Path(folder)
@@ -155,7 +156,7 @@ def save_training_state(folder, model, optimizer, state, cfg, run_info, log=None
         new = new_folder(folder)
         try:
             save_checkpoint(model, new)
-            tensors, meta = optimizer.state_dict()
+            tensors, meta = optimizer_state or optimizer.state_dict()
             tensors.update({"rng." + k: v for k, v in rng_states().items()})
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(new / "optimizer.safetensors"))
             numpy_rng = np.random.get_state()

@@ -29,7 +29,7 @@ def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward=
     """One optimizer step over the micro-batches of one batch. Returns (loss, gradient norm before clipping).
 
     `sync`: what data-parallel training adds (distributed.Distributed: `sync.count(n)` adds up every process's
-    target count, `sync.gradients(params, loss)` their gradients); None in one process."""
+    target count, `sync.gradients(params, loss)` their gradients, and under ZeRO the rest); None in one process."""
     # the loss is divided by the count of targets in the whole step, so grad_accum=4 gives the same
     # gradient as one big batch (and N processes the same as one: sync adds up every process's count)
     num_targets = sum(model.count_targets(b["labels"]) for b in micro_batches)
@@ -40,9 +40,13 @@ def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward=
         loss += forward_backward(model, batch, num_targets, backward, class_weights)
     if sync is not None:
         loss = sync.gradients(optimizer.params, loss)
-    grad_norm = clip_grad_norm(optimizer.params, max_grad_norm)  # once, after accumulation
+    # clip once, after accumulation; under ZeRO-2 each process holds a share of the gradients: the norm is summed
+    norm = sync.gradient_norm(optimizer.params) if sync is not None else None
+    grad_norm = clip_grad_norm(optimizer.params, max_grad_norm, norm)
     check_finite(loss, grad_norm, model, optimizer.t + 1, lr)
-    optimizer.step(lr)
+    optimizer.step(lr)  # under ZeRO, of this process's own tensors ...
+    if sync is not None:
+        sync.send_updated_weights(optimizer.params)  # ... which it then sends to the others
     optimizer.zero_grad()
     return loss, grad_norm
 

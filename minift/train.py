@@ -160,7 +160,8 @@ def train(model, data, cfg, out_dir, resume=False):
         raise
     except Exception as e:
         if run.dist and distributed.is_timeout(e):  # another rank hangs: asking it anything would wait again
-            save_where_it_stopped(run)
+            if not cfg.zero:  # (under ZeRO the stuck rank holds a share of AdamW's state: the last checkpoint stays)
+                save_where_it_stopped(run)
             raise stuck_error(e, run) from None
         if run.dist:  # tell the other ranks, which wait in a collective call, instead of leaving them hanging
             run.dist.fail(e)
@@ -208,6 +209,7 @@ class Run:
     rng_at_step_start: dict | None = None  # set while a step is under way (a Ctrl-C redoes it with these)
     clock: StepClock = field(default_factory=StepClock)
     memory: dict | None = None  # memory.estimate_memory's figures (rank 0), for an out-of-memory message
+    saved_step: int | None = None  # the step of the checkpoint on disk, if any
 
     @property
     def main(self):  # the one process that prints, evaluates and writes
@@ -232,7 +234,9 @@ def set_up(model, data, cfg, out_dir, resume):
                           "is global (shared by all of them), so give at least one example per process")
     trains = prepare_model(model, cfg)  # before .to(device): adapters are drawn on the CPU, the same everywhere
     model.to(device).train()
-    optimizer = AdamW(param_groups(model, cfg.weight_decay, cfg.head_lr_scale), lr=cfg.lr)
+    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_scale)
+    owned = dist.shard_optimizer(cfg.zero, groups) if dist and cfg.zero else None  # ZeRO: this rank's tensors
+    optimizer = AdamW(groups, lr=cfg.lr, owned=owned)
     lengths = [len(e["input_ids"]) for e in data.train]
     batches_per_epoch = len(batch_order(lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length))
     total_steps = math.ceil(cfg.epochs * batches_per_epoch)
@@ -263,6 +267,8 @@ def set_up(model, data, cfg, out_dir, resume):
     if dist:  # every rank starts from rank 0's weights
         dist.broadcast_weights(model)
     print(trains + " | " + describe_groups(optimizer.groups))
+    if cfg.zero:
+        print(describe_zero(cfg.zero, optimizer, dist))
     print(schedule.describe())
     print(f"{len(data.train)} training examples, {batches_per_epoch} batches of {cfg.batch_size} per epoch, "
           f"device {device}, {resolved_precision(cfg.precision, device)}, {cfg.backward} backward"
@@ -270,7 +276,17 @@ def set_up(model, data, cfg, out_dir, resume):
     log = open_log(out_dir, state) if main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
     return Run(model, data, cfg, optimizer, schedule, state, out_dir, lengths, total_steps, device, dist, run_info,
-               log, bar, memory=memory)
+               log, bar, memory=memory, saved_step=state.step if resume else None)
+
+
+def describe_zero(level, optimizer, dist):
+    """One line: how much of AdamW's state this process keeps under ZeRO (or that one process has nothing to share)."""
+    if dist is None:
+        return f"zero={level}: one process, nothing to shard (start several with torchrun); plain AdamW"
+    kept = sum(m.numel() * m.element_size() * 2 for m in optimizer.exp_avg.values())  # m and v
+    every = sum(p.numel() * p.element_size() * 2 for p in optimizer.params)
+    return (f"ZeRO-{level}: rank {dist.rank} keeps AdamW's m and v for {len(optimizer.exp_avg)} of {len(optimizer.params)} "
+            f"tensors, {kept / 2**20:.1f} MB of {every / 2**20:.1f} MB" + (", and their gradients only" if level == 2 else ""))
 
 
 def check_task(model, data, cfg):
@@ -326,10 +342,13 @@ def out_of_memory_error(e, cfg, longest, model, memory=None):
 def stuck_error(e, run):
     """A collective call that timed out, as one line that says what was kept and how to go on."""
     why = str(e).splitlines()[0].rpartition("] ")[2][:80]  # gloo's message after its source-file prefix
-    return MiniftError(f"rank {run.dist.rank} waited {distributed.timeout_seconds():g} s for the other processes "
-                       f"({why}): one of them is stuck or gone. The checkpoint of step {run.state.step} is in "
-                       f"{run.out_dir / 'checkpoint'}: run the same command with --resume (MINIFT_COLLECTIVE_TIMEOUT "
-                       "sets the wait, in seconds)")
+    waited = (f"rank {run.dist.rank} waited {distributed.timeout_seconds():g} s for the other processes ({why}): one "
+              "of them is stuck or gone. ")
+    if run.saved_step is None:
+        return MiniftError(waited + "No checkpoint was saved yet: start the run again (MINIFT_COLLECTIVE_TIMEOUT sets the "
+                           "wait, in seconds)")
+    return MiniftError(waited + f"The checkpoint of step {run.saved_step} is in {run.out_dir / 'checkpoint'}: run the "
+                       "same command with --resume (MINIFT_COLLECTIVE_TIMEOUT sets the wait, in seconds)")
 
 
 def one_step(run, batch_indices, batches_in_epoch):
@@ -462,7 +481,10 @@ def save_where_it_stopped(run):
 
 
 def save(run):
-    """A resumable checkpoint of everything, the log up to here included (rank 0 writes it)."""
+    """A resumable checkpoint of everything, the log up to here included (rank 0 writes it; under ZeRO it first
+    gathers every rank's share of AdamW's state, so the file is the same as without)."""
+    optimizer_state = run.dist.gather_optimizer_state(run.optimizer) if run.dist and run.cfg.zero else None
     if run.main:
         save_training_state(run.out_dir / "checkpoint", run.model, run.optimizer, run.state, run.cfg, run.run_info,
-                            run.log)
+                            run.log, optimizer_state)
+    run.saved_step = run.state.step

@@ -9,10 +9,14 @@
 - an exception on one rank stops both within seconds, with that rank's message, instead of a hang.
 - ranks that read different data (another hash) stop before the first step, with one message;
 - a rank that hangs: after the collective timeout rank 0 saves and stops; the resume is bitwise the straight run.
+- ZeRO-1 and ZeRO-2 (AdamW's state, and the gradients, sharded) reach plain data parallel's weights, each rank
+  keeping its share; Ctrl-C and resume bitwise; a rank that hangs leaves the last checkpoint to resume from.
+- two "machines" (network namespaces joined by a veth cable, README's multi-node command) reach one process.
 
 This file is also the worker: torchrun runs it as a script (see `worker` at the bottom). The tiny models and
 data are test_train.py's, so both sides build the same things.
 """
+import json
 import os
 import subprocess
 import sys
@@ -27,15 +31,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import test_train as T  # noqa: E402
 
-from minift.distributed import Distributed, buckets  # noqa: E402
+from minift.distributed import Distributed, buckets, partition  # noqa: E402
+from minift.optim import AdamW  # noqa: E402
 
 N_EXAMPLES = 24
 
 
-def settings(kind="bert", dropout=0.0, lr=1e-2):
+def settings(kind="bert", dropout=0.0, lr=1e-2, zero=0):
     """Global batches of 8 in two micro-batches, 6 steps at a constant lr (max_steps does not change the plan)."""
     return T.config(kind, batch_size=8, grad_accum=2, dropout=dropout, lr=lr, max_steps=6, schedule="constant",
-                    warmup_ratio=0.0, eval_every=3)
+                    warmup_ratio=0.0, eval_every=3, zero=zero)
 
 
 # AdamW moves every weight by about lr a step whatever the size of its gradient, so fp32 rounding in the
@@ -178,6 +183,120 @@ def test_a_rank_that_hangs_costs_the_wait_not_the_run(tmp_path):
     assert T.steps_logged(tmp_path / "straight") == T.steps_logged(tmp_path / "stuck")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ZeRO: AdamW's state (and with 2 the gradients) sharded across the two processes
+
+def test_partition_gives_each_rank_about_half_biggest_first():
+    assert partition([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]  # 10 + 3 | 7 + 3 + 1: the biggest first, ties to rank 0
+    assert partition([4, 4, 4, 4], 2) == [0, 1, 0, 1]
+    assert partition([5], 3) == [0] and partition([], 2) == []
+
+
+def kept(out):
+    return [json.loads((out / f"kept_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_reaches_the_weights_of_data_parallel_with_half_the_state(tmp_path, zero):
+    """Two processes with ZeRO-1 or ZeRO-2 end where plain data parallel ends (GPT-2, whose rows hold different
+    numbers of targets), every rank with the same weights; each keeps AdamW state for its own share of the tensors
+    only, which together are the whole of it, and under ZeRO-2 its share of the gradients."""
+    proc, _ = launch(tmp_path / "dp", "gpt2", "0.0", "1e-2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = launch(tmp_path / "zero", "gpt2", "0.0", "1e-2", "zero", zero)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ZeRO-{zero}: rank 0 keeps AdamW's m and v for" in proc.stdout
+    dp = load_file(str(tmp_path / "dp" / "params_rank0.safetensors"))
+    for r in (0, 1):
+        assert max_difference(dp, load_file(str(tmp_path / "zero" / f"params_rank{r}.safetensors"))) < 1e-6
+    # measured: bitwise for both (the same sums of two numbers, the norm of the same per-tensor norms)
+    dp_kept, zero_kept = kept(tmp_path / "dp"), kept(tmp_path / "zero")
+    assert dp_kept[0] == dp_kept[1]
+    assert zero_kept[0]["state"] + zero_kept[1]["state"] == dp_kept[0]["state"]
+    assert max(k["state"] for k in zero_kept) < 0.6 * dp_kept[0]["state"]
+    if zero == 2:
+        assert zero_kept[0]["gradients"] + zero_kept[1]["gradients"] == dp_kept[0]["gradients"]
+    else:
+        assert zero_kept[0]["gradients"] == dp_kept[0]["gradients"]
+    assert T.steps_logged(tmp_path / "dp") == T.steps_logged(tmp_path / "zero")
+    saved_dp = load_file(str(tmp_path / "dp" / "checkpoint" / "optimizer.safetensors"))
+    saved_zero = load_file(str(tmp_path / "zero" / "checkpoint" / "optimizer.safetensors"))
+    assert saved_dp.keys() == saved_zero.keys()  # rank 0 gathered every rank's share into one whole checkpoint
+    assert max_difference(saved_dp, saved_zero) < 1e-6
+
+
+def test_zero2_ctrl_c_then_resume_is_bitwise_the_straight_run(tmp_path):
+    """Rank 1 gets a Ctrl-C after step 3 under ZeRO-2 with dropout: rank 0 gathers both shards of AdamW's state
+    into the checkpoint, and a resume under two processes ends bitwise where the uninterrupted run ends."""
+    proc, _ = launch(tmp_path / "straight", "bert", "0.1", "1e-2", "zero", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = launch(tmp_path / "split", "bert", "0.1", "1e-2", "zero", 2, "interrupt-rank1-at", "3")
+    assert proc.returncode != 0 and "interrupted at step 3" in proc.stdout
+    proc, _ = launch(tmp_path / "split", "bert", "0.1", "1e-2", "zero", 2, "resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("params_rank0.safetensors", "params_rank1.safetensors"):
+        T.assert_bitwise_equal(load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "split" / name)))
+    assert T.steps_logged(tmp_path / "straight") == T.steps_logged(tmp_path / "split")
+
+
+def test_zero_with_a_rank_that_hangs_keeps_the_last_checkpoint(tmp_path):
+    """Under ZeRO the stuck rank holds half of AdamW's state, so rank 0 cannot save the step it reached: it says
+    which checkpoint is on disk (step 3, saved at the evaluation), and a resume from it ends bitwise at the end."""
+    proc, _ = launch(tmp_path / "straight", "bert", "0.0", "1e-2", "zero", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = launch(tmp_path / "stuck", "bert", "0.0", "1e-2", "zero", 1, "stuck-rank1-at", "5", timeout=120,
+                     env={"MINIFT_COLLECTIVE_TIMEOUT": "5"})
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if "MiniftError: rank 0 waited 5 s" in x)
+    assert "checkpoint of step 3" in line and "--resume" in line
+    assert T.trainer_state(tmp_path / "stuck" / "checkpoint")["state"]["step"] == 3
+    proc, _ = launch(tmp_path / "stuck", "bert", "0.0", "1e-2", "zero", 1, "resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    T.assert_bitwise_equal(load_file(str(tmp_path / "straight" / "params_rank0.safetensors")),
+                           load_file(str(tmp_path / "stuck" / "params_rank0.safetensors")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two "machines": two network namespaces of this one, joined by a virtual cable (veth), one process in each,
+# started with README's multi-node torchrun command. They reach each other only over that cable.
+
+@pytest.fixture
+def two_nodes():
+    """Two network namespaces with addresses 10.231.0.1 and .2 on a veth pair; yields (names, addresses, device)."""
+    tag = f"mft{os.getpid() % 100000}"
+    names, addresses, device = [f"{tag}a", f"{tag}b"], ["10.231.0.1", "10.231.0.2"], "veth0"
+    setup = [f"ip netns add {names[0]}", f"ip netns add {names[1]}",
+             f"ip link add {device} netns {names[0]} type veth peer name {device} netns {names[1]}"]
+    for ns, address in zip(names, addresses):
+        setup += [f"ip -n {ns} addr add {address}/24 dev {device}", f"ip -n {ns} link set {device} up",
+                  f"ip -n {ns} link set lo up"]
+    try:
+        for command in setup:
+            done = subprocess.run(command.split(), capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make network namespaces here ({command}: {done.stderr.strip()}); needs root and iproute2")
+        yield names, addresses, device
+    finally:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_two_nodes_in_network_namespaces_reach_the_weights_of_one_process(tmp_path, two_nodes):
+    names, addresses, device = two_nodes
+    single, _ = one_process(tmp_path, "gpt2", lr=EQUAL_LR)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": device, "PYTHONPATH": str(HERE.parent)}
+    procs = [subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc_per_node", "1", "--master-addr", addresses[0], "--master-port", "29500",
+         str(Path(__file__)), str(tmp_path / "nodes"), "gpt2", "0.0", str(EQUAL_LR)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node, ns in enumerate(names)]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    two = load_file(str(tmp_path / "nodes" / "params_rank0.safetensors"))
+    T.assert_bitwise_equal(two, load_file(str(tmp_path / "nodes" / "params_rank1.safetensors")))
+    assert max_difference(single, two) < 1e-6
+
+
 def test_ranks_that_read_different_data_stop_at_once_with_one_message(tmp_path):
     """Rank 1 reads other examples (as many, so the step count agrees): the data's hash differs, and every rank
     stops in set_up, before any step, instead of training two different runs that wait on each other."""
@@ -223,8 +342,17 @@ def worker(out, kind, dropout, lr, *extra):
     if "rank1-reads-other-data" in extra and rank == 1:  # another copy of the data, of the same size
         real_examples = T.examples
         T.examples = lambda kind, n, seed=0: real_examples(kind, n, seed + 100)
-    model, _ = T.run(settings(kind, float(dropout), float(lr)), out, kind=kind, n=N_EXAMPLES, val=T.examples(kind, 6, seed=1),
-                     resume=resume)
+    zero = int(extra[extra.index("zero") + 1]) if "zero" in extra else 0
+    real_step = AdamW.step
+
+    def step_and_note_what_is_kept(self, lr=None):  # at the update: this rank's AdamW m and v, and its gradients
+        kept = {"state": sum(t.numel() * t.element_size() for t in [*self.exp_avg.values(), *self.exp_avg_sq.values()]),
+                "gradients": sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)}
+        (Path(out) / f"kept_rank{rank}.json").write_text(json.dumps(kept))
+        return real_step(self, lr)
+    AdamW.step = step_and_note_what_is_kept
+    model, _ = T.run(settings(kind, float(dropout), float(lr), zero), out, kind=kind, n=N_EXAMPLES,
+                     val=T.examples(kind, 6, seed=1), resume=resume)
     save_file(T.params_of(model), str(Path(out) / f"params_rank{rank}.safetensors"))
 
 

@@ -416,10 +416,10 @@ def interrupt_then_resume(out, dropout, monkeypatch, where, at=INTERRUPT_AT):
     if where == "clip":  # before the update: the step's forward and backward are done, nothing is applied
         real_clip = STEP.clip_grad_norm
 
-        def clip(params, max_norm):
+        def clip(*args):
             if hit():
                 raise KeyboardInterrupt
-            return real_clip(params, max_norm)
+            return real_clip(*args)
 
         monkeypatch.setattr(STEP, "clip_grad_norm", clip)
     elif where == "zero_grad":  # a real SIGINT after AdamW has updated the weights, before the step is counted
