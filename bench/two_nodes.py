@@ -62,7 +62,7 @@ with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         nodes = [subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-             str(node), "--nproc_per_node", "1", "--master-addr", ADDRESSES[0], "--master-port", "29500", *JOB[1:],
+             str(node), "--nproc_per_node", "1", "--master-addr", ADDRESSES[0], "--master-port", "29500", *JOB,
              "--out", str(two), "--zero", str(args.zero)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node, ns in enumerate(NAMES)]
         outputs = [p.communicate() for p in nodes]
