@@ -6,6 +6,7 @@
     minift predict runs/minilm-tweets/best "what a great day" "meh"
     minift sweep --lr 3e-5,5e-5,1e-4 --batch-size 16,32 --limit 2000
     minift download gpt2                    # from the Hugging Face hub, when online
+    minift export runs/smollm2-chat/best chat.q8_0.gguf --type q8_0 --modelfile   # for llama.cpp, Ollama
     minift info minilm
 """
 import argparse
@@ -187,6 +188,15 @@ def cmd_convert(args):
     print(convert_gguf(args.gguf, args.out))
 
 
+def cmd_export(args):
+    from .export import export_gguf
+    from .hub import resolve_model
+
+    path = export_gguf(resolve_model(args.checkpoint), args.out, args.type, modelfile=args.modelfile)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)" + (": ollama create NAME -f " +
+                                                                  str(path.with_suffix(".Modelfile")) if args.modelfile else ""))
+
+
 def cmd_generate(args):
     """Answer the prompt as a user turn when the tokenizer has a chat template (an instruct model), else
     continue it as plain text; --raw continues it as plain text whatever the model."""
@@ -345,6 +355,13 @@ def add_tool_commands(sub):
     c.add_argument("gguf")
     c.add_argument("out")
     c.set_defaults(run=cmd_convert)
+
+    x = sub.add_parser("export", help="a Llama checkpoint folder (a run's best/) -> one GGUF file for llama.cpp, Ollama")
+    x.add_argument("checkpoint")
+    x.add_argument("out", help="the .gguf file to write (never over an existing one)")
+    x.add_argument("--type", default="f16", help="the matrices' type: f32, f16, q8_0, q4_0 or q4_1 (default f16)")
+    x.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside it")
+    x.set_defaults(run=cmd_export)
 
     g = sub.add_parser("generate", help="continue a prompt with a language model (smollm2, gpt2, a folder)")
     g.add_argument("model")
