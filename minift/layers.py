@@ -41,14 +41,14 @@ def accumulate_grad(param, grad):
         param.grad += grad
 
 
-def _fp32_dtype(x):
+def fp32_dtype(x):
     """Normalisation and softmax run in fp32 even when the matmuls run in bf16 (as autocast does)."""
     return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
 def _as_fp32(x):
     """x itself, or its fp32 copy if it is bf16/fp16."""
-    return x.to(_fp32_dtype(x))
+    return x.to(fp32_dtype(x))
 
 
 def cast_for_matmul(x):
@@ -267,7 +267,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1]))  # (in place: one tensor less)
         # finfo.min, not -inf or -1e10: stays finite in every dtype, so a fully padded row is uniform, not NaN
         scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=_fp32_dtype(scores))  # (upcasts inside: no fp32 copy)
+        probs = torch.softmax(scores, dim=-1, dtype=fp32_dtype(scores))  # (upcasts inside: no fp32 copy)
         weights = self.dropout(probs).to(v.dtype)  # the weights that mix the values: probs after dropout
         if keeps_for_backward(self):
             # keeps: the inputs, the softmax (fp32), the weights after dropout, the mask
@@ -308,7 +308,7 @@ def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True
     num_targets = check_targets(int(supervised.sum()) if num_targets is None else num_targets)
     # in fp32 even for bf16 logits; the upcast happens inside log_softmax (a language model's logits are
     # batch x time x vocab: a separate fp32 copy would be hundreds of MB)
-    logprobs = torch.log_softmax(logits, dim=-1, dtype=_fp32_dtype(logits))
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=fp32_dtype(logits))
     safe_labels = labels.masked_fill(~supervised, 0)
     row_weight = supervised.to(logprobs.dtype)
     if weights is not None:

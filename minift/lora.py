@@ -45,6 +45,7 @@ class LoRALinear(Linear):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=self.weight.dtype, device=self.weight.device))
         self.lora_dropout = Dropout(dropout)  # on the side path's input only, as in peft
         self.merged = False  # True while the update sits inside W (merge_lora)
+        self.enabled = True  # False: the base layer alone, the adapter switched off (preference.adapters_off)
         self.quantized = None  # W in 8 or 4 bits instead of `weight` (quantize.py: QLoRA)
 
     def extra_repr(self):
@@ -60,8 +61,8 @@ class LoRALinear(Linear):
                 y = y + self.bias.to(y.dtype)
         else:
             y = super().forward(x)  # x W^T + b (Linear keeps x only if W is trainable: for LoRA it is not)
-        if self.merged:
-            return y  # W already holds the update
+        if self.merged or not self.enabled:
+            return y  # W already holds the update, or the adapter is switched off
         h = self.lora_dropout(x)
         u = h @ self.lora_A.T  # (..., r): the input squeezed through the bottleneck
         if keeps_for_backward(self):
@@ -69,8 +70,9 @@ class LoRALinear(Linear):
         return y.add_(u @ self.lora_B.T, alpha=self.scale)  # (in place: one output-sized tensor less)
 
     def backward(self, dy):
-        if self.merged:
-            raise MiniftError("a merged LoRA layer cannot train: call unmerge_lora(model) before training")
+        if self.merged or not self.enabled:
+            raise MiniftError("a merged or switched-off LoRA layer cannot train: call unmerge_lora(model), or switch "
+                              "the adapters back on, before training")
         h, u = self.h, self.u
         del self.h, self.u
         dy = cast_for_matmul(dy)

@@ -1,0 +1,205 @@
+"""Reinforcement learning with verifiable rewards: GRPO (Shao et al., 2024, DeepSeekMath), as TRL 1.16.0's
+GRPOTrainer computes it.
+
+One round: sample G completions for each prompt (`sample_rollouts`), score each with a reward (a checker: is the
+answer right?), turn the rewards into advantages relative to the other samples of the same prompt
+(`group_advantages`: no value network), then push up the log-probs of the tokens of better-than-average completions
+and down those of worse ones (`grpo_loss`), with PPO's clipped ratio against the policy that sampled them and,
+optionally, a KL penalty to a reference policy. The log-probs and their backward are preference.py's
+`sequence_logprobs`: a rollout batch is prompt + completion with the completion tokens as labels.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MiniftError
+from .generate import generate
+from .preference import sequence_logprobs, sequence_logprobs_backward
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4):
+    """Advantages from rewards (N,) laid out prompt by prompt: rows i*G ... i*G + G-1 are the G samples of prompt i.
+
+        A = (r - mean of its group) / (std + eps)
+    with std the group's (scale_rewards "group", TRL's default), the whole batch's ("batch") or no division ("none",
+    Dr. GRPO). std is Bessel-corrected (torch.std, as TRL's nanstd) and eps is TRL's 1e-4. A group whose rewards are
+    all equal gets advantage 0: it says nothing about which sample is better, so it gives no gradient."""
+    rewards = torch.as_tensor(rewards)
+    rewards = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())  # 0/1 rewards too
+    if scale_rewards not in SCALE_REWARDS:
+        raise MiniftError(f"scale_rewards={scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    if rewards.dim() != 1 or group_size < 2 or len(rewards) % group_size:
+        raise MiniftError(f"{tuple(rewards.shape)} rewards in groups of {group_size}: give one reward per sample, "
+                          "G >= 2 samples per prompt, prompt by prompt")
+    groups = rewards.view(-1, group_size)
+    advantages = (groups - groups.mean(1, keepdim=True)).view(-1)
+    if scale_rewards == "group":
+        advantages = advantages / (groups.std(1).repeat_interleave(group_size) + eps)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + eps)
+    return advantages
+
+
+def check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length):
+    if loss_type not in LOSS_TYPES:
+        raise MiniftError(f"GRPO loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if not beta >= 0:
+        raise MiniftError(f"beta={beta!r}: the KL coefficient must be >= 0 (0 is TRL's default: no reference model)")
+    if not (epsilon > 0 and epsilon_high > 0):
+        raise MiniftError(f"clip epsilon {epsilon!r} / {epsilon_high!r} must be > 0 (0.2 is usual; DAPO's high is 0.28)")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise MiniftError("loss_type 'dr_grpo' divides by max_completion_length: give it (the rollouts' max_new_tokens)")
+
+
+def clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high):
+    """PPO's clipped objective per token, l = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) with r = exp(logp - old_logp).
+    Since d r / d logp = r: d l / d logp = -A r where r A is the smaller term (inside the clip range both are), and 0
+    where the clipped term is (r > 1 + eps_high with A > 0, r < 1 - eps with A < 0: clip(r) is a constant there).
+    Returns (l, d l / d logp, low_clipped, high_clipped)."""
+    ratio = torch.exp(logps - old_logps)
+    loss = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+    low_clipped, high_clipped = (ratio < 1 - epsilon) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
+    return loss, torch.where(low_clipped | high_clipped, 0.0, -A * ratio), low_clipped, high_clipped
+
+
+def k3_kl(logps, ref_logps):
+    """The k3 estimator of KL(policy || reference) per token (Schulman): kl = exp(ref - logp) - (ref - logp) - 1 >= 0.
+    d kl / d logp = -exp(ref - logp) + 1. Returns (kl, d kl / d logp)."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1, 1 - torch.exp(diff)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="dapo",
+              num_tokens=None, num_sequences=None, max_completion_length=None):
+    """GRPO's loss of a batch of completions, as TRL's GRPOTrainer._compute_loss (token-level ratios). Returns (loss,
+    d loss / d logps (B, T), metrics: TRL's clip_ratio/low_mean, high_mean, region_mean and, when beta > 0, kl).
+
+    logps, old_logps (the policy that sampled them; None: this one, ratio 1), ref_logps (None when beta is 0): (B, T)
+    per-token log-probs; advantages: (B,) one per completion (or (B, T)); mask (B, T): the completion's tokens.
+    Per token l = clipped_surrogate + beta * k3_kl (each with its derivative there). The tokens' losses are then summed
+    with weights (TRL's loss_type; "dapo" is TRL's default and ours):
+        "grpo":    each completion's mean over its tokens, then the mean over completions: w = 1 / (n_i * num_sequences)
+        "dapo":    the mean over every token of the step: w = 1 / num_tokens (the whole step's count; default this batch's)
+        "bnpo":    the mean over this batch's tokens (TRL's bnpo, local: micro-batches of a step do not add up exactly)
+        "dr_grpo": w = 1 / (num_sequences * max_completion_length), a constant (Dr. GRPO: no length bias)
+    num_sequences is the step's number of completions (default: this batch's), so micro-batches add up."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length)
+    if beta != 0 and ref_logps is None:
+        raise MiniftError(f"beta={beta} needs the reference policy's log-probs (ref_logps); or set beta=0")
+    mask = mask.bool()
+    old_logps = logps.detach() if old_logps is None else old_logps
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if x is not None and x.shape != logps.shape:
+            raise MiniftError(f"{name} of shape {tuple(x.shape)} for logps of shape {tuple(logps.shape)}: compute both "
+                              "on the same rollout batch (one number per position)")
+    if advantages.shape not in (logps.shape[:1], logps.shape):
+        raise MiniftError(f"{tuple(advantages.shape)} advantages for {len(logps)} completions: give one per completion")
+    A = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    per_token, dper_token, low_clipped, high_clipped = clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high)
+    if beta != 0:
+        kl, dkl = k3_kl(logps, ref_logps)
+        per_token, dper_token = per_token + beta * kl, dper_token + beta * dkl
+    weights = token_weights(mask, loss_type, num_tokens, num_sequences, max_completion_length).to(per_token.dtype)
+    per_token, dper_token = per_token.masked_fill(~mask, 0.0), dper_token.masked_fill(~mask, 0.0)  # off the mask: 0
+
+    def masked_mean(x):
+        return (x.to(per_token.dtype) * mask).sum().item() / max(int(mask.sum()), 1)
+
+    metrics = {"clip_ratio/low_mean": masked_mean(low_clipped), "clip_ratio/high_mean": masked_mean(high_clipped),
+               "clip_ratio/region_mean": masked_mean(low_clipped | high_clipped)}
+    if beta != 0:
+        metrics["kl"] = masked_mean(kl.detach())
+    return (per_token * weights).sum(), dper_token * weights, metrics
+
+
+def token_weights(mask, loss_type, num_tokens=None, num_sequences=None, max_completion_length=None):
+    """The weight of each token's loss in the batch's loss (0 off the mask): see grpo_loss for the four choices."""
+    mask = mask.to(torch.float64)
+    num_sequences = num_sequences or len(mask)
+    if loss_type == "grpo":
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * num_sequences)
+    if loss_type == "dapo":
+        return mask / (num_tokens or mask.sum().clamp(min=1))
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1)
+    return mask / (num_sequences * max_completion_length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts: G samples per prompt, in one batched generate
+
+
+@dataclass
+class Rollouts:
+    """prompt_ids/prompt_mask (N, P) left-padded; completion_ids/completion_mask (N, C): the sampled tokens, the mask
+    1 up to and including the first EOS (0 after it: generate pads finished rows with EOS). N = prompts x G, prompt by
+    prompt (rows i*G ... i*G + G-1 are prompt i's, as group_advantages expects). texts: the decoded completions."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    group_size: int
+    texts: list = None
+
+    def batch(self):
+        """The training batch: prompt + completion, the completion's tokens as labels (-100 on prompt and after EOS)."""
+        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        labels = torch.cat([torch.full_like(self.prompt_ids, -100),
+                            self.completion_ids.masked_fill(self.completion_mask == 0, -100)], dim=1)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 up to and including each row's first EOS (every token if it has none), 0 after: TRL's completion mask."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_ids, device=completion_ids.device))
+    C = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)
+    return (torch.arange(C, device=completion_ids.device) <= first_eos[:, None]).long()
+
+
+def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, temperature=1.0, top_p=None, top_k=None,
+                    generator=None, eos_token_id=None):
+    """Sample `group_size` completions for each prompt, all prompts x G rows in one left-padded generate().
+
+    prompts: texts (encoded by `tokenizer`; apply a chat template first if the model wants one) or lists of token ids
+    (then tokenizer may be None). `generator` (a torch.Generator) makes the sampling reproducible. Returns Rollouts."""
+    if group_size < 1 or not prompts:
+        raise MiniftError(f"{len(prompts)} prompts x {group_size} samples: give at least one prompt and G >= 1 (GRPO needs"
+                          " G >= 2 to compare samples)")
+    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise MiniftError("text prompts need a tokenizer: pass one, or give the prompts as lists of token ids")
+    encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    rows = [ids for ids in encoded for _ in range(group_size)]
+    pad_id = getattr(tokenizer, "pad_id", None)
+    pad_id = pad_id if pad_id is not None else (model.config.pad_token_id or 0)
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    out = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   attention_mask=prompt_mask, eos_token_id=eos_token_id, generator=generator)
+    completion_ids = out[:, width:]
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]
+    mask = completion_mask(completion_ids, eos)
+    texts = None if tokenizer is None else [tokenizer.decode(ids[m.bool()]) for ids, m in zip(completion_ids, mask)]
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, mask, group_size, texts)
+
+
+def grpo_step(model, batch, advantages, old_logps=None, ref_logps=None, num_tokens=None, num_sequences=None, **settings):
+    """One forward and hand-written backward of grpo_loss over a rollout batch (Rollouts.batch()); fills .grad, no
+    optimizer step. old_logps / ref_logps: preference.logprobs_without_grad of the sampling policy and
+    preference.reference_logprobs (SequenceLogprobs or their `tokens`) on this same batch. Returns (loss, metrics)."""
+    old_logps, ref_logps = getattr(old_logps, "tokens", old_logps), getattr(ref_logps, "tokens", ref_logps)
+    with torch.no_grad():
+        logps = sequence_logprobs(model, batch)
+        advantages = torch.as_tensor(advantages, dtype=logps.tokens.dtype, device=logps.tokens.device)
+        loss, dlogps, metrics = grpo_loss(logps.tokens, old_logps, ref_logps, advantages, logps.mask,
+                                          num_tokens=num_tokens, num_sequences=num_sequences, **settings)
+        sequence_logprobs_backward(model, logps, dlogps)
+    return loss.item(), metrics
