@@ -116,6 +116,8 @@ def check_out_dir(out):
 
 
 def cmd_evaluate(args):
+    if args.suite or args.compare:
+        return cmd_evaluate_suites(args)
     from .corpora import load_classification_splits
     from .evaluate import evaluate, format_metrics
     from .tasks import encode_classification
@@ -135,6 +137,32 @@ def cmd_evaluate(args):
     max_length = args.max_length or model.max_length or recipe.MAX_LENGTH
     examples = encode_classification(splits[args.split], tok, names, max_length)
     print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
+
+
+def cmd_evaluate_suites(args):
+    """A language model on the evaluation suites (evals.py); --compare BASE scores the base model the same way
+    and puts it beside: the gain on the task, the change on the rest."""
+    from .checkpoints import load_checkpoint
+    from .evals import DEFAULT_SUITES, report, run_suites, save_results
+    from .hub import resolve_model
+    from .lora import load_adapter
+    from .tokenizer import Tokenizer
+
+    names = [n for n in (args.suite or ",".join(DEFAULT_SUITES)).split(",") if n]
+
+    def scores(name, adapter=None):
+        path = resolve_model(name)
+        model = load_checkpoint(path, "lm", verbose=False)
+        if adapter:
+            load_adapter(model, adapter)
+        return run_suites(model, Tokenizer.from_file(path), names, args.limit)
+
+    tuned = scores(args.checkpoint, args.adapter)
+    base = scores(args.compare) if args.compare else None
+    print(report(tuned, baseline=base))
+    if args.json:
+        save_results({"model": args.checkpoint, "results": tuned, "base": args.compare, "base_results": base}, args.json)
+        print(f"wrote {args.json}")
 
 
 def load_classifier(folder, adapter=None):
@@ -311,7 +339,7 @@ def add_finetune_command(sub):
 
 
 def add_model_commands(sub):
-    e = sub.add_parser("evaluate", help="metrics of a saved classifier on a split")
+    e = sub.add_parser("evaluate", help="metrics of a saved classifier on a split, or a language model on suites")
     e.add_argument("checkpoint")
     e.add_argument("--data")
     e.add_argument("--split", default="validation", choices=["train", "validation", "test"])
@@ -320,6 +348,11 @@ def add_model_commands(sub):
     e.add_argument("--max-length", type=int, help="tokens per text (default: the max_length it was trained with)")
     e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
     e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
+    e.add_argument("--suite", help="a language model's evaluation suites, comma-separated: tweets, arithmetic, "
+                   "flatland, general_knowledge (default: the first three)")
+    e.add_argument("--compare", help="a base model scored on the same suites, shown beside (implies --suite)")
+    e.add_argument("--limit", type=int, help="items per suite (default: all)")
+    e.add_argument("--json", help="write every score and reply to this JSON file")
     e.set_defaults(run=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify new texts with a saved classifier")
