@@ -86,6 +86,9 @@ def cmd_finetune(args):
     if args.lora and args.lora_r == 0:
         raise MiniftError("--lora with --lora-r 0 trains no adapters: give a rank >= 1, or drop --lora")
     instruct = args.task == "instruct"
+    if args.suite and not instruct:
+        raise MiniftError("--suite scores a language model before and after (--task instruct); a classifier is judged "
+                          "on its validation split")
     if instruct:
         cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN)
     else:  # adapters train best with their own lr and in every block (recipe.LORA_TRAIN)
@@ -94,7 +97,9 @@ def cmd_finetune(args):
     from .distributed import setup
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
     if instruct:
-        finetune_instruct(o["model"], o["data"], o["out"], cfg, o["max_length"], args.limit, resume=args.resume)
+        suites = [n for n in args.suite.split(",") if n] if args.suite else None
+        finetune_instruct(o["model"], o["data"], o["out"], cfg, o["max_length"], args.limit, resume=args.resume,
+                          suites=suites)
     else:
         finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
                             args.label_column, args.limit, resume=args.resume)
@@ -322,6 +327,8 @@ def add_finetune_command(sub):
     f.add_argument("--task", choices=["classify", "instruct"], default="classify",
                    help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
+    f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
+                   "(tweets, arithmetic, flatland, general_knowledge; see minift evaluate --suite)")
     f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")

@@ -17,6 +17,7 @@ from .checkpoints import load_checkpoint
 from .config import TrainConfig
 from .corpora import limit_rows, load_instruction_splits
 from .errors import MiniftError
+from .evals import report as suite_report, run_suites
 from .hub import resolve_model
 from .outputs import finish, load_best, snapshot, weights_moved
 from .tasks import encode_instruction, format_instruction
@@ -81,13 +82,14 @@ def encode_splits(splits, tok, max_length):
 
 def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_JOB["data"],
                       out=recipe.INSTRUCT_JOB["out"], cfg=None, max_length=recipe.INSTRUCT_JOB["max_length"],
-                      limit=None, test=True, resume=False, score_rows=200, sample_rows=3):
+                      limit=None, test=True, resume=False, score_rows=200, sample_rows=3, suites=None):
     """Instruction-tune a decoder on prompt -> response rows (a JSONL file; None: the tweets as "answer
     with one word"). Prints validation loss and perplexity, before/after samples and, for the tweets, exact
     match before (zero-shot) and after; returns the report (also in OUT/results.json).
 
     limit: the first `limit` training rows (corpora.limit_rows); score_rows: how many validation (and test)
-    rows exact match generates for (generation is the slow part)."""
+    rows exact match generates for (generation is the slow part), and the items per evaluation suite; suites:
+    evals.py's suites (e.g. ["tweets", "flatland"]) scored before and after, the change printed."""
     cfg = cfg or TrainConfig(**recipe.INSTRUCT_TRAIN)
     t0 = time.perf_counter()
     path = resolve_model(model)
@@ -100,6 +102,8 @@ def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_J
     tweets, probes, scored = data is None, splits["validation"][:sample_rows], splits["validation"][:score_rows]
     report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg)}
     report["samples_before"] = show_samples("before fine-tuning:", net.to(device), tok, probes, device=device)
+    if suites:  # the model as it came, on the suites: the baseline of the change printed at the end
+        report["suites_before"] = run_suites(net, tok, suites, limit=score_rows)
     if tweets:  # a one-word answer: scored by exact match
         report["exact_match_before"] = exact_match(net, tok, scored, device=device)["exact_match"]
         print(f"zero-shot exact match on {len(scored)} validation rows: {report['exact_match_before']:.4f}")
@@ -114,6 +118,10 @@ def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_J
         report["exact_match_after"] = exact_match(best, tok, scored, device=device)["exact_match"]
         print(f"exact match on {len(scored)} validation rows: {report['exact_match_before']:.4f} zero-shot -> "
               f"{report['exact_match_after']:.4f} fine-tuned")
+    if suites:
+        report["suites_after"] = run_suites(best, tok, suites, limit=score_rows)
+        print("\nthe evaluation suites, before and after fine-tuning:\n"
+              + suite_report(report["suites_after"], baseline=report["suites_before"]))
     if test and encoded["test"]:
         report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
         if tweets:

@@ -246,3 +246,35 @@ def test_exact_match_batched_equals_one_at_a_time(tiny, data):
     assert batched == alone
     prompts = [format_instruction(r, tok)[0] for r in rows]
     assert len({len(tok.encode(p, add_special_tokens=False)) for p in prompts}) > 1  # padding was in play
+
+
+def test_suites_are_scored_before_and_after(tiny, data, tmp_path, monkeypatch, capsys):
+    """suites=[...]: the job scores evals.py's suites on the model as it came and on best/, and prints the change;
+    the numbers are those run_suites gives for the base and for the saved best model."""
+    from minift import evals
+    folder, tok = tiny
+    rows = load_instruction_splits(data, seed=0)["validation"]
+    items = [{"prompt": r["prompt"], "answer": r["response"]} for r in rows if "prompt" in r]
+    monkeypatch.setitem(evals.SUITES, "toy", lambda: evals.Suite("toy", "exact_match", items, "test rows",
+                                                                 {"max_new_tokens": 4}))
+    monkeypatch.setitem(evals.SUITES, "toy_text", lambda: evals.Suite("toy_text", "perplexity", ["the red cat sat"] * 3,
+                                                                      "test text", {"max_length": 8, "stride": 4}))
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=1e-2, metric="loss", precision="fp32", device="cpu", weight_decay=0.0)
+    report = finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "run"), cfg=cfg, max_length=256,
+                               test=False, suites=["toy", "toy_text"])
+    printed = capsys.readouterr().out
+    assert "the evaluation suites, before and after fine-tuning:" in printed and "change" in printed
+    base = evals.run_suites(load_checkpoint(folder, "lm", verbose=False), tok, ["toy", "toy_text"])
+    best = evals.run_suites(load_checkpoint(tmp_path / "run" / "best", "lm", verbose=False), tok, ["toy", "toy_text"])
+    for when, expected in (("suites_before", base), ("suites_after", best)):
+        assert report[when]["toy"]["exact_match"] == expected["toy"]["exact_match"]
+        assert report[when]["toy_text"]["bpb"] == pytest.approx(expected["toy_text"]["bpb"], rel=1e-6)
+    assert report["suites_after"]["toy_text"]["bpb"] != report["suites_before"]["toy_text"]["bpb"]  # it trained
+
+
+def test_suites_on_a_classifier_job_are_refused_in_one_line(capsys):
+    from minift.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--suite", "tweets"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--suite scores a language model" in err[0], err
