@@ -361,6 +361,36 @@ def test_llama_cpp_runs_the_tiny_export(tmp_path):
         llm.close()
 
 
+def test_llama_cpp_runs_a_lora_fine_tune_exported_merged(tmp_path):
+    """A LoRA run of the instruction job leaves best/ merged (a plain checkpoint): its f32 export gives, in llama.cpp,
+    the greedy tokens minift's best/ gives, and they are not the base model's (the adapters trained)."""
+    pytest.importorskip("llama_cpp")
+    from minift import TrainConfig
+    from minift.instruct import finetune_instruct
+    base, tok = tiny_checkpoint(tmp_path / "ckpt", tied=False)
+    rows = [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": f"{a} {b}"},
+                          {"role": "assistant", "content": a}]} for a in ("cat", "sun", "tree") for b in ("red", "dog")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, metric="loss", precision="fp32", device="cpu", lora_r=4)
+    finetune_instruct(str(tmp_path / "ckpt"), data=str(tmp_path / "rows.jsonl"), out=str(tmp_path / "run"), cfg=cfg,
+                      max_length=64, test=False, score_rows=2, sample_rows=1)
+    best = load_checkpoint(tmp_path / "run" / "best", "lm", verbose=False)
+    llm = llama_cpp_model(export_gguf(tmp_path / "run" / "best", tmp_path / "tuned.gguf", "f32"))
+    try:
+        template = Tokenizer.from_file(tmp_path / "ckpt").apply_chat_template
+        prompts = [[{"role": "system", "content": "Be terse."}, {"role": "user", "content": t}]
+                   for t in ("sun dog", "tree red", "cat cat")]
+        changed = 0
+        for conversation in prompts:
+            ids = tok.encode(template(conversation)).ids
+            ours = minift_greedy(best, ids, 8, eos=2)
+            assert llama_cpp_greedy(llm, ids, 8, eos=2) == ours
+            changed += minift_greedy(base, ids, 8, eos=2) != ours
+        assert changed  # the fine-tune changed the answers: the export carries the merged adapters
+    finally:
+        llm.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct
 
