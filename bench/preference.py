@@ -41,6 +41,7 @@ from minift.hub import resolve_model
 from minift.lora import load_adapter
 from minift.preference import dpo_step, frozen_copy, preference_batch
 from minift.train import autocast
+from lora import cpu_name  # bench/lora.py's: the CPU's model name, for every figure
 
 BETA = 0.1
 LORA = dict(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -221,13 +222,6 @@ def trl_step(trainer, inputs):
         return loss.item()
 
     return step
-
-
-def cpu_name():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

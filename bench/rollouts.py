@@ -27,6 +27,7 @@ import torch
 import minift
 from minift.hub import resolve_model
 from minift.rl import sample_rollouts
+from lora import cpu_name  # bench/lora.py's: the CPU's model name, for every figure
 
 PROMPTS = [
     "What is 17 + 25? Think step by step, then give the answer.",
@@ -125,13 +126,6 @@ def profile(calls, prec):
             calls[prec, side](99)
         print(f"\n{side} ({prec}), one call, top ops by self CPU time:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
-
-
-def cpu_name():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

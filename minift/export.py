@@ -35,12 +35,12 @@ from .checkpoints import read_config, read_safetensors
 from .errors import MiniftError
 from .files import atomic_write
 from .gguf import (ARRAY, BLOCKS, DEFAULT_ALIGNMENT, LAYER_NAMES, MAGIC, PRE_TOKENIZERS, SCALAR_FORMATS, STRING, TOP_NAMES,
-                   TensorInfo, read_gguf)
+                   U32, TensorInfo, read_gguf)
 from .llama import LlamaConfig
 from .quantize import BLOCK, QuantizedWeight
 from .tokenizer import Tokenizer, chatml_default_system
 
-U32, I32, F32, BOOL = 4, 5, 6, 7  # metadata value types (gguf.SCALAR_FORMATS)
+I32, F32, BOOL = 5, 6, 7  # metadata value types (gguf.SCALAR_FORMATS; gguf.py names the u32 one)
 GGML_F32, GGML_F16 = 0, 1
 # kind -> (the ggml type of its matrices, general.file_type: llama.cpp's LlamaFileType, MOSTLY_* = all but 1-D)
 KINDS = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1), "q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3)}
