@@ -24,12 +24,15 @@ class TrainData:
 
     train / validation: lists of {"input_ids", "label"} or {"input_ids", "labels"} (validation may be empty: no
     evaluation, no best model). padding_side: "right" for training (also for decoders: positions come from
-    the mask). class_weights: a tensor of one loss weight per class (tasks.class_weights), or None."""
+    the mask). class_weights: a tensor of one loss weight per class (tasks.class_weights), or None.
+    objective: None for the model's own loss; a job's own way to batch, train and judge its examples (pairs in
+    dpo.py, prompts in grpo.py), an object with collate, memory_batch, gradients, evaluate and settings."""
     train: list
     validation: list
     pad_id: int
     padding_side: str = "right"
     class_weights: torch.Tensor | None = None
+    objective: object = None
 
 
 def pad(seq, value, width, side="right"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import TrainConfig, check_config
 from .errors import MiniftError
 from . import recipe
-from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
+from .recipe import DPO_JOB, DPO_TRAIN, GRPO_JOB, GRPO_TRAIN, INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
 
 try:
     import tomllib
@@ -85,6 +85,8 @@ def cmd_finetune(args):
         args.lora_r = 8  # --lora alone: rank 8 adapters
     if args.lora and args.lora_r == 0:
         raise MiniftError("--lora with --lora-r 0 trains no adapters: give a rank >= 1, or drop --lora")
+    if args.task in ("dpo", "grpo"):
+        return finetune_beyond_sft(args)
     instruct = args.task == "instruct"
     if args.suite and not instruct:
         raise MiniftError("--suite scores a language model before and after (--task instruct); a classifier is judged "
@@ -103,6 +105,38 @@ def cmd_finetune(args):
     else:
         finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
                             args.label_column, args.limit, resume=args.resume)
+
+
+def finetune_beyond_sft(args):
+    """`minift finetune --task dpo` (preference pairs) and `--task grpo` (rewards computed by code)."""
+    from .distributed import setup
+    from .dpo import finetune_dpo
+    from .grpo import finetune_grpo
+
+    if args.suite:
+        raise MiniftError("--suite goes with --task instruct; score a DPO or GRPO model afterwards with "
+                          "minift evaluate OUT/best --suite ...")
+    dpo = args.task == "dpo"
+    grpo_only = [f"--{k.replace('_', '-')}" for k in ("reward", "group_size", "temperature", "max_new_tokens")
+                 if getattr(args, k) is not None]
+    if not dpo and args.rpo_alpha is not None:
+        raise MiniftError("--rpo-alpha weighs the chosen answers' NLL in a preference loss (--task dpo)")
+    if dpo and grpo_only:
+        raise MiniftError(f"{', '.join(grpo_only)} set(s) how GRPO samples and rewards (--task grpo); DPO learns from "
+                          "the pairs as written")
+    if not dpo and args.loss_type in ("sigmoid", "ipo", "simpo", "orpo"):
+        raise MiniftError(f"--loss-type {args.loss_type} is a preference loss (--task dpo); GRPO's are grpo, dapo, bnpo, "
+                          "dr_grpo")
+    job, train_defaults = (DPO_JOB, DPO_TRAIN) if dpo else (GRPO_JOB, GRPO_TRAIN)
+    cfg, o = read_settings(args, job, train_defaults)
+    check_out_dir(o["out"])
+    setup(cfg.device)
+    common = dict(model=o["model"], data=o["data"], out=o["out"], cfg=cfg, max_length=o["max_length"], limit=args.limit,
+                  resume=args.resume, loss_type=o["loss_type"], beta=o["beta"])
+    if dpo:
+        return finetune_dpo(**common, rpo_alpha=o["rpo_alpha"])
+    return finetune_grpo(**common, reward=o["reward"], group_size=o["group_size"], max_new_tokens=o["max_new_tokens"],
+                         temperature=o["temperature"])
 
 
 def check_out_dir(out):
@@ -324,8 +358,10 @@ def add_finetune_command(sub):
                        epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
                        "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
                        "--dropout 0.1 restores MiniLM's own.")
-    f.add_argument("--task", choices=["classify", "instruct"], default="classify",
-                   help="classify (default: MiniLM on the tweets) or instruct (default: SmolLM2 answers them in one word)")
+    f.add_argument("--task", choices=["classify", "instruct", "dpo", "grpo"], default="classify",
+                   help="classify (default: MiniLM on the tweets), instruct (default: SmolLM2 answers them in one word), "
+                   "dpo (preference pairs; default: the arithmetic task's on-policy pairs) or grpo (rewards computed by "
+                   "code; default: the arithmetic task, rewarded where the number is right)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
                    "(tweets, arithmetic, flatland, general_knowledge; see minift evaluate --suite)")
@@ -341,6 +377,16 @@ def add_finetune_command(sub):
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
                    "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
                    "--lora-targets query,value")
+    a = f.add_argument_group("--task dpo and --task grpo")
+    a.add_argument("--loss-type", help="dpo: sigmoid (default), ipo, simpo, orpo; grpo: dapo (default), grpo, bnpo, dr_grpo")
+    a.add_argument("--beta", type=float, help="dpo: how far from the reference (default 0.1); grpo: the KL term's weight "
+                   "(default 0: no reference)")
+    a.add_argument("--rpo-alpha", type=float, help="dpo: weight of the chosen answers' NLL added to the loss (RPO; "
+                   "default 0)")
+    a.add_argument("--reward", help="grpo: module:function scoring the completions (default: the number is right)")
+    a.add_argument("--group-size", type=int, help="grpo: answers sampled per prompt (default 8)")
+    a.add_argument("--temperature", type=float, help="grpo: of the sampling (default 0.5)")
+    a.add_argument("--max-new-tokens", type=int, help="grpo: tokens per answer at most (default 16)")
     add_train_flags(f)
     f.set_defaults(run=cmd_finetune)
 

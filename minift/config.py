@@ -28,7 +28,7 @@ class TrainConfig:
     seed: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples
     eval_every: int = 0  # optimizer steps between evaluations; 0: once per epoch
-    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss
+    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss | reward (GRPO)
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
@@ -46,7 +46,7 @@ class TrainConfig:
 
 
 CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
-           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss"),
+           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss", "reward"),
            "quantize": ("none", "q8_0", "q4_0", "q4_1")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),

@@ -18,6 +18,8 @@ TWEET_COLUMNS = {"text": "text", "label": "sentiment"}
 TWEET_FRACTIONS = (0.8, 0.1, 0.1)
 # The tweets as an instruction task: the response is the label word itself.
 TWEET_INSTRUCTION = "Answer with one word: negative, neutral or positive.\n\nTweet: {text}"
+# The verifiable task of the preference and RL jobs: every sum and difference of two digits, 200 questions.
+ARITHMETIC_QUESTION = "What is {a} {op} {b}? Answer with the number only."
 
 
 def load_tweets(csv_path):
@@ -90,6 +92,33 @@ def load_instruction_splits(data=None, seed=0):
     if not splits["train"] or not splits["validation"]:
         raise MiniftError(f"{len(splits['train'])} training and {len(splits['validation'])} validation rows: "
                           f"instruction tuning needs some of each (give at least 10 rows)")
+    return splits
+
+
+def arithmetic_splits(seed=0):
+    """The arithmetic task: "What is a + b?" and "a - b" for every pair of digits 0-9 (200 questions), split 70/15/15
+    with the seed, as rows {"prompt", "response", "answer"} (response = answer = the number as text). The held-out
+    splits are questions the training split does not hold. A reply is right when its number is (evals.parse_answer).
+    SmolLM2-135M-Instruct answers about half of them zero-shot: room to improve, and something to reward."""
+    rows = [{"prompt": ARITHMETIC_QUESTION.format(a=a, op=op, b=b), "response": str(a + b if op == "+" else a - b)}
+            for a in range(10) for b in range(10) for op in "+-"]
+    rows = [{**r, "answer": r["response"]} for r in rows]
+    return split(rows, (0.7, 0.15, 0.15), seed=seed, stratify=None)
+
+
+def load_jsonl_splits(data, seed=0, rows_hold="prompt/chosen/rejected rows"):
+    """{"train", "validation", "test"} rows of a JSONL file (split 80/10/10, seeded, not stratified) or of a folder's
+    train/validation/test.jsonl, as read: the preference and RL jobs check their own rows (dpo.py, grpo.py)."""
+    data = Path(data)
+    if data.is_dir():
+        splits = load_splits(data)
+    elif data.is_file():
+        splits = split(read_jsonl(data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
+    else:
+        raise MiniftError(f"{data}: no such file or folder; give a JSONL file of {rows_hold}")
+    if not splits["train"] or not splits["validation"]:
+        raise MiniftError(f"{len(splits['train'])} training and {len(splits['validation'])} validation rows: give at "
+                          "least 10 rows")
     return splits
 
 

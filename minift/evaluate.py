@@ -57,8 +57,10 @@ def format_metrics(metrics):
     """A short report: headline numbers beside the baseline, a per-class table and the confusion matrix (a
     language model's: loss and perplexity)."""
     m = metrics
-    if "accuracy" not in m:
+    if "perplexity" in m:
         return f"loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} over {m['num_targets']:,} target tokens"
+    if "per_class" not in m:  # a job's own figures (DPO's rewards, GRPO's): as they are
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
     names = list(m["per_class"])
     w = max(9, *(len(name) for name in names))  # column width that fits the longest label name
     lines = [f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {m['num_examples']} examples  "

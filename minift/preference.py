@@ -334,15 +334,22 @@ def pair_loss(loss_type, policy, reference, beta, label_smoothing=0.0, simpo_gam
 
 
 def dpo_step(model, batch, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, reference=None,
-             num_pairs=None, num_chosen_tokens=None):
+             num_pairs=None, num_chosen_tokens=None, rpo_alpha=0.0):
     """One forward and hand-written backward over a batch of pairs (preference_batch's layout); fills .grad, takes no
     optimizer step. Returns (loss, metrics).
 
     The loss is the sum over this batch's pairs divided by `num_pairs`, the pairs of the whole optimizer step (default:
     this batch's), so the micro-batches of a step add up to the loss and gradient of one big batch; ORPO's NLL term is
     divided by `num_chosen_tokens` (the step's chosen tokens) the same way. The reference log-probs (sigmoid, ipo) come
-    from `reference` (a frozen copy, full fine-tuning) or, if None, the model with its LoRA adapters off."""
+    from `reference` (a frozen copy, full fine-tuning) or, if None, the model with its LoRA adapters off.
+
+    rpo_alpha > 0 adds rpo_alpha x the chosen answers' NLL to any loss (RPO, Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization"; TRL's DPOConfig.rpo_alpha before 1.x): DPO alone may lower the chosen answer's
+    log-prob as long as the rejected one falls faster, and the probability goes elsewhere (to longer answers, say);
+    the NLL term holds the chosen answer up. ORPO's NLL term is the same with weight 1."""
     check_preference_settings(loss_type, beta, label_smoothing)
+    if not rpo_alpha >= 0:
+        raise MiniftError(f"rpo_alpha={rpo_alpha!r} must be >= 0: the weight of the chosen answers' NLL (RPO uses 1)")
     if len(batch["input_ids"]) % 2:
         raise MiniftError(f"a batch of pairs has an even number of rows (chosen ones, then rejected ones), not "
                           f"{len(batch['input_ids'])}: build it with preference_batch")
@@ -356,12 +363,13 @@ def dpo_step(model, batch, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, s
         num_pairs = num_pairs or count_pairs(batch)
         loss = losses.sum() / num_pairs
         dlogps = torch.cat([d_chosen, d_rejected]) / num_pairs  # one number per sequence: the same for its tokens
-        if loss_type == "orpo":  # + the NLL of the chosen tokens: -sum of their log-probs / their count
+        nll_weight = 1.0 if loss_type == "orpo" else rpo_alpha
+        if nll_weight:  # + the NLL of the chosen tokens: -sum of their log-probs / their count
             num_chosen_tokens = num_chosen_tokens or count_chosen_tokens(batch)
             nll = -policy.sums.chunk(2)[0].sum() / num_chosen_tokens
-            loss = loss + nll
+            loss = loss + nll_weight * nll
             metrics["nll_loss"] = nll.item()
             is_chosen = (torch.arange(len(dlogps), device=dlogps.device) < count_pairs(batch)).to(dlogps.dtype)
-            dlogps = dlogps - is_chosen / num_chosen_tokens  # d nll / d token log-prob, chosen rows only
+            dlogps = dlogps - nll_weight * is_chosen / num_chosen_tokens  # d nll / d token log-prob, chosen rows only
         sequence_logprobs_backward(model, policy, dlogps)
     return loss.item(), metrics

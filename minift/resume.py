@@ -222,6 +222,9 @@ def check_same_run(saved, now, folder):
         raise MiniftError(f"the training data differ from the run saved in {folder} (the file or its splits "
                           "changed, or --limit, --max-length or the seed): resuming would mix two data sets; "
                           "start a new run without --resume (or with another --out)")
+    if before.get("objective") != now.get("objective") and "objective" in before:
+        raise MiniftError(f"the run saved in {folder} trained with {before['objective']}, this one with "
+                          f"{now.get('objective')}: resume with the same settings, or start a new run without --resume")
     if before.get("processes", 1) != now.get("processes", 1):
         print(f"note: the checkpoint was saved by {before.get('processes', 1)} processes, this run has "
               f"{now.get('processes', 1)}: the updates are the same, the rounding is not, so the result will "

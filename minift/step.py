@@ -25,19 +25,17 @@ def forward_backward(model, batch, num_targets, backward="manual", class_weights
 
 
 def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward="manual", class_weights=None,
-               sync=None):
-    """One optimizer step over the micro-batches of one batch. Returns (loss, gradient norm before clipping).
+               sync=None, objective=None):
+    """One optimizer step over the micro-batches of one batch. Returns (loss, gradient norm before clipping, metrics).
 
     `sync`: what data-parallel training adds (distributed.Distributed: `sync.count(n)` adds up every process's
-    target count, `sync.gradients(params, loss)` their gradients, and under ZeRO the rest); None in one process."""
-    # the loss is divided by the count of targets in the whole step, so grad_accum=4 gives the same
-    # gradient as one big batch (and N processes the same as one: sync adds up every process's count)
-    num_targets = sum(model.count_targets(b["labels"]) for b in micro_batches)
-    if sync is not None:
-        num_targets = sync.count(num_targets)
-    loss = 0.0
-    for batch in micro_batches:
-        loss += forward_backward(model, batch, num_targets, backward, class_weights)
+    target count, `sync.gradients(params, loss)` their gradients, and under ZeRO the rest); None in one process.
+    `objective`: a job's own loss (dpo.PreferenceObjective, grpo.GRPOObjective), which fills .grad itself and
+    returns its metrics for the log; None: the model's own loss (model.loss and model.backward), metrics {}."""
+    if objective is not None:
+        loss, metrics = objective.gradients(model, micro_batches, sync)
+    else:
+        loss, metrics = supervised_gradients(model, micro_batches, backward, class_weights, sync), {}
     if sync is not None:
         loss = sync.gradients(optimizer.params, loss)
     # clip once, after accumulation; under ZeRO-2 each process holds a share of the gradients: the norm is summed
@@ -48,7 +46,20 @@ def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward=
     if sync is not None:
         sync.send_updated_weights(optimizer.params)  # ... which it then sends to the others
     optimizer.zero_grad()
-    return loss, grad_norm
+    return loss, grad_norm, metrics
+
+
+def supervised_gradients(model, micro_batches, backward="manual", class_weights=None, sync=None):
+    """The model's own loss over the micro-batches of one step, its gradients added into .grad. Returns the loss."""
+    # the loss is divided by the count of targets in the whole step, so grad_accum=4 gives the same
+    # gradient as one big batch (and N processes the same as one: sync adds up every process's count)
+    num_targets = sum(model.count_targets(b["labels"]) for b in micro_batches)
+    if sync is not None:
+        num_targets = sync.count(num_targets)
+    loss = 0.0
+    for batch in micro_batches:
+        loss += forward_backward(model, batch, num_targets, backward, class_weights)
+    return loss
 
 
 def check_finite(loss, grad_norm, model, step, lr):

@@ -119,7 +119,11 @@ def micro_batches(examples, order, cfg, data, device):
     """Yield the micro-batches of one optimizer step: grad_accum pieces of one batch of indices."""
     size = max(1, math.ceil(len(order) / cfg.grad_accum))  # (a rank's share of a last, small batch may be empty)
     for i in range(0, len(order), size):
-        batch = collate([examples[j] for j in order[i:i + size]], data.pad_id, data.padding_side)
+        rows = [examples[j] for j in order[i:i + size]]
+        if data.objective is not None:  # a job's own batches (pairs, prompts)
+            yield data.objective.collate(rows, device)
+            continue
+        batch = collate(rows, data.pad_id, data.padding_side)
         yield {k: v.to(device) for k, v in batch.items()}
 
 
@@ -244,7 +248,8 @@ def set_up(model, data, cfg, out_dir, resume):
         total_steps = min(total_steps, cfg.max_steps)
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
     run_info = {"data": data_fingerprint(data), "processes": dist.world_size if dist else 1,
-                "labels": model.label_names, "model": model_fingerprint(model)}
+                "labels": model.label_names, "model": model_fingerprint(model),
+                "objective": data.objective.settings() if data.objective else None}
     if dist:
         dist.check_same_plan([total_steps, len(data.train), int(run_info["data"], 16)])
     main = dist is None or dist.is_main
@@ -291,12 +296,18 @@ def describe_zero(level, optimizer, dist):
 
 def check_task(model, data, cfg):
     """What a task needs from its settings and data, said before any work is done."""
+    if not data.train:
+        raise MiniftError("no training examples: check the data file (and --limit)")
+    if data.objective is not None:  # a job's own loss checks its own examples (dpo.py, grpo.py)
+        data.objective.check(model, data, cfg)
+        return
+    if cfg.metric == "reward":
+        raise MiniftError("metric 'reward' is GRPO's (grpo.py: the mean reward of its answers); judge this task by "
+                          "loss, accuracy or macro_f1")
     if model.task == "lm" and cfg.metric != "loss":
         raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
     if model.task == "lm" and cfg.head_lr_scale != 1:
         raise MiniftError("head_lr_scale is for a classifier's new head; a language model's head is pretrained: use 1")
-    if not data.train:
-        raise MiniftError("no training examples: check the data file (and --limit)")
     kind = "label" if model.task == "classify" else "labels"
     if any(kind not in e for e in data.train[:1] + (data.validation or [])[:1]):
         other = "a classifier" if kind == "labels" else "a language model"
@@ -308,7 +319,10 @@ def longest_batch(data, cfg, device):
     """The micro-batch of the longest examples (training or validation): the memory estimate's worst case, and a
     forward that meets any text too long for the model before the first step does."""
     rows = sorted(data.train + (data.validation or []), key=lambda e: -len(e["input_ids"]))
-    batch = collate(rows[:max(1, cfg.batch_size // cfg.grad_accum)], data.pad_id, data.padding_side)
+    rows = rows[:max(1, cfg.batch_size // cfg.grad_accum)]
+    if data.objective is not None:  # the rows its step's forward sees (a pair's two, a prompt's samples)
+        return data.objective.memory_batch(rows, device)
+    batch = collate(rows, data.pad_id, data.padding_side)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -365,8 +379,8 @@ def one_step(run, batch_indices, batches_in_epoch):
     # line happen together (an error inside leaves the step undone)
     with interrupts_held():
         with autocast(run.device, cfg.precision):
-            loss, grad_norm = train_step(run.model, pieces, run.optimizer, lr, cfg.max_grad_norm, cfg.backward,
-                                         run.data.class_weights, sync=run.dist)
+            loss, grad_norm, metrics = train_step(run.model, pieces, run.optimizer, lr, cfg.max_grad_norm, cfg.backward,
+                                                  run.data.class_weights, sync=run.dist, objective=run.data.objective)
         epoch, end_of_epoch = state.epoch, state.batch + 1 == batches_in_epoch
         state.step, state.batch = state.step + 1, state.batch + 1
         if end_of_epoch:
@@ -375,7 +389,7 @@ def one_step(run, batch_indices, batches_in_epoch):
         state.eval_due = bool(run.data.validation) and (due or state.step == run.total_steps)
         run.rng_at_step_start = None
         run.tokens += sum(int(b["attention_mask"].sum()) for b in pieces)
-        log_step(run, epoch, loss, lr, grad_norm)
+        log_step(run, epoch, loss, lr, grad_norm, metrics)
     if not run.clock.estimated:
         note_step_time(run, pieces, time.perf_counter() - started)
     return end_of_epoch, due
@@ -424,10 +438,10 @@ def print_estimate(run):
                + f" ({per_token * 1e3:.3f} ms per padded token over {len(timing)} steps of batch shapes already seen)")
 
 
-def log_step(run, epoch, loss, lr, grad_norm):
-    """One line of log.jsonl per optimizer step, and the progress bar."""
+def log_step(run, epoch, loss, lr, grad_norm, metrics=None):
+    """One line of log.jsonl per optimizer step (with a job's own metrics: DPO's rewards, GRPO's), and the progress bar."""
     state, tokens_per_s = run.state, run.tokens / (time.perf_counter() - run.t0)
-    record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+    record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, **(metrics or {})}
     if state.step % run.cfg.log_every == 0 or state.step == run.total_steps:
         record["tokens_per_s"] = tokens_per_s
     run.log.write(json.dumps(record) + "\n")
@@ -439,6 +453,8 @@ def evaluate_like_training(model, examples, data, cfg, device):
     """A split's metrics as the loop measures validation (its precision, its batch size): every split a run
     reports is measured this way, so one model has one number per split wherever it is printed."""
     with autocast(device, cfg.precision):
+        if data.objective is not None:
+            return data.objective.evaluate(model, examples, device)
         return evaluate(model, examples, data.pad_id, batch_size=2 * cfg.batch_size, padding_side=data.padding_side,
                         label_names=model.label_names, device=device)
 

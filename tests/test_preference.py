@@ -85,6 +85,27 @@ def assert_grads_close(ours, ref, tol=TOL):
 # Gradients through the model: hand-written against autograd, float64, dropout on
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_rpo_nll_term_gradient_matches_autograd(lora, loss_type):
+    """rpo_alpha adds alpha x the chosen answers' mean token NLL: loss and every gradient as autograd's, float64."""
+    model, reference = make_policy("llama", lora)
+    batch, alpha = pairs_batch(), 0.7
+    torch.manual_seed(5)
+    loss, metrics = dpo_step(model, batch, loss_type, **SETTINGS, reference=reference, rpo_alpha=alpha)
+    ours = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    ref = reference_logprobs(model, batch, reference)  # as dpo_step: the reference first (eval mode: no dropout draws)
+    policy = sequence_logprobs(model, batch)  # then the policy, with dpo_step's dropout masks
+    losses, _, _ = pair_loss(loss_type, policy, ref, SETTINGS["beta"], SETTINGS["label_smoothing"], SETTINGS["simpo_gamma"])
+    policy_nll = -policy.sums.chunk(2)[0].sum() / count_chosen_tokens(batch)
+    ref_loss = losses.sum() / 3 + alpha * policy_nll
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-12) and metrics["nll_loss"] == pytest.approx(policy_nll.item())
+    assert_grads_close(ours, trainable_grads(model))
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("family, lora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
 def test_step_gradients_match_autograd(family, lora, loss_type):
