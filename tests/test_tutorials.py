@@ -28,6 +28,8 @@ KEY_LINES = {
     "06_tune_hyperparameters.py": "best on validation accuracy",
     "08_data_parallel.py": "two processes reached the weights of one",
     "09_instruction_tuning.py": "the MiniLM classifier (stage 4",
+    "10_preference_tuning.py": "DPO gradient, max relative error ||ours - autograd||",
+    "11_rl_verifiable_rewards.py": "held-out greedy accuracy on",
     "12_evaluate_and_export.py": "f16 read back by minift: max |logit",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",
 }
