@@ -18,11 +18,15 @@
 # for single digits a, b. chosen = the right number, rejected = a near miss (one more or one less), each ending
 # with the end-of-turn token `<|im_end|>`.
 #
-#     python tutorials/10_preference_tuning.py --quick   # CI: 4 DPO + 4 SimPO steps of 4 pairs, 8 held-out pairs
+#     python tutorials/10_preference_tuning.py --quick   # CI: 4 DPO + 4 SimPO steps of 2 pairs (4 sums), 4 held out
 #     python tutorials/10_preference_tuning.py           # 40 + 40 steps of 4 pairs (65 sums), 16 held-out pairs
 #
-# Measured on this project's 2-core AMD EPYC (fp32): --quick took 46 s on an idle machine (41.7 s inside the script).
-# The full run was not timed this session. Writes nothing.
+# Measured on this project's 2-core AMD EPYC (fp32, one thread) while another engineer's test run shared the two
+# cores (load average about 3): --quick took 33-37 s wall in 3 runs (30-34 s inside the script; a DPO step of 2
+# pairs 2.4 s, SimPO 1.6 s). The full run took 7.5 minutes (445 s inside; a step of 4 pairs 4.7 s DPO, 3.5 s
+# SimPO): on the 65 training pairs rewards/margins 0 -> +1.86 (64 of 65 won), the steps' rewards/chosen below 0
+# at 21 of 40 steps and +0.26 at the end; held-out (16 sums) pair accuracy 0.50 -> 0.875 after DPO, 0.75 after
+# SimPO, greedy answers right 0.44 -> 0.75 after DPO, 0.625 after SimPO. Writes nothing.
 
 # %%
 import argparse
@@ -271,23 +275,35 @@ assert dpo[0]["rewards/chosen"] == dpo[0]["rewards/rejected"] == 0.0, "at step 0
 #
 # The loss sees only the *difference* h. Nothing in it says the chosen answer must become likelier: pushing the
 # rejected one down lowers the loss just as well. And chosen and rejected here are nearly the same sequence (a
-# number, then `<|im_end|>`, after the same prompt): what raises one raises the other, so the cheapest way to
-# widen the gap is to lower both, the rejected one faster. The probability goes elsewhere (to the model's own
-# habit, "7 + 5 = 12"). This is *likelihood displacement* (Razin et al. 2024; Pal et al. 2024, whose DPOP adds a
-# penalty against it): a rising `rewards/margins` with a falling `rewards/chosen` means the model now likes the
-# chosen answer *less* than before, only the rejected one even less. Watch the margin and the accuracy, and
-# check the *behaviour*, not the chosen reward alone. On every training pair after the run:
+# number, then `<|im_end|>`, after the same prompt): a change that lowers one lowers the other, so DPO often widens
+# the gap by lowering both, the rejected one faster; the probability goes elsewhere (to the model's habit,
+# "7 + 5 = 12"). This is *likelihood displacement* (Razin et al. 2024; Pal et al. 2024, whose DPOP adds a penalty
+# against it): a rising `rewards/margins` with a falling `rewards/chosen` means the model likes the chosen answer
+# *less* than before, only the rejected one even less. Whether it happens depends on the run: in --quick (4 steps
+# on 4 pairs) the chosen reward ended below 0 on this draw of pairs and on 2 of 3 other draws tried here (the third
+# ended at +0.10); in the full run the steps' rewards/chosen was below 0 at 21 of 40 steps, lowest -0.54 at step
+# 24, and +0.26 over the training pairs at the end, once the model had learned to answer with the bare number
+# (logps/chosen -5.9 at step 0, -1.2 at step 39). So the lesson asserts the margin, not the chosen reward: watch
+# the margin and the accuracy, and check the *behaviour* (section 8).
+#
+# The reference here is the model we started from, bitwise: `reference_logprobs` with the adapters off gives the
+# log-probs we took before adding them.
 
 # %%
 chosen_lp, rejected_lp, _, _ = pair_logprobs(smol, train_pairs)  # the policy now; the reference: base_train
 log_ratio_chosen, log_ratio_rejected = chosen_lp - base_train[0], rejected_lp - base_train[1]
 chosen_r, rejected_r = dpo_beta * log_ratio_chosen, dpo_beta * log_ratio_rejected
 margin = chosen_r - rejected_r
-print(f"{len(train)} training pairs after {steps} DPO steps: rewards/chosen {chosen_r.mean():+.4f}, rewards/rejected "
+dips = [i for i, m in enumerate(dpo) if m["rewards/chosen"] < 0 < m["rewards/margins"]]
+low = min(range(steps), key=lambda i: dpo[i]["rewards/chosen"])
+print(f"steps whose pairs had rewards/chosen < 0 < rewards/margins: {len(dips)} of {steps}; the lowest rewards/chosen "
+      f"{dpo[low]['rewards/chosen']:+.4f} at step {low} (margin {dpo[low]['rewards/margins']:+.4f})")
+print(f"all {len(train)} training pairs after {steps} DPO steps: rewards/chosen {chosen_r.mean():+.4f}, rewards/rejected "
       f"{rejected_r.mean():+.4f}, rewards/margins {margin.mean():+.4f} (all 0 before); chosen reward below 0 on "
       f"{int((chosen_r < 0).sum())} of {len(train)} pairs, margin above 0 on {int((margin > 0).sum())}")
 assert margin.mean() > 0, "the margin grew (from exactly 0)"
-assert chosen_r.mean() < 0, "the chosen answer lost probability while the margin grew"
+first = preference_batch(*(x[:8] for x in train_pairs), pad_id=tok.pad_id)  # pair_logprobs' first batch
+assert torch.equal(reference_logprobs(smol, first).sums, torch.cat([base_train[0][:8], base_train[1][:8]]))
 
 # %% [markdown]
 # ## 6. What beta does, part 2: where the push stops
@@ -344,7 +360,8 @@ assert simpo_after["rewards/margins"] > first_margin
 # ## 8. Did it do anything?
 #
 # Held-out sums, forward only: does the model now prefer the right number to the near miss? And (full mode) the
-# greedy answers, scored by their number: the behaviour, which pair accuracy does not measure.
+# greedy answers, scored by their number: the behaviour, which pair accuracy does not measure. (In --quick, 4
+# steps on 4 pairs at lr 5e-4 over-fit them and 4 held-out pairs are too few: its numbers here are noise.)
 
 # %%
 print(f"\nheld-out ({n_heldout} pairs)     pair accuracy   mean log-prob of the right answer")
