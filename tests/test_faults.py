@@ -124,8 +124,10 @@ def child_run(out, moment, at):
 
 
 def child_cmd(code, *args):
-    prelude = (f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {str(HERE)!r}); "
-               f"import test_faults as F\n")
+    # A process started from a background shell inherits SIGINT ignored (and Python keeps it so): give the child
+    # what a terminal's Ctrl-C meets, Python's own KeyboardInterrupt handler
+    prelude = (f"import signal, sys, torch; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               f"torch.set_num_threads(1); sys.path.insert(0, {str(HERE)!r}); import test_faults as F\n")
     return [sys.executable, "-c", prelude + code, *map(str, args)]
 
 
