@@ -46,7 +46,6 @@ def main():
     parser.add_argument("--only", help="comma-separated: zero_shot,sft,dpo,grpo (default all)")
     parser.add_argument("--out", default="runs/align")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     only = args.only.split(",") if args.only else ["zero_shot", "sft", "dpo", "grpo"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,26 +76,32 @@ def encode_pairs(rows, tok, max_length):
     return examples, dropped
 
 
+def first_line(reply):
+    return reply.strip().splitlines()[0] if reply.strip() else ""
+
+
 def swap_number(reply, old, new):
     """The reply's first line with its last `old` number replaced by `new`: the same words, another answer."""
-    line = reply.strip().splitlines()[0] if reply.strip() else ""
+    line = first_line(reply)
     at = line.rfind(old) if old else -1
     return line[:at] + new + line[at + len(old):] if at >= 0 else new
 
 
 def on_policy_pairs(model, tok, rows, seed=0):
-    """Pairs from the model's own greedy replies to the arithmetic rows: a wrong reply is the rejected answer and the
-    same reply with the right number the chosen one; a right reply is the chosen one and, rejected, the same reply
-    with a near miss (the answer +-1). Each pair differs in the number only: what DPO learns is the arithmetic."""
+    """Pairs from the model's own greedy replies to the arithmetic rows (their first line): a wrong reply is the
+    rejected answer and the same reply with the right number the chosen one; a right reply is the chosen one and,
+    rejected, the same reply with a near miss (the answer +-1). Each pair differs in the number only: what DPO learns
+    is the arithmetic. A reply with no number at all: the bare right number against a bare wrong one."""
     scored = exact_match(model, tok, rows, kind="number")["items"]
     rng, pairs = random.Random(seed), []
     for row, s in zip(rows, scored):
-        reply, right = s["reply"], row["answer"]
-        if s["parsed"] == right:
-            chosen, rejected = swap_number(reply, right, right), swap_number(reply, right, str(int(right) + rng.choice((-1, 1))))
+        reply, right, said = s["reply"], row["answer"], s["parsed"]
+        if said == right:
+            chosen, rejected = first_line(reply), swap_number(reply, right, str(int(right) + rng.choice((-1, 1))))
+        elif said:
+            chosen, rejected = swap_number(reply, said, right), first_line(reply)
         else:
-            chosen, rejected = swap_number(reply, s["parsed"], right), swap_number(reply, s["parsed"], s["parsed"] or "0")
-            rejected = rejected if rejected != chosen else str(int(right) + 1)
+            chosen, rejected = right, "1" if right == "0" else "0"
         pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
     return pairs
 
@@ -225,8 +231,8 @@ def finetune_dpo(model=recipe.DPO_JOB["model"], data=recipe.DPO_JOB["data"], out
                                           "the model with its LoRA adapters off" if reference is None else
                                           "a frozen copy of the model as loaded (its weights' memory once more)"))
     report["train_pairs"] = len(encoded["train"])
-    data_ = TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective)
-    report.update(train(net, data_, cfg, out, resume=resume))
+    report.update(train(net, TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective), cfg, out,
+                        resume=resume))
     if not distributed.is_main():
         return report
     best = load_best(out, "lm", device)

@@ -110,14 +110,14 @@ class GRPOObjective:
             raise MiniftError(f"temperature {temperature}: GRPO samples its answers, give a temperature > 0 (e.g. 0.7)")
         self.tok, self.reward, self.reference = tok, reward, reference
         self.group_size, self.max_new_tokens, self.temperature, self.top_p = group_size, max_new_tokens, temperature, top_p
-        self.loss = {"beta": beta, "epsilon": epsilon, "epsilon_high": epsilon_high, "loss_type": loss_type}
+        self.loss_settings = {"beta": beta, "epsilon": epsilon, "epsilon_high": epsilon_high, "loss_type": loss_type}
         self.scale_rewards = scale_rewards
 
     def settings(self):
         """What a resume must find the same (train.py's run_info)."""
         return {"reward": f"{self.reward.__module__}:{self.reward.__name__}", "group_size": self.group_size,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "scale_rewards": self.scale_rewards, **self.loss}
+                "scale_rewards": self.scale_rewards, **self.loss_settings}
 
     def check(self, model, data, cfg):
         if model.task != "lm":
@@ -127,7 +127,7 @@ class GRPOObjective:
                               "use metric='reward'")
         if cfg.packing:
             raise MiniftError("GRPO samples its rows itself, there is nothing to pack: use packing=0")
-        if self.loss["beta"] and self.reference is None and not cfg.lora_r:
+        if self.loss_settings["beta"] and self.reference is None and not cfg.lora_r:
             raise MiniftError("beta > 0 compares with a reference model: train LoRA adapters (the reference is the model "
                               "with them off), give reference=preference.frozen_copy(model), or set beta 0")
         if any("prompt" not in e for e in data.train[:1] + data.validation[:1]):
@@ -139,11 +139,10 @@ class GRPOObjective:
 
     def memory_batch(self, rows, device):
         """The update's batch at its largest: each prompt G times, followed by max_new_tokens answer tokens."""
-        width = max(len(e["input_ids"]) for e in rows) + self.max_new_tokens
         ids, mask = padded([e["input_ids"] + [self.tok.eos_id] * self.max_new_tokens for e in rows
                             for _ in range(self.group_size)], self.tok.pad_id, "left", device)
         labels = ids.clone()
-        labels[:, :width - self.max_new_tokens] = -100
+        labels[:, :ids.shape[1] - self.max_new_tokens] = -100  # left-padded: every answer ends the row
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     @torch.no_grad()
@@ -152,10 +151,13 @@ class GRPOObjective:
         rows = batch["rows"]
         rollouts = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], self.group_size,
                                    self.max_new_tokens, self.temperature, self.top_p, eos_token_id=self.tok.eos_id)
-        G = self.group_size
-        columns = {k: [e["columns"][k] for e in rows for _ in range(G)] for k in rows[0]["columns"]}
-        rewards = rewards_of(self.reward, [e["prompt"] for e in rows for _ in range(G)], rollouts.texts, columns)
-        return rollouts, rewards
+        return rollouts, self.score(rows, rollouts.texts, self.group_size)
+
+    def score(self, rows, completions, times=1):
+        """The reward of each completion: rows[i]'s are completions[i * times:(i + 1) * times], and the reward function
+        sees each row's prompt and fields once per completion."""
+        columns = {k: [e["columns"][k] for e in rows for _ in range(times)] for k in rows[0]["columns"]}
+        return rewards_of(self.reward, [e["prompt"] for e in rows for _ in range(times)], completions, columns)
 
     def gradients(self, model, batches, sync=None):
         """Sample every micro-batch's answers first (the step's token count divides the loss), then grpo_step on
@@ -169,18 +171,17 @@ class GRPOObjective:
             batch = rollouts.batch()
             advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
             ref = None
-            if self.loss["beta"]:
+            if self.loss_settings["beta"]:
                 ref = reference_logprobs(model, batch, self.reference.to(batch["input_ids"].device)
                                          if self.reference is not None else None)
             part, m = grpo_step(model, batch, advantages, ref_logps=ref, num_tokens=tokens, num_sequences=sequences,
-                                max_completion_length=self.max_new_tokens, **self.loss)
+                                max_completion_length=self.max_new_tokens, **self.loss_settings)
             loss += part
             for k, v in m.items():
                 clipped[k] = clipped.get(k, 0.0) + v / len(sampled)
-        rewards = torch.cat([w for _, w in sampled])
-        groups = torch.cat([w.view(-1, self.group_size) for _, w in sampled])
+        groups = torch.cat([w.view(-1, self.group_size) for _, w in sampled])  # one row of G rewards per prompt
         lengths = torch.cat([r.completion_mask.sum(1) for r, _ in sampled]).double()
-        return loss, {"reward": rewards.mean().item(), "reward_std": groups.std(1).mean().item(),
+        return loss, {"reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
                       "frac_reward_zero_std": (groups.std(1) == 0).double().mean().item(),
                       "completions/mean_length": lengths.mean().item(), **clipped}
 
@@ -194,8 +195,7 @@ class GRPOObjective:
             rows = examples[i:i + batch_size]
             answers = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], 1, self.max_new_tokens,
                                       temperature=0.0, eos_token_id=self.tok.eos_id).texts
-            columns = {k: [e["columns"][k] for e in rows] for k in rows[0]["columns"]}
-            total += rewards_of(self.reward, [e["prompt"] for e in rows], answers, columns).sum().item()
+            total += self.score(rows, answers).sum().item()
         return {"reward": total / len(examples), "num_prompts": len(examples)}
 
 
@@ -229,17 +229,18 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     print(f"{len(encoded['train'])} training prompts x {objective.group_size} samples, {len(encoded['validation'])} "
           f"validation prompts; reward {objective.settings()['reward']}")
     report = {"model": str(path), "config": vars(cfg), "grpo": objective.settings(), "train_prompts": len(encoded["train"])}
-    data_ = TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective)
+    train_data = TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective)
     # measured as the loop measures validation (its precision): before and after are comparable
-    report["reward_before"] = evaluate_like_training(net.to(device), encoded["validation"], data_, cfg, device)["reward"]
+    report["reward_before"] = evaluate_like_training(net.to(device), encoded["validation"], train_data, cfg, device)[
+        "reward"]
     print(f"mean greedy reward on {len(encoded['validation'])} validation prompts before: {report['reward_before']:.4f}")
-    report.update(train(net, data_, cfg, out, resume=resume))
+    report.update(train(net, train_data, cfg, out, resume=resume))
     if not distributed.is_main():
         return report
     best = load_best(out, "lm", device)
     report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
     print(f"mean greedy reward on validation: {report['reward_before']:.4f} before -> {report['validation']['reward']:.4f}")
     if test:  # the one look at the test split
-        report["test"] = evaluate_like_training(best, encoded["test"], data_, cfg, device)
+        report["test"] = evaluate_like_training(best, encoded["test"], train_data, cfg, device)
     return finish(report, out, t0, f"generate with:  minift generate {Path(out) / 'best'} \"...\"")
 
