@@ -1,7 +1,7 @@
 """Hugging Face checkpoints <-> minift models: read config.json, build the model, load and save safetensors.
 
 Our parameter names are the checkpoint's keys, so loading is nearly the identity map. What is left belongs
-to each family module (bert.py, gpt2.py ...), found here by config.json's `model_type` in FAMILIES:
+to each family module (models/bert.py, models/gpt2.py ...), found here by config.json's `model_type` in FAMILIES:
 `Config.from_dict`, `TASKS` (task -> model class), `DEFAULT_TASK` (what the pretrained file computes),
 `hf_to_ours` (prefixes, transposes, buffers to skip), `hf_state_dict` and `architecture` for saving,
 `NEW_HEADS` (a task head we add, trained from scratch), `LABEL_HEAD` (its layer with one row per class),
@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import bert, gpt2, llama
+from .models import bert, gpt2, llama
 from .errors import MiniftError
 from .files import atomic_write
 

@@ -36,7 +36,7 @@ from .errors import MiniftError
 from .files import atomic_write
 from .gguf import (ARRAY, BLOCKS, DEFAULT_ALIGNMENT, LAYER_NAMES, MAGIC, PRE_TOKENIZERS, SCALAR_FORMATS, STRING, TOP_NAMES,
                    U32, TensorInfo, read_gguf)
-from .llama import LlamaConfig
+from .models.llama import LlamaConfig
 from .quantize import BLOCK, QuantizedWeight
 from .tokenizer import Tokenizer, chatml_default_system
 

@@ -326,7 +326,7 @@ def cross_entropy(logits, labels, num_targets=None, weights=None, want_grad=True
 
 # ---------------------------------------------------------------------------------------------------------
 # The Llama family's layers: RMSNorm, rotary position embedding (RoPE), SwiGLU. (Grouped-query attention is
-# the Attention above with k and v shared by groups of query heads: see LlamaAttention in llama.py.)
+# the Attention above with k and v shared by groups of query heads: see LlamaAttention in models/llama.py.)
 # ---------------------------------------------------------------------------------------------------------
 
 

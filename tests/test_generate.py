@@ -8,7 +8,7 @@ import torch
 from minift.checkpoints import load_checkpoint
 from minift.errors import MiniftError
 from minift.generate import pick_next_token
-from minift.gpt2 import GPT2Config, GPT2LMHeadModel
+from minift.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 
 def small_lm(dtype=torch.float64, n_positions=64):

@@ -176,14 +176,14 @@ def test_finetune_instruct_learns_and_saves_best(tiny, data, tmp_path, capsys):
 
 def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
     folder, _ = tiny
-    real_forward = minift.llama.LlamaForCausalLM.forward
+    real_forward = minift.models.llama.LlamaForCausalLM.forward
 
     def forward(self, *args, **kwargs):  # generation (eval mode) works; the training-mode forward runs out
         if self.training:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(minift.llama.LlamaForCausalLM, "forward", forward)
+    monkeypatch.setattr(minift.models.llama.LlamaForCausalLM, "forward", forward)
     cfg = TrainConfig(epochs=1, batch_size=8, metric="loss", device="cpu")
     with pytest.raises(MiniftError) as e:
         finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom"), cfg=cfg, max_length=128, test=False)
@@ -198,7 +198,7 @@ def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
             raise RuntimeError("shape mismatch")
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(minift.llama.LlamaForCausalLM, "forward", broken)
+    monkeypatch.setattr(minift.models.llama.LlamaForCausalLM, "forward", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom2"), cfg=cfg, max_length=128, test=False)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minift import llama
+from minift.models import llama
 from minift.errors import MiniftError
 from minift.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward
-from minift.llama import (LlamaAttention, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP,
+from minift.models.llama import (LlamaAttention, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP,
                           LlamaModel)
 
 TOL = 1e-8  # float64 gradients, relative to the largest entry of the reference gradient

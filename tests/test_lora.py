@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from minift.bert import BertConfig, BertForSequenceClassification
+from minift.models.bert import BertConfig, BertForSequenceClassification
 from minift.checkpoints import load_checkpoint, save_checkpoint
 from minift.errors import MiniftError
-from minift.gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from minift.models.gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from minift.layers import Linear
 from minift.lora import (LoRALinear, add_lora, hf_names, linear_layers, load_adapter, lora_layers, lora_summary,
                          merge_and_unload, merge_lora, save_adapter, unmerge_lora)
@@ -36,7 +36,7 @@ def make_model(kind, **overrides):
     elif kind == "gpt2-cls":
         model = GPT2ForSequenceClassification(GPT2Config(**{**GPT2, **overrides}, pad_token_id=0))
     elif kind.startswith("llama"):
-        llama = pytest.importorskip("minift.llama")  # the Llama family (issue 13)
+        llama = pytest.importorskip("minift.models.llama")  # the Llama family (issue 13)
         task = llama.LlamaForCausalLM if kind == "llama-lm" else llama.LlamaForSequenceClassification
         model = task(llama.LlamaConfig(**{**LLAMA, **overrides}))
     else:

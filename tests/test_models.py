@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minift.bert import BertConfig, BertForSequenceClassification, BertModel
+from minift.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from minift.checkpoints import load_checkpoint
 from minift.errors import MiniftError
-from minift.gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from minift.models.gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 TOL = 1e-8  # float64 gradients, relative to the largest entry of the reference gradient
 

@@ -12,16 +12,25 @@ import minift
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def documented_modules():
-    """The modules README.md's layout section names (`layers.py` -> "layers")."""
+def layout_modules():
+    """The modules README.md's layout section names, in its order (`layers.py` -> "layers", `models/llama.py` ->
+    "models.llama")."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## How the engine is laid out", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"`(\w+)\.py`", section))
+    return list(dict.fromkeys(m.replace("/", ".") for m in re.findall(r"`((?:models/)?\w+)\.py`", section)))
+
+
+def documented_modules():
+    return set(layout_modules())
+
+
+def source_of(module):
+    return (ROOT / "minift" / (module.replace(".", "/") + ".py")).read_text()
 
 
 def defined_names(module):
     """The names a module defines at its top level (functions, classes, assignments), not the ones it imports."""
-    tree = ast.parse((ROOT / "minift" / f"{module}.py").read_text())
+    tree = ast.parse(source_of(module))
     names = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -51,12 +60,17 @@ def violations(source, modules):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "minift":
             parts = node.module.split(".")
             for alias in node.names:
-                check(None, alias.name, node.lineno) if len(parts) == 1 else check(parts[1], alias.name, node.lineno)
+                if len(parts) == 1:
+                    check(None, alias.name, node.lineno)
+                elif node.module == "minift.models":  # from minift.models import llama
+                    check(f"models.{alias.name}", None, node.lineno)
+                else:
+                    check(".".join(parts[1:]), alias.name, node.lineno)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "minift" and len(parts) > 1:
-                    check(parts[1], None, node.lineno)
+                    check(".".join(parts[1:]), None, node.lineno)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "minift":
             check(None, node.attr, node.lineno)  # minift.X
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
@@ -87,17 +101,28 @@ def test_the_check_catches_what_it_should():
     assert violations(good, modules) == []
 
 
+def imported_modules(module):
+    """The minift modules `module` imports by relative import, named as layout_modules names them."""
+    package = module.split(".")[:-1]  # [] for minift/x.py, ["models"] for minift/models/x.py
+    for node in ast.walk(ast.parse(source_of(module))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)]
+            if node.module:
+                yield ".".join(base + node.module.split("."))
+                yield from (".".join(base + node.module.split(".") + [a.name]) for a in node.names)
+            else:
+                yield from (".".join(base + [a.name]) for a in node.names)
+
+
 def test_readme_reading_order_holds():
     """README.md lists minift/ in reading order, "no module imports one below it": checked, not claimed."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## How the engine is laid out", 1)[1].split("\n## ", 1)[0]
-    order = list(dict.fromkeys(re.findall(r"`(\w+)\.py`", section)))
+    order = layout_modules()
+    assert len(order) == len(list((ROOT / "minift").glob("*.py"))) - 2 + len(list((ROOT / "minift" / "models").glob(
+        "[!_]*.py"))), "every module is in the layout (but __init__ and __main__)"
     position = {m: i for i, m in enumerate(order)}
     wrong = []
     for module in order:
-        for node in ast.walk(ast.parse((ROOT / "minift" / f"{module}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                for name in [node.module] if node.module else [a.name for a in node.names]:
-                    if position.get(name, -1) > position[module]:
-                        wrong.append(f"{module} imports {name}, listed below it")
+        for name in imported_modules(module):
+            if position.get(name, -1) > position[module]:
+                wrong.append(f"{module} imports {name}, listed below it")
     assert wrong == []

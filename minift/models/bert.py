@@ -9,11 +9,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .errors import MiniftError
-from .heads import Backbone, Classifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward, positions_from_mask
-from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward,
+from ..errors import MiniftError
+from ..heads import Backbone, Classifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward, positions_from_mask
+from ..layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward,
                      merge_heads, split_heads)
-from .recompute import block_backward, block_forward
+from ..recompute import block_backward, block_forward
 
 
 @dataclass

@@ -9,12 +9,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .errors import MiniftError
-from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows, pick_rows_backward,
-                    positions_from_mask)
-from .layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
+from ..errors import MiniftError
+from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows,
+                     pick_rows_backward, positions_from_mask)
+from ..layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
                      split_heads)
-from .recompute import block_backward, block_forward
+from ..recompute import block_backward, block_forward
 
 
 @dataclass

@@ -15,12 +15,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .errors import MiniftError
-from .heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows, pick_rows_backward,
-                    positions_from_mask)
-from .layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
+from ..errors import MiniftError
+from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows,
+                     pick_rows_backward, positions_from_mask)
+from ..layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
                      frozen_below, keeps_for_backward, merge_heads, split_heads)
-from .recompute import block_backward, block_forward
+from ..recompute import block_backward, block_forward
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
