@@ -49,7 +49,7 @@ def main():
     only = args.only.split(",") if args.only else ["zero_shot", "sft", "dpo", "grpo"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = limit_rows(arithmetic_splits(0), args.limit)
+    splits = limit_rows(arithmetic_splits(), args.limit)
     folder = out / "arithmetic"  # the task as instruction rows, for the SFT job
     folder.mkdir(exist_ok=True)
     for k, rows in splits.items():
@@ -69,7 +69,8 @@ def main():
         elif name == "dpo":
             r = finetune_dpo(model, None, str(out / "dpo"), TrainConfig(**recipe.DPO_TRAIN), limit=args.limit, test=False)
             results[name] = {"test": test_score(out / "dpo" / "best", splits["test"]),
-                             "validation_before": r["exact_match_before"], "validation_after": r["exact_match_after"]}
+                             "validation_before": r["before"]["exact_match"],
+                             "validation_after": r["validation"]["exact_match"]}
         elif name == "grpo":
             r = finetune_grpo(model, None, str(out / "grpo"), TrainConfig(**recipe.GRPO_TRAIN), limit=args.limit, test=False)
             results[name] = {"test": test_score(out / "grpo" / "best", splits["test"]),

@@ -22,7 +22,7 @@ import torch
 
 from minift.checkpoints import build_model
 from minift.optim import AdamW, param_groups
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import autocast
 
 CONFIGS = {

@@ -17,9 +17,10 @@ from minift.checkpoints import load_checkpoint
 from minift.corpora import load_instruction_splits
 from minift.evaluate import evaluate
 from minift.hub import resolve_model
-from minift.instruct import exact_match
+from minift.evals import exact_match
+from minift.instruct import tweet_items
 from minift.memory import estimate_memory
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.tasks import encode_instruction
 from minift.train import prepare_model
 
@@ -42,7 +43,7 @@ def main():
         model = load_checkpoint(folder, "lm", verbose=False)
         prepare_model(model, TrainConfig(lora_r=8, quantize=kind, metric="loss"))
         weights = estimate_memory(model, step_batch)["weights"]
-        em = exact_match(model.eval(), tok, rows)["exact_match"]
+        em = exact_match(model.eval(), tok, tweet_items(rows), max_new_tokens=4)["exact_match"]
         loss = evaluate(model, examples, tok.pad_id, batch_size=16)["loss"]
         model.train()
         t0 = time.perf_counter()

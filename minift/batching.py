@@ -25,8 +25,9 @@ class TrainData:
     train / validation: lists of {"input_ids", "label"} or {"input_ids", "labels"} (validation may be empty: no
     evaluation, no best model). padding_side: "right" for training (also for decoders: positions come from
     the mask). class_weights: a tensor of one loss weight per class (tasks.class_weights), or None.
-    objective: None for the model's own loss; a job's own way to batch, train and judge its examples (pairs in
-    dpo.py, prompts in grpo.py), an object with collate, memory_batch, gradients, evaluate and settings."""
+    objective: what the loop trains on these examples (objective.py); None: the model's own loss
+    (objective.SupervisedObjective with this pad_id, padding_side and class_weights). A job that trains another
+    way gives its own: dpo.PreferenceObjective (pairs), grpo.GRPOObjective (prompts)."""
     train: list
     validation: list
     pad_id: int
@@ -43,6 +44,15 @@ def pad(seq, value, width, side="right"):
     return seq + [value] * n if side == "right" else [value] * n + seq
 
 
+def pad_rows(rows, pad_id, side="right", device=None):
+    """Token-id lists -> (input_ids, attention_mask) LongTensors, padded on `side` to the longest row: the one padder
+    of training batches, evaluation, generation's prompts (left) and rollouts."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([pad(list(r), pad_id, width, side) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([pad([1] * len(r), 0, width, side) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
 def collate(examples, pad_id, padding_side="right"):
     """Pad a list of examples to the longest one: input_ids, attention_mask, labels (LongTensors).
 
@@ -51,13 +61,9 @@ def collate(examples, pad_id, padding_side="right"):
     if not examples:
         raise MiniftError("collate got no examples; check the batch indices")
     width = max(len(e["input_ids"]) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        ids.append(pad(e["input_ids"], pad_id, width, padding_side))
-        mask.append(pad([1] * len(e["input_ids"]), 0, width, padding_side))
-        labels.append(e["label"] if "label" in e else pad(e["labels"], -100, width, padding_side))
-    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
-             "labels": torch.tensor(labels, dtype=torch.long)}
+    ids, mask = pad_rows([e["input_ids"] for e in examples], pad_id, padding_side)
+    labels = [e["label"] if "label" in e else pad(e["labels"], -100, width, padding_side) for e in examples]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
     if any("document_ids" in e for e in examples):  # packed examples (pack_examples); an unpacked row is one text
         documents = [e.get("document_ids", [1] * len(e["input_ids"])) for e in examples]
         positions = [e.get("position_ids", list(range(len(e["input_ids"])))) for e in examples]

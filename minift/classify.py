@@ -18,7 +18,7 @@ from .corpora import limit_rows, load_classification_splits
 from .data import length_report
 from .errors import MiniftError
 from .hub import resolve_model
-from .outputs import finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, snapshot, weights_moved
 from .tasks import encode_classification
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -49,12 +49,13 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
         return result
     device = pick_device(cfg.device)
-    best = load_best(out, "classify", device)
-    report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
-              "validation": result["best_metrics"], "weights_moved": weights_moved(best, base)}
-    del report["best_metrics"]  # (it is "validation": the numbers measured when best/ was chosen)
-    if test:
-        report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
+    with after_training(out):
+        best = load_best(out, "classify", device)
+        report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
+                  "validation": result["best_metrics"], "weights_moved": weights_moved(best, base)}
+        del report["best_metrics"]  # (it is "validation": the numbers measured when best/ was chosen)
+        if test:
+            report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
     return finish(report, out, t0, f"predict with:  minift predict {Path(out) / 'best'} \"what a great day\"")
 
 

@@ -11,13 +11,15 @@
 """
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from .config import TrainConfig, check_config
+from .config import TrainConfig, check_config, field_kind
+from .dpo import DPOSettings
 from .errors import MiniftError
+from .grpo import GRPOSettings
 from . import recipe
-from .recipe import DPO_JOB, DPO_TRAIN, GRPO_JOB, GRPO_TRAIN, INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
+from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
 
 try:
     import tomllib
@@ -26,47 +28,88 @@ except ImportError:  # Python 3.10
 
 
 def convert(f, text):
-    """A TrainConfig field's value from command-line text, or one line that says what was expected."""
-    if f.type is bool:  # anything but a clear yes or no is a mistake, not a silent False
+    """A settings field's value (TrainConfig, DPOSettings, GRPOSettings) from command-line text, or one line that
+    says what was expected."""
+    kind, optional = field_kind(f)
+    if optional and text.lower() == "none":  # --epsilon-high none
+        return None
+    if kind is bool:  # anything but a clear yes or no is a mistake, not a silent False
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise MiniftError(f"--{f.name.replace('_', '-')} {text!r}: expected true or false")
         return text.lower() in ("1", "true", "yes")
-    if f.type is list:  # --freeze embeddings,layers:2
+    if kind is list:  # --freeze embeddings,layers:2
         return [t for t in text.split(",") if t]
     try:
-        return f.type(text) if f.type in (int, str) else float(text)
+        return kind(text) if kind in (int, str) else text if kind is object else float(text)
     except ValueError:
-        kind = "a whole number" if f.type is int else "a number"
-        raise MiniftError(f"--{f.name.replace('_', '-')} {text!r}: expected {kind}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise MiniftError(f"--{f.name.replace('_', '-')} {text!r}: expected {what}" + (" (or none)" if optional else "")) \
+            from None
 
 
-def add_train_flags(parser, as_lists=False):
+def add_train_flags(parser, as_lists=False, jobs=None):
     """One --flag per TrainConfig field (--lr, --batch-size, --precision ...); the help shows the main job's
-    default (TrainConfig with recipe.MAIN_TRAIN)."""
+    default (TrainConfig with recipe.MAIN_TRAIN) and, where another --task's job differs, its own (`jobs`: task ->
+    its training defaults)."""
     shown = vars(TrainConfig(**MAIN_TRAIN))
+    others = {task: vars(TrainConfig(**train)) for task, train in (jobs or {}).items()}
     for f in fields(TrainConfig):
-        help = f"default {shown[f.name]}" + ("; values to try, separated by " + ("';'" if f.type is list else "commas")
-                                              if as_lists else "")
+        differ = [f"{task} {values[f.name]}" for task, values in others.items() if values[f.name] != shown[f.name]]
+        help = f"default {shown[f.name]}" + (f" ({', '.join(differ)})" if differ else "") + (
+            "; values to try, separated by " + ("';'" if f.type is list else "commas") if as_lists else "")
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
                             type=str if as_lists else (lambda text, f=f: convert(f, text)))
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
+# The methods beyond the model's own loss: --task -> (its settings class, the job's values on top of its defaults).
+# Their fields are flags of `minift finetune` and keys of its TOML file, as TrainConfig's are.
+METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "grpo": (GRPOSettings, recipe.GRPO_SETTINGS)}
+METHOD_KEYS = {f.name for cls, _ in METHODS.values() for f in fields(cls)}
 
 
-def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=None):
-    """(TrainConfig, options): the command line wins over the --config TOML file, which wins over the job's
-    defaults (recipe.py); where lora_r > 0, by flag or by TOML, `lora_defaults` (recipe.LORA_TRAIN) come on top
-    of the job's, so that a rank set in either place trains the same way."""
-    toml = {}
-    if args.config:
-        if tomllib is None:
-            raise MiniftError("reading --config needs Python 3.11+ (tomllib); pass the settings as flags instead")
-        try:
-            toml = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise MiniftError(f"cannot read {args.config}: {e}") from None
-    unknown = sorted(set(toml) - TRAIN_KEYS - set(job))
+def add_method_flags(parser):
+    """One --flag per field of the methods' settings classes; a name two methods share (--beta, --loss-type) is one
+    flag, whose help gives each method's default (the job's: recipe.DPO_SETTINGS on top of DPOSettings ...)."""
+    flags = {}
+    for task, (cls, overrides) in METHODS.items():
+        shown = asdict(cls(**overrides))
+        for f in fields(cls):
+            flags.setdefault(f.name, (f, []))[1].append(f"{task}: default {shown[f.name]}")
+    for name, (f, defaults) in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=None, type=lambda text, f=f: convert(f, text),
+                            help="; ".join(defaults))
+
+
+def check_method_flags(args, toml=None):
+    """Refuse a flag (or TOML key) of another method than --task's: --group-size under --task dpo does nothing."""
+    own = {f.name for f in fields(METHODS[args.task][0])} if args.task in METHODS else set()
+    for name in sorted(METHOD_KEYS - own):
+        if getattr(args, name, None) is not None or name in (toml or {}):
+            owners = " and ".join(f"--task {t}" for t, (cls, _) in METHODS.items() if name in {f.name for f in fields(cls)})
+            where = f"{args.config}: {name}" if name in (toml or {}) else "--" + name.replace("_", "-")
+            raise MiniftError(f"{where} is a setting of {owners}, not of --task {args.task}")
+
+
+def read_toml(path):
+    if not path:
+        return {}
+    if tomllib is None:
+        raise MiniftError("reading --config needs Python 3.11+ (tomllib); pass the settings as flags instead")
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise MiniftError(f"cannot read {path}: {e}") from None
+
+
+def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=None, method=None):
+    """(TrainConfig, method settings or None, options): the command line wins over the --config TOML file, which wins
+    over the job's defaults (recipe.py); where lora_r > 0, by flag or by TOML, `lora_defaults` (recipe.LORA_TRAIN)
+    come on top of the job's, so that a rank set in either place trains the same way. method: (settings class, the
+    job's values) for --task dpo and grpo, whose settings are checked here, with TrainConfig, before anything loads."""
+    toml = read_toml(args.config)
+    method_keys = {f.name for f in fields(method[0])} if method else set()
+    unknown = sorted(set(toml) - TRAIN_KEYS - set(job) - method_keys)
     if unknown:
         raise MiniftError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; see `minift finetune --help`")
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -74,69 +117,64 @@ def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=N
     if merged.get("lora_r") and lora_defaults:
         merged = {**job, **train_defaults, **lora_defaults, **toml, **given}
     cfg = check_config(TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_KEYS}))
-    return cfg, {k: merged[k] for k in job if k not in TRAIN_KEYS}
+    settings = None
+    if method:
+        cls, overrides = method
+        settings = cls(**{**overrides, **{k: v for k, v in {**toml, **given}.items() if k in method_keys}}).check(cfg)
+    return cfg, settings, {k: merged[k] for k in job if k not in TRAIN_KEYS}
+
+
+# --task -> (the job's options, its training defaults, LoRA's defaults on top where lora_r > 0, its method's settings)
+JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
+        "dpo": (recipe.DPO_JOB, recipe.DPO_TRAIN, None, METHODS["dpo"]),
+        "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"])}
 
 
 def cmd_finetune(args):
+    """Every setting read and checked (flags, TOML, the recipe) before any model or data is loaded, then the job."""
     from .classify import finetune_classifier
+    from .distributed import setup
+    from .dpo import finetune_dpo
+    from .grpo import finetune_grpo
     from .instruct import finetune_instruct
 
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters
     if args.lora and args.lora_r == 0:
         raise MiniftError("--lora with --lora-r 0 trains no adapters: give a rank >= 1, or drop --lora")
-    if args.task in ("dpo", "grpo"):
-        return finetune_beyond_sft(args)
-    instruct = args.task == "instruct"
-    if args.suite and not instruct:
-        raise MiniftError("--suite scores a language model before and after (--task instruct); a classifier is judged "
+    if args.suite is not None and args.task != "instruct":
+        raise MiniftError("--suite scores a language model before and after --task instruct; score any other job's model "
+                          "afterwards with minift evaluate OUT/best --suite ..." if args.task != "classify" else
+                          "--suite scores a language model before and after (--task instruct); a classifier is judged "
                           "on its validation split")
-    if instruct:
-        cfg, o = read_settings(args, INSTRUCT_JOB, INSTRUCT_TRAIN)
-    else:  # adapters train best with their own lr and in every block (recipe.LORA_TRAIN)
-        cfg, o = read_settings(args, MAIN_JOB, MAIN_TRAIN, LORA_TRAIN)
+    check_method_flags(args, read_toml(args.config))
+    cfg, settings, o = read_settings(args, *JOBS[args.task])
+    suites = suite_names(args.suite) if args.suite is not None else None
     check_out_dir(o["out"])
-    from .distributed import setup
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
-    if instruct:
-        suites = [n for n in args.suite.split(",") if n] if args.suite else None
-        finetune_instruct(o["model"], o["data"], o["out"], cfg, o["max_length"], args.limit, resume=args.resume,
-                          suites=suites)
-    else:
-        finetune_classifier(o["model"], o["data"], o["out"], cfg, o["max_length"], o["pooling"], args.text_column,
-                            args.label_column, args.limit, resume=args.resume)
-
-
-def finetune_beyond_sft(args):
-    """`minift finetune --task dpo` (preference pairs) and `--task grpo` (rewards computed by code)."""
-    from .distributed import setup
-    from .dpo import finetune_dpo
-    from .grpo import finetune_grpo
-
-    if args.suite:
-        raise MiniftError("--suite goes with --task instruct; score a DPO or GRPO model afterwards with "
-                          "minift evaluate OUT/best --suite ...")
-    dpo = args.task == "dpo"
-    grpo_only = [f"--{k.replace('_', '-')}" for k in ("reward", "group_size", "temperature", "max_new_tokens")
-                 if getattr(args, k) is not None]
-    if not dpo and args.rpo_alpha is not None:
-        raise MiniftError("--rpo-alpha weighs the chosen answers' NLL in a preference loss (--task dpo)")
-    if dpo and grpo_only:
-        raise MiniftError(f"{', '.join(grpo_only)} set(s) how GRPO samples and rewards (--task grpo); DPO learns from "
-                          "the pairs as written")
-    if not dpo and args.loss_type in ("sigmoid", "ipo", "simpo", "orpo"):
-        raise MiniftError(f"--loss-type {args.loss_type} is a preference loss (--task dpo); GRPO's are grpo, dapo, bnpo, "
-                          "dr_grpo")
-    job, train_defaults = (DPO_JOB, DPO_TRAIN) if dpo else (GRPO_JOB, GRPO_TRAIN)
-    cfg, o = read_settings(args, job, train_defaults)
-    check_out_dir(o["out"])
-    setup(cfg.device)
     common = dict(model=o["model"], data=o["data"], out=o["out"], cfg=cfg, max_length=o["max_length"], limit=args.limit,
-                  resume=args.resume, loss_type=o["loss_type"], beta=o["beta"])
-    if dpo:
-        return finetune_dpo(**common, rpo_alpha=o["rpo_alpha"])
-    return finetune_grpo(**common, reward=o["reward"], group_size=o["group_size"], max_new_tokens=o["max_new_tokens"],
-                         temperature=o["temperature"])
+                  resume=args.resume)
+    if args.task == "dpo":
+        finetune_dpo(**common, settings=settings)
+    elif args.task == "grpo":
+        finetune_grpo(**common, settings=settings)
+    elif args.task == "instruct":
+        finetune_instruct(**common, suites=suites)
+    else:
+        finetune_classifier(**common, pooling=o["pooling"], text_column=args.text_column, label_column=args.label_column)
+
+
+def suite_names(text):
+    """--suite tweets,flatland -> the names, each a suite evals.py has; an empty list is a mistake, not 'none'."""
+    from .evals import SUITES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MiniftError(f"--suite {text!r} names no suite: give some of {', '.join(SUITES)}, comma-separated")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise MiniftError(f"--suite: no suite {unknown[0]!r}; the suites are {', '.join(SUITES)}")
+    return names
 
 
 def check_out_dir(out):
@@ -155,7 +193,15 @@ def check_out_dir(out):
 
 
 def cmd_evaluate(args):
-    if args.suite or args.compare:
+    """A classifier on a split of its data; a language model on the evaluation suites (evals.py)."""
+    from .checkpoints import read_config
+    from .hub import resolve_model
+
+    task = saved_task(read_config(resolve_model(args.checkpoint)))
+    if args.suite is not None or args.compare or task == "lm":
+        if task == "classify":
+            raise MiniftError(f"{args.checkpoint} is a classifier: --suite and --compare score language models; evaluate "
+                              f"it on a split of its data (minift evaluate {args.checkpoint} --split validation)")
         return cmd_evaluate_suites(args)
     from .corpora import load_classification_splits
     from .evaluate import evaluate, format_metrics
@@ -164,8 +210,8 @@ def cmd_evaluate(args):
 
     model, names = load_classifier(args.checkpoint, args.adapter)
     if model.load_report.new_head and not args.adapter:  # metrics of a head drawn at random mean nothing
-        raise MiniftError(f"{args.checkpoint} has no trained classification head (a pretrained encoder or a language "
-                          "model?): fine-tune it first (minift finetune --model ...), or give --adapter")
+        raise MiniftError(f"{args.checkpoint} has no trained classification head (a pretrained encoder?): fine-tune it "
+                          "first (minift finetune --model ...), or give --adapter")
     splits, _ = load_classification_splits(args.data, args.text_column, args.label_column, args.seed,
                                            for_training=False)
     if args.split == "test":
@@ -178,26 +224,41 @@ def cmd_evaluate(args):
     print(format_metrics(evaluate(model, examples, tok.pad_id, label_names=names)))
 
 
+def saved_task(config):
+    """What a saved checkpoint computes, read off config.json's architectures (transformers' class names): "lm" (a
+    ...ForCausalLM, GPT-2's LMHeadModel), "classify" (...ForSequenceClassification) or None (a bare body)."""
+    names = config.get("architectures") or []
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return "lm"
+    return "classify" if any(n.endswith("ForSequenceClassification") for n in names) else None
+
+
 def cmd_evaluate_suites(args):
     """A language model on the evaluation suites (evals.py); --compare BASE scores the base model the same way
-    and puts it beside: the gain on the task, the change on the rest."""
-    from .checkpoints import load_checkpoint
+    and puts it beside: the gain on the task, the change on the rest. Every name (models, suites) is checked before
+    any scoring starts."""
+    from .checkpoints import load_checkpoint, read_config
     from .evals import DEFAULT_SUITES, report, run_suites, save_results
     from .hub import resolve_model
     from .lora import load_adapter
     from .tokenizer import Tokenizer
 
-    names = [n for n in (args.suite or ",".join(DEFAULT_SUITES)).split(",") if n]
+    names = suite_names(args.suite) if args.suite is not None else list(DEFAULT_SUITES)
+    if args.suite is None:
+        print(f"a language model: scoring the suites {', '.join(names)} (--suite picks others)")
+    paths = [resolve_model(args.checkpoint)] + ([resolve_model(args.compare)] if args.compare else [])
+    for path, name in zip(paths, [args.checkpoint, args.compare]):
+        if saved_task(read_config(path)) == "classify":
+            raise MiniftError(f"{name} is a classifier: the suites score language models")
 
-    def scores(name, adapter=None):
-        path = resolve_model(name)
+    def scores(path, adapter=None):
         model = load_checkpoint(path, "lm", verbose=False)
         if adapter:
             load_adapter(model, adapter)
         return run_suites(model, Tokenizer.from_file(path), names, args.limit)
 
-    tuned = scores(args.checkpoint, args.adapter)
-    base = scores(args.compare) if args.compare else None
+    tuned = scores(paths[0], args.adapter)
+    base = scores(paths[1]) if args.compare else None
     print(report(tuned, baseline=base))
     if args.json:
         save_results({"model": args.checkpoint, "results": tuned, "base": args.compare, "base_results": base}, args.json)
@@ -377,17 +438,9 @@ def add_finetune_command(sub):
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
                    "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
                    "--lora-targets query,value")
-    a = f.add_argument_group("--task dpo and --task grpo")
-    a.add_argument("--loss-type", help="dpo: sigmoid (default), ipo, simpo, orpo; grpo: dapo (default), grpo, bnpo, dr_grpo")
-    a.add_argument("--beta", type=float, help="dpo: how far from the reference (default 0.1); grpo: the KL term's weight "
-                   "(default 0: no reference)")
-    a.add_argument("--rpo-alpha", type=float, help="dpo: weight of the chosen answers' NLL added to the loss (RPO; "
-                   "default 0)")
-    a.add_argument("--reward", help="grpo: module:function scoring the completions (default: the number is right)")
-    a.add_argument("--group-size", type=int, help="grpo: answers sampled per prompt (default 8)")
-    a.add_argument("--temperature", type=float, help="grpo: of the sampling (default 0.5)")
-    a.add_argument("--max-new-tokens", type=int, help="grpo: tokens per answer at most (default 16)")
-    add_train_flags(f)
+    add_method_flags(f.add_argument_group("--task dpo and --task grpo", "the fields of dpo.DPOSettings and "
+                                          "grpo.GRPOSettings (each a TOML key too); the defaults are the jobs' own"))
+    add_train_flags(f, jobs={task: train for task, (_, train, _, _) in JOBS.items() if task != "classify"})
     f.set_defaults(run=cmd_finetune)
 
 

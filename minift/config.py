@@ -2,6 +2,7 @@
 the sweep all go through: every value of the right type and in range, or one line that says how to fix it.
 """
 import math
+import typing
 from dataclasses import dataclass, field, fields
 
 from .errors import MiniftError
@@ -28,7 +29,8 @@ class TrainConfig:
     seed: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples
     eval_every: int = 0  # optimizer steps between evaluations; 0: once per epoch
-    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss | reward (GRPO)
+    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss | exact_match | reward |
+    # auto: the objective's own (objective.py: a classifier's accuracy, a language model's loss, GRPO's reward ...)
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
@@ -46,7 +48,7 @@ class TrainConfig:
 
 
 CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
-           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss", "reward"),
+           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss", "exact_match", "reward", "auto"),
            "quantize": ("none", "q8_0", "q4_0", "q4_1")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
@@ -68,15 +70,7 @@ def check_config(cfg):
     """Raise MiniftError naming the first setting that is of the wrong type or out of range."""
     if not isinstance(cfg, TrainConfig):
         raise MiniftError(f"settings must be a minift.TrainConfig, not {type(cfg).__name__}")
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        _check_type(f, value)
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise MiniftError(f"{f.name} {value!r} is unknown: choose {', '.join(CHOICES[f.name])}")
-        if f.name in RANGES:
-            low, inclusive, hint = RANGES[f.name]
-            if not math.isfinite(value) or value < low or (value == low and not inclusive):
-                raise MiniftError(f"{f.name} = {value} is out of range: {hint}")
+    check_fields(cfg, CHOICES, RANGES)
     if cfg.warmup_ratio > 1:
         raise MiniftError(f"warmup_ratio = {cfg.warmup_ratio} is out of range: between 0 and 1, e.g. 0.06")
     if cfg.min_lr > cfg.lr:
@@ -96,17 +90,39 @@ def check_config(cfg):
     return cfg
 
 
+def check_fields(settings, choices, ranges):
+    """Every field of a settings dataclass (TrainConfig, dpo.DPOSettings, grpo.GRPOSettings) of its declared type,
+    one of its `choices` and within its `ranges` ({name: (lowest, whether the lowest is allowed, a hint)}), or one
+    MiniftError line that names the first one that is not."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        _check_type(f, value)
+        if value is None:
+            continue
+        if f.name in choices and value not in choices[f.name]:
+            raise MiniftError(f"{f.name} {value!r} is unknown: choose {', '.join(choices[f.name])}")
+        if f.name in ranges:
+            low, inclusive, hint = ranges[f.name]
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                raise MiniftError(f"{f.name} = {value} is out of range: {hint}")
+
+
 KINDS = {float: ((int, float), "a number"), int: ((int,), "a whole number"), str: ((str,), "text"),
-         bool: ((bool,), "true or false"), list: ((list, tuple), "a list")}
+         bool: ((bool,), "true or false"), list: ((list, tuple), "a list"), object: ((object,), "a value")}
+
+
+def field_kind(f):
+    """(the field's type, whether None is allowed): `float | None` -> (float, True), `int` -> (int, False)."""
+    kinds = [k for k in typing.get_args(f.type) or (f.type,) if k is not type(None)]
+    return kinds[0], len(kinds) < len(typing.get_args(f.type) or (f.type,))
 
 
 def _check_type(f, value):
-    """bool is not a number here and 8.5 is not a batch size; an int is a fine float."""
-    if f.name == "dropout":  # float | None
-        if value is None:
-            return
-        wanted, kind = KINDS[float]
-    else:
-        wanted, kind = KINDS[f.type]
+    """bool is not a number here and 8.5 is not a batch size; an int is a fine float; None only where declared."""
+    kind, optional = field_kind(f)
+    if value is None and optional:
+        return
+    wanted, what = KINDS[kind]
     if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
-        raise MiniftError(f"{f.name} = {value!r} is {type(value).__name__}: it must be {kind}")
+        raise MiniftError(f"{f.name} = {value!r} is {type(value).__name__}: it must be {what}"
+                          + (" (or None)" if optional else ""))

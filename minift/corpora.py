@@ -83,9 +83,9 @@ def load_instruction_splits(data=None, seed=0):
     else:
         data = Path(data)
         if data.is_dir():
-            splits = {k: checked_instruction_rows(rows, data / f"{k}.jsonl") for k, rows in load_splits(data).items()}
+            splits = {k: checked_rows(rows, data / f"{k}.jsonl", check_instruction_row) for k, rows in load_splits(data).items()}
         elif data.is_file():
-            splits = split(checked_instruction_rows(read_jsonl(data), data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
+            splits = split(checked_rows(read_jsonl(data), data, check_instruction_row), (0.8, 0.1, 0.1), seed=seed, stratify=None)
         else:
             raise MiniftError(f"{data}: no such file or folder; give a JSONL file of prompt/response, "
                               f"instruction/output or chat 'messages' rows")
@@ -95,37 +95,53 @@ def load_instruction_splits(data=None, seed=0):
     return splits
 
 
-def arithmetic_splits(seed=0):
+ARITHMETIC_SPLIT_SEED = 0  # the split of the arithmetic task is fixed: no run's training seed reshuffles it
+
+
+def arithmetic_splits():
     """The arithmetic task: "What is a + b?" and "a - b" for every pair of digits 0-9 (200 questions), split 70/15/15
-    with the seed, as rows {"prompt", "response", "answer"} (response = answer = the number as text). The held-out
-    splits are questions the training split does not hold. A reply is right when its number is (evals.parse_answer).
-    SmolLM2-135M-Instruct answers about half of them zero-shot: room to improve, and something to reward."""
+    once (ARITHMETIC_SPLIT_SEED), as rows {"prompt", "response", "answer"} (response = answer = the number as text).
+    The split does not follow a run's seed, so the 30 test questions are held out of every DPO and GRPO run's training,
+    and the `arithmetic` evaluation suite (evals.py) scores exactly them. A reply is right when its number is
+    (evals.parse_answer). SmolLM2-135M-Instruct answers about half of them zero-shot: room to improve, something to
+    reward."""
     rows = [{"prompt": ARITHMETIC_QUESTION.format(a=a, op=op, b=b), "response": str(a + b if op == "+" else a - b)}
             for a in range(10) for b in range(10) for op in "+-"]
     rows = [{**r, "answer": r["response"]} for r in rows]
-    return split(rows, (0.7, 0.15, 0.15), seed=seed, stratify=None)
+    return split(rows, (0.7, 0.15, 0.15), seed=ARITHMETIC_SPLIT_SEED, stratify=None)
 
 
-def load_jsonl_splits(data, seed=0, rows_hold="prompt/chosen/rejected rows"):
+MIN_ROWS = 10  # a file split 80/10/10 needs this many for one held-out row in each of validation and test
+
+
+def load_jsonl_splits(data, seed=0, check_row=None, rows_hold="prompt/chosen/rejected rows"):
     """{"train", "validation", "test"} rows of a JSONL file (split 80/10/10, seeded, not stratified) or of a folder's
-    train/validation/test.jsonl, as read: the preference and RL jobs check their own rows (dpo.py, grpo.py)."""
+    train/validation/test.jsonl, as read. check_row(row, where) checks each row before the split shuffles them, so
+    that an error names the file's line (the preference and RL jobs pass theirs: dpo.py, grpo.py)."""
     data = Path(data)
     if data.is_dir():
         splits = load_splits(data)
+        for name, rows in splits.items():
+            checked_rows(rows, data / f"{name}.jsonl", check_row)
     elif data.is_file():
-        splits = split(read_jsonl(data), (0.8, 0.1, 0.1), seed=seed, stratify=None)
+        rows = checked_rows(read_jsonl(data), data, check_row)
+        if len(rows) < MIN_ROWS:
+            raise MiniftError(f"{data} has {len(rows)} rows: too few to split into train, validation and test "
+                              f"(80/10/10); give at least {MIN_ROWS} ({rows_hold})")
+        splits = split(rows, (0.8, 0.1, 0.1), seed=seed, stratify=None)
     else:
         raise MiniftError(f"{data}: no such file or folder; give a JSONL file of {rows_hold}")
     if not splits["train"] or not splits["validation"]:
-        raise MiniftError(f"{len(splits['train'])} training and {len(splits['validation'])} validation rows: give at "
-                          "least 10 rows")
+        raise MiniftError(f"{data}: {len(splits['train'])} training and {len(splits['validation'])} validation rows; "
+                          f"give some of each ({rows_hold})")
     return splits
 
 
-def checked_instruction_rows(rows, path):
-    """Every row checked before the split shuffles them, so that an error names the file's line."""
-    for line, row in zip(rows.lines, rows):  # data.Rows: the line of each row in its file
-        check_instruction_row(row, f"{path}:{line}")
+def checked_rows(rows, path, check_row):
+    """Every row checked against its file's line (data.Rows keeps them) before any split shuffles them."""
+    if check_row is not None:
+        for line, row in zip(rows.lines, rows):
+            check_row(row, f"{path}:{line}")
     return rows
 
 

@@ -138,6 +138,8 @@ def _check_values(row, path, n, columns):
         if field in TEXT_FIELDS and not isinstance(value, str):
             if field == "input" and value is None:
                 continue  # Alpaca-style data writes "no input" as null as well as ""
+            if field == "prompt" and isinstance(value, list) and all(isinstance(turn, dict) for turn in value):
+                continue  # chat turns [{"role", "content"}, ...]: TRL's conversational layout (the jobs check them)
             raise MiniftError(f"{path}:{n}: column {columns[field]!r} holds {_json_kind(value)}, not a text; "
                               f"write it as a string (\"...\") or drop the row")
         if field == "label" and (value is None or isinstance(value, (list, dict))):

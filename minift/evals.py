@@ -18,7 +18,6 @@ the file unpacked, never installed or imported): the text of Flatland and, on re
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -31,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .batching import pad
-from .corpora import TWEET_LABELS, load_instruction_splits
+from .batching import pad_rows
+from .corpora import TWEET_LABELS, arithmetic_splits, load_instruction_splits
 from .errors import MiniftError
 from .files import atomic_write, new_folder, replace_folder, sha256_of
 from .hub import data_dir, fetch_from_wheel
@@ -52,14 +51,6 @@ def scoring(model):
             yield next(model.parameters()).device
     finally:
         model.train(was_training)
-
-
-def padded(rows, pad_id, side, device):
-    """Token lists -> (ids, mask) LongTensors, padded on `side` to the longest row."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([pad(r, pad_id, width, side) for r in rows], device=device)
-    mask = torch.tensor([pad([1] * len(r), 0, width, side) for r in rows], device=device)
-    return ids, mask
 
 
 def as_prompt(tok, text, answer):
@@ -100,14 +91,14 @@ def continuation_logprobs(model, ctx_ids, conts, pad_id, batch_size=8):
         sums = [None] * len(ctx_ids)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            ids, mask = padded([ctx_ids[i] for i in chunk], pad_id, "left", device)
+            ids, mask = pad_rows([ctx_ids[i] for i in chunk], pad_id, "left", device)
             caches = model.new_cache()
             first = model(ids, mask, caches=caches)[:, -1].float().log_softmax(-1)
             repeat = torch.tensor([len(conts[i]) for i in chunk], device=device)
             for layer in caches:  # one copy of each item's keys and values per continuation
                 layer[:] = [t.repeat_interleave(repeat, 0) for t in layer]
             rows = [c for i in chunk for c in conts[i]]
-            cont_ids, cont_mask = padded(rows, pad_id, "right", device)
+            cont_ids, cont_mask = pad_rows(rows, pad_id, "right", device)
             rest = model(cont_ids, torch.cat([mask.repeat_interleave(repeat, 0), cont_mask], 1), caches=caches)
             rest = rest.float().log_softmax(-1)
             scores = []
@@ -203,7 +194,7 @@ def text_nll(model, tok, text, max_length=1024, stride=768, batch_size=2):
     with scoring(model) as device:
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
-            ids, mask = padded([seq[b:e] for b, e, _ in chunk], tok.pad_id, "right", device)
+            ids, mask = pad_rows([seq[b:e] for b, e, _ in chunk], tok.pad_id, "right", device)
             logits = model(ids, mask)
             for row, (b, e, first) in enumerate(chunk):
                 logprobs = logits[row, first - 1 - b:e - 1 - b].float().log_softmax(-1)  # position t predicts t + 1
@@ -235,32 +226,39 @@ def parse_answer(text, kind="word"):
 
 
 def greedy_replies(model, tok, prompts, max_new_tokens=16, batch_size=16):
-    """Greedy continuations (KV cache) of prompt texts, decoded without special tokens; batched by length,
-    left-padded so every row continues from its own last token."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies = [None] * len(prompts)
+    """Greedy continuations (KV cache) of prompts, texts or token-id lists already encoded, decoded without special
+    tokens; batched by length, left-padded so every row continues from its own last token."""
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    encoded = dict(zip(texts, tok.encode_batch([prompts[i] for i in texts], add_special_tokens=False)))
+    rows = [encoded.get(i, p) for i, p in enumerate(prompts)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    replies = [None] * len(rows)
     with scoring(model) as device:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            ids, mask = padded(tok.encode_batch([prompts[i] for i in chunk], add_special_tokens=False),
-                               tok.pad_id, "left", device)
+            ids, mask = pad_rows([rows[i] for i in chunk], tok.pad_id, "left", device)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id)
             for i, new in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 replies[i] = tok.decode(new)  # EOS (and the EOS padding of finished rows) is skipped
     return replies
 
 
+def score_replies(replies, answers, kind="word"):
+    """Each reply's answer (parse_answer) against the right one parsed alike. Keeps every reply and its parse."""
+    scored = [{"reply": r, "parsed": parse_answer(r, kind), "answer": parse_answer(a, kind)} for r, a in zip(replies, answers)]
+    correct = sum(s["parsed"] == s["answer"] for s in scored)
+    return {"exact_match": correct / len(scored), "correct": correct, "n": len(scored), "items": scored}
+
+
 def exact_match(model, tok, items, kind="word", max_new_tokens=16, batch_size=16):
-    """The share of items {"prompt", "answer"} whose greedy reply parses (parse_answer) to the parsed answer.
-    Prompts go through the chat template when the tokenizer has one. Keeps every reply and its parse."""
+    """The share of items {"prompt", "answer"} whose greedy reply parses (parse_answer) to the parsed answer: the one
+    exact-match scorer (the suites, the instruction job's tweets, the preference job's task). Prompts go through the
+    chat template when the tokenizer has one."""
     if not items or not all(isinstance(it.get("prompt"), str) and isinstance(it.get("answer"), str) for it in items):
         raise MiniftError("exact match needs items {'prompt': text, 'answer': text}, at least one")
     replies = greedy_replies(model, tok, [as_prompt(tok, it["prompt"], it["answer"]) for it in items],
                              max_new_tokens, batch_size)
-    scored = [{"reply": r, "parsed": parse_answer(r, kind), "answer": parse_answer(it["answer"], kind)}
-              for r, it in zip(replies, items)]
-    correct = sum(s["parsed"] == s["answer"] for s in scored)
-    return {"exact_match": correct / len(items), "correct": correct, "n": len(items), "items": scored}
+    return score_replies(replies, [it["answer"] for it in items], kind)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,17 +288,13 @@ def tweets_suite():
                  f"first {len(items)} rows", {"chat": True, "delimiter": ""})
 
 
-def arithmetic_suite(size=100, seed=0):
-    """arithmetic: 100 questions "What is a + b? Answer with the number only." (or a - b), a and b single digits
-    1-9 drawn by random.Random(0), the operation a coin flip; asked in the chat template, greedy, 16 new tokens at
-    most, scored on the reply's number (parse_answer). Single digits: SmolLM2-135M gets two-digit sums wrong
-    (0.05 on 40), which would leave a fine-tune nothing to show."""
-    rng, items = random.Random(seed), []
-    for _ in range(size):
-        a, b, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice("+-")
-        items.append({"prompt": f"What is {a} {op} {b}? Answer with the number only.",
-                      "answer": str(a + b if op == "+" else a - b)})
-    return Suite("arithmetic", "exact_match", items, f"generated: random.Random({seed}), {size} items",
+def arithmetic_suite():
+    """arithmetic: the arithmetic task's 30 test questions ("What is a + b? Answer with the number only." or a - b, a and
+    b digits 0-9; corpora.arithmetic_splits, whose split is fixed), asked in the chat template, greedy, 16 new tokens at
+    most, scored on the reply's number (parse_answer). The preference and RL jobs train on that task's train split
+    only, whatever their seed: a before/after on this suite scores questions they never trained on."""
+    items = [{"prompt": r["prompt"], "answer": r["answer"]} for r in arithmetic_splits()["test"]]
+    return Suite("arithmetic", "exact_match", items, f"corpora.arithmetic_splits() test split, {len(items)} items",
                  {"kind": "number", "max_new_tokens": 16})
 
 
@@ -344,12 +338,16 @@ def pip_download_sdist(package, version, folder) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True)
     archives = sorted(Path(folder).glob("*.tar.gz"))
     if done.returncode != 0 or len(archives) != 1:
+        by_hand = (f"put the tasks' task.json files (bigbench/benchmark_tasks/TASK/task.json of BIG-bench, "
+                   f"github.com/google/BIG-bench) into {data_dir() / 'evals' / 'bigbench'} as TASK.json, or score the "
+                   "other suites")
+        found = re.search(r"from versions: ([^)]*)\)", done.stderr or "")
+        if found:  # pip reached PyPI, which no longer serves this version
+            raise MiniftError(f"PyPI no longer has {package}=={version} (pip finds {found.group(1) or 'no version'}), "
+                              f"so BIG-bench cannot be fetched from it: {by_hand}")
         lines = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
-        reason = lines[-1][:200] if lines else f"pip exited with {done.returncode}"
-        raise MiniftError(f"could not fetch {package}=={version} from PyPI ({reason}): where you are online run "
-                          f"`pip download --no-deps "
-                          f"--no-binary :all: {package}=={version}` and copy the tasks' task.json files from "
-                          f"bigbench/benchmark_tasks/ into {data_dir() / 'evals' / 'bigbench'} as TASK.json")
+        reason = lines[-1].removeprefix("ERROR: ")[:120] if lines else f"pip exited with {done.returncode}"
+        raise MiniftError(f"could not fetch {package}=={version} from PyPI ({reason}): {by_hand}")
     return archives[0]
 
 

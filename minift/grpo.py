@@ -10,23 +10,26 @@ of samples (TRL's num_iterations=1) the sampling policy is the policy: the ratio
 near 0 while its gradient, A * d log p, does not. Watch the reward instead (logged per step, judged on validation).
 """
 import importlib
+import inspect
 import time
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import distributed, recipe
-from .batching import TrainData
+from .batching import TrainData, pad_rows
 from .checkpoints import load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_config, check_fields
 from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
-from .evals import padded, parse_answer
+from .evals import parse_answer
 from .hub import resolve_model
-from .outputs import finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, snapshot, weights_moved
 from .preference import frozen_copy, reference_logprobs
-from .rl import check_loss_settings, group_advantages, grpo_step, sample_rollouts
-from .tasks import format_instruction
+from .rl import LOSS_TYPES, SCALE_REWARDS, check_loss_settings, group_advantages, grpo_step, sample_rollouts
+from .tasks import check_turns, format_instruction
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
 
@@ -42,51 +45,154 @@ def number_is_right(prompts, completions, answer, **columns):
 
 
 def load_reward(spec):
-    """`module:function` (e.g. my_rewards:length_penalty) -> the function; the module is imported as Python would."""
-    module, _, name = (spec or "").partition(":")
+    """The reward: a function, or `module:function` (e.g. my_rewards:length_penalty), the module imported as Python
+    would (from the working folder or PYTHONPATH). Anything that goes wrong is one line naming the module."""
+    if callable(spec):
+        return spec
+    module, _, name = (spec if isinstance(spec, str) else "").partition(":")
     if not module or not name:
         raise MiniftError(f"--reward {spec!r}: give module:function, e.g. my_rewards:is_right (a file my_rewards.py "
                           "on the path, with def is_right(prompts, completions, **columns) -> list of floats)")
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise MiniftError(f"--reward {spec}: cannot load it ({e}); is {module}.py on the path (PYTHONPATH)?") from None
+        found = importlib.import_module(module)
+    except ImportError as e:
+        raise MiniftError(f"--reward {spec}: cannot import {module} ({e}); is {module}.py in the working folder or on "
+                          "PYTHONPATH?") from None
+    except Exception as e:  # a syntax error, or its own code failing as it is imported
+        raise MiniftError(f"--reward {spec}: importing {module} failed with {where_raised(e)}; fix the module") from None
+    fn = getattr(found, name, None)
+    if fn is None:
+        raise MiniftError(f"--reward {spec}: {module} has no {name}; it defines "
+                          + ", ".join(n for n in vars(found) if not n.startswith("_"))[:200])
     if not callable(fn):
         raise MiniftError(f"--reward {spec}: {name} is not a function")
     return fn
 
 
+def reward_name(reward):
+    return f"{reward.__module__}:{getattr(reward, '__name__', type(reward).__name__)}"
+
+
+def where_raised(e):
+    """An exception as one line: its type, message and the innermost file:line of the traceback."""
+    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    return f"{type(e).__name__}: {e}" + (f" ({last.filename}, line {last.lineno})" if last else "")
+
+
+def check_reward_call(reward, columns):
+    """The reward function can be called as TRL calls it: f(prompts=..., completions=..., **the rows' other fields)."""
+    try:
+        inspect.signature(reward).bind(prompts=[], completions=[], **{c: [] for c in columns})
+    except TypeError as e:
+        fields = ", ".join(f"{c}=" for c in columns)
+        raise MiniftError(f"the reward function {reward_name(reward)}{inspect.signature(reward)} cannot be called as "
+                          f"f(prompts=, completions={', ' + fields if fields else ''}) ({e}): write it as def f(prompts, "
+                          "completions, **columns)") from None
+    except ValueError:
+        pass  # a builtin without a signature: it is called as it is
+
+
 def rewards_of(reward, prompts, completions, columns):
-    """The reward function called on a batch, its answer checked: one finite number per completion."""
-    values = reward(prompts=prompts, completions=completions, **columns)
+    """The reward function called on a batch, its answer checked: one finite number per completion, of a size whose
+    spread can be computed (the group advantages square them)."""
+    try:
+        values = reward(prompts=prompts, completions=completions, **columns)
+    except Exception as e:
+        raise MiniftError(f"the reward function {reward_name(reward)} raised {where_raised(e)}; fix it, then run the "
+                          "same command with --resume (the last checkpoint is kept)") from None
     try:
         values = torch.tensor([float(v) for v in values], dtype=torch.float64)
     except (TypeError, ValueError):
-        raise MiniftError(f"the reward function {reward.__name__} must return one number per completion, not "
+        raise MiniftError(f"the reward function {reward_name(reward)} must return one number per completion, not "
                           f"{str(values)[:60]}") from None
     if len(values) != len(completions) or not torch.isfinite(values).all():
-        raise MiniftError(f"the reward function {reward.__name__} gave {len(values)} values for {len(completions)} "
+        raise MiniftError(f"the reward function {reward_name(reward)} gave {len(values)} values for {len(completions)} "
                           "completions (or a NaN/inf): return one finite number per completion")
+    if not torch.isfinite(values.square().sum()):
+        raise MiniftError(f"the reward function {reward_name(reward)} gave rewards as large as {values.abs().max():.3g}: "
+                          "their spread overflows (it squares them) and every advantage would be 0; return rewards "
+                          "of a moderate size, e.g. in [-1e6, 1e6]")
     return values
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The settings
+
+@dataclass
+class GRPOSettings:
+    """How answers are sampled, rewarded and learnt from, with TRL's GRPOConfig names (its num_generations is
+    group_size here, max_completion_length max_new_tokens) and defaults. recipe.GRPO_SETTINGS holds the job's own
+    choices on top. `minift finetune --task grpo` has a flag per field (--group-size ...), and a TOML file a key."""
+    reward: object = "minift.grpo:number_is_right"  # module:function (or a function): f(prompts, completions, **columns)
+    group_size: int = 8  # answers sampled per prompt: advantages compare them within the group
+    max_new_tokens: int = 256  # tokens per answer at most
+    temperature: float = 1.0  # of the sampling (> 0)
+    top_p: float | None = None  # nucleus sampling; None: no cut
+    beta: float = 0.0  # the KL term's weight (0: no reference model)
+    epsilon: float = 0.2  # the clip range below 1 of the ratio ...
+    epsilon_high: float | None = None  # ... and above it (None: epsilon; DAPO uses 0.28)
+    loss_type: str = "dapo"  # grpo | dapo | bnpo | dr_grpo: how token losses are averaged (rl.py)
+    scale_rewards: str = "group"  # group | batch | none: what the advantages are divided by
+
+    def check(self, cfg=None):
+        """Each field's type and range, and what the loop's settings must be for GRPO, in one line each, before anything
+        is loaded. Returns self."""
+        check_fields(self, {"loss_type": LOSS_TYPES, "scale_rewards": SCALE_REWARDS}, RANGES)
+        if not (callable(self.reward) or (isinstance(self.reward, str) and ":" in self.reward)):
+            raise MiniftError(f"reward {self.reward!r}: give module:function (e.g. my_rewards:is_right) or a function")
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        check_loss_settings(self.loss_type, self.beta, self.epsilon, high, self.max_new_tokens)
+        if cfg is None:
+            return self
+        check_config(cfg)
+        if cfg.metric not in ("auto", "reward"):
+            raise MiniftError(f"metric {cfg.metric!r}: GRPO keeps the model with the highest mean reward on validation: "
+                              "use metric='reward' (or 'auto')")
+        if cfg.packing:
+            raise MiniftError("GRPO samples its rows itself, there is nothing to pack: use packing=0")
+        if cfg.backward != "manual":
+            raise MiniftError("backward='autograd' runs the model's own loss with autograd; GRPO's backward is written by "
+                              "hand (rl.py's grpo_step): use backward='manual'")
+        return self
+
+
+RANGES = {"group_size": (2, True, "GRPO compares the samples of a prompt, give at least 2 (8 is usual)"),
+          "max_new_tokens": (1, True, "at least 1 token per answer (e.g. 64)"),
+          "temperature": (0, False, "GRPO samples its answers, give a temperature > 0 (e.g. 0.7)"),
+          "top_p": (0, False, "in (0, 1], e.g. 0.95 (None: no cut)"), "beta": (0, True, ">= 0 (0: no reference model)"),
+          "epsilon": (0, False, "> 0, e.g. 0.2"), "epsilon_high": (0, False, "> 0, e.g. 0.28 (None: epsilon)")}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Prompts: read and encoded
+
+def check_prompt_row(row, where):
+    """A prompt row: {"prompt": a text or chat turns, ...other fields, which reach the reward function by name}."""
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise MiniftError(f"{where}: a prompt row needs a 'prompt' (a text or chat turns); it has "
+                          + (", ".join(row) if isinstance(row, dict) else "no fields"))
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        check_turns(prompt, where, "'prompt'")
+    elif not (isinstance(prompt, str) and prompt.strip()):
+        raise MiniftError(f"{where}: 'prompt' must be a non-empty text or a list of chat turns")
+
 
 def encode_prompts(rows, tok, max_length):
     """Rows -> examples {"input_ids": the prompt in the chat template, "prompt": as written, "columns": the other
     fields}; a prompt longer than max_length is refused (the answers would have no room)."""
     examples = []
     for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)) or not row["prompt"]:
-            raise MiniftError(f"prompt row {n}: needs a 'prompt' (a text or chat turns); it has "
-                              + ", ".join(row if isinstance(row, dict) else ["no fields"]))
+        check_prompt_row(row, f"prompt {n}")
         turns = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
         # format_instruction is the one formatter (chat template or not); it wants an answer turn, which is dropped
-        text = format_instruction({"messages": turns + [{"role": "assistant", "content": "-"}]}, tok, f"prompt row {n}")[0]
+        text = format_instruction({"messages": turns + [{"role": "assistant", "content": "-"}]}, tok, f"prompt {n}")[0]
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) >= max_length:
-            raise MiniftError(f"prompt row {n} has {len(ids)} tokens, max_length is {max_length}: raise --max-length")
+            raise MiniftError(f"the prompt {turns[-1]['content'][:40]!r} has {len(ids)} tokens and max_length is "
+                              f"{max_length}: raise --max-length (its answers need room after it)")
         examples.append({"input_ids": ids, "prompt": row["prompt"],
                          "columns": {k: v for k, v in row.items() if k != "prompt"}})
     return examples
@@ -96,62 +202,56 @@ def encode_prompts(rows, tok, max_length):
 # The objective: what train() does with prompts
 
 class GRPOObjective:
-    """GRPO as the loop's loss. A batch: its prompts (left-padded ids, for the loop's token count, and the rows).
-    A step samples group_size answers per prompt, rewards them, and runs grpo_step over them. `reference`: None with
-    beta 0 (no KL term) or under LoRA (the adapters off), else a frozen copy of the model before training."""
+    """GRPO as the loop's objective (objective.py). A batch: its prompts (left-padded ids, for the loop's token count,
+    and the rows). A step samples group_size answers per prompt, rewards them, and runs grpo_step over them.
+    `reward`: the function (load_reward's). `reference`: None with beta 0 (no KL term) or under LoRA (the adapters
+    off), else a frozen copy of the model before training."""
 
-    def __init__(self, tok, reward, group_size=8, max_new_tokens=16, temperature=1.0, top_p=None, beta=0.0,
-                 epsilon=0.2, epsilon_high=None, loss_type="dapo", scale_rewards="group", reference=None):
-        epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_new_tokens)
-        if group_size < 2:
-            raise MiniftError(f"group_size {group_size}: GRPO compares the samples of a prompt, give at least 2 (8 is usual)")
-        if not temperature > 0:
-            raise MiniftError(f"temperature {temperature}: GRPO samples its answers, give a temperature > 0 (e.g. 0.7)")
+    def __init__(self, tok, reward, settings=None, reference=None):
         self.tok, self.reward, self.reference = tok, reward, reference
-        self.group_size, self.max_new_tokens, self.temperature, self.top_p = group_size, max_new_tokens, temperature, top_p
-        self.loss_settings = {"beta": beta, "epsilon": epsilon, "epsilon_high": epsilon_high, "loss_type": loss_type}
-        self.scale_rewards = scale_rewards
+        self.grpo = settings or GRPOSettings(reward=reward)
+        self.grpo.check()
+        high = self.grpo.epsilon if self.grpo.epsilon_high is None else self.grpo.epsilon_high
+        self.loss_settings = {"beta": self.grpo.beta, "epsilon": self.grpo.epsilon, "epsilon_high": high,
+                              "loss_type": self.grpo.loss_type}
 
     def settings(self):
         """What a resume must find the same (train.py's run_info)."""
-        return {"reward": f"{self.reward.__module__}:{self.reward.__name__}", "group_size": self.group_size,
-                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "scale_rewards": self.scale_rewards, **self.loss_settings}
+        return {**asdict(self.grpo), "reward": reward_name(self.reward)}
+
+    def metric(self, model, cfg):
+        return "reward"  # (GRPOSettings.check refused any other)
 
     def check(self, model, data, cfg):
+        self.grpo.check(cfg)
         if model.task != "lm":
             raise MiniftError("GRPO needs a language model: load it with task='lm'")
-        if cfg.metric != "reward":
-            raise MiniftError(f"metric {cfg.metric!r}: GRPO keeps the model with the highest mean reward on validation: "
-                              "use metric='reward'")
-        if cfg.packing:
-            raise MiniftError("GRPO samples its rows itself, there is nothing to pack: use packing=0")
-        if self.loss_settings["beta"] and self.reference is None and not cfg.lora_r:
+        if self.grpo.beta and self.reference is None and not cfg.lora_r:
             raise MiniftError("beta > 0 compares with a reference model: train LoRA adapters (the reference is the model "
                               "with them off), give reference=preference.frozen_copy(model), or set beta 0")
         if any("prompt" not in e for e in data.train[:1] + data.validation[:1]):
             raise MiniftError("these examples are not prompts: encode them with grpo.encode_prompts")
 
     def collate(self, rows, device):
-        ids, mask = padded([e["input_ids"] for e in rows], self.tok.pad_id, "left", device)
+        ids, mask = pad_rows([e["input_ids"] for e in rows], self.tok.pad_id, "left", device)
         return {"input_ids": ids, "attention_mask": mask, "rows": rows}
 
     def memory_batch(self, rows, device):
         """The update's batch at its largest: each prompt G times, followed by max_new_tokens answer tokens."""
-        ids, mask = padded([e["input_ids"] + [self.tok.eos_id] * self.max_new_tokens for e in rows
-                            for _ in range(self.group_size)], self.tok.pad_id, "left", device)
+        n = self.grpo.max_new_tokens
+        ids, mask = pad_rows([e["input_ids"] + [self.tok.eos_id] * n for e in rows for _ in range(self.grpo.group_size)],
+                             self.tok.pad_id, "left", device)
         labels = ids.clone()
-        labels[:, :ids.shape[1] - self.max_new_tokens] = -100  # left-padded: every answer ends the row
+        labels[:, :ids.shape[1] - n] = -100  # left-padded: every answer ends the row
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     @torch.no_grad()
     def sample(self, model, batch):
         """G answers per prompt of the batch (rl.sample_rollouts: one generate, the global RNG), and their rewards."""
-        rows = batch["rows"]
-        rollouts = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], self.group_size,
-                                   self.max_new_tokens, self.temperature, self.top_p, eos_token_id=self.tok.eos_id)
-        return rollouts, self.score(rows, rollouts.texts, self.group_size)
+        rows, g = batch["rows"], self.grpo
+        rollouts = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], g.group_size, g.max_new_tokens,
+                                   g.temperature, g.top_p, eos_token_id=self.tok.eos_id)
+        return rollouts, self.score(rows, rollouts.texts, g.group_size)
 
     def score(self, rows, completions, times=1):
         """The reward of each completion: rows[i]'s are completions[i * times:(i + 1) * times], and the reward function
@@ -162,6 +262,7 @@ class GRPOObjective:
     def gradients(self, model, batches, sync=None):
         """Sample every micro-batch's answers first (the step's token count divides the loss), then grpo_step on
         each. Returns (loss, metrics: TRL's names, over this process's samples)."""
+        g = self.grpo
         sampled = [self.sample(model, b) for b in batches]
         tokens, sequences = sum(int(r.completion_mask.sum()) for r, _ in sampled), sum(len(w) for _, w in sampled)
         if sync is not None:
@@ -169,17 +270,17 @@ class GRPOObjective:
         loss, clipped = 0.0, {}
         for rollouts, rewards in sampled:
             batch = rollouts.batch()
-            advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+            advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
             ref = None
-            if self.loss_settings["beta"]:
+            if g.beta:
                 ref = reference_logprobs(model, batch, self.reference.to(batch["input_ids"].device)
                                          if self.reference is not None else None)
             part, m = grpo_step(model, batch, advantages, ref_logps=ref, num_tokens=tokens, num_sequences=sequences,
-                                max_completion_length=self.max_new_tokens, **self.loss_settings)
+                                max_completion_length=g.max_new_tokens, **self.loss_settings)
             loss += part
             for k, v in m.items():
                 clipped[k] = clipped.get(k, 0.0) + v / len(sampled)
-        groups = torch.cat([w.view(-1, self.group_size) for _, w in sampled])  # one row of G rewards per prompt
+        groups = torch.cat([w.view(-1, g.group_size) for _, w in sampled])  # one row of G rewards per prompt
         lengths = torch.cat([r.completion_mask.sum(1) for r, _ in sampled]).double()
         return loss, {"reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
                       "frac_reward_zero_std": (groups.std(1) == 0).double().mean().item(),
@@ -193,7 +294,7 @@ class GRPOObjective:
         total = 0.0
         for i in range(0, len(examples), batch_size):
             rows = examples[i:i + batch_size]
-            answers = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], 1, self.max_new_tokens,
+            answers = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], 1, self.grpo.max_new_tokens,
                                       temperature=0.0, eos_token_id=self.tok.eos_id).texts
             total += self.score(rows, answers).sum().item()
         return {"reward": total / len(examples), "num_prompts": len(examples)}
@@ -202,32 +303,31 @@ class GRPOObjective:
 # ---------------------------------------------------------------------------------------------------------
 # The job
 
-SETTINGS = ("group_size", "max_new_tokens", "temperature", "beta", "loss_type")  # recipe.GRPO_JOB's, for the objective
-
 def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], out=recipe.GRPO_JOB["out"], cfg=None,
-                  max_length=recipe.GRPO_JOB["max_length"], limit=None, test=True, resume=False, reward=None,
-                  **settings):
-    """RL with a reward computed by code: `reward` (a function, or "module:function"; None: number_is_right, the
-    arithmetic task's) on prompts (a JSONL file of rows with a 'prompt'; None: the arithmetic task). settings:
-    GRPOObjective's (group_size, max_new_tokens, temperature, beta, loss_type, ...; recipe.GRPO_JOB's by default).
-    Prints the mean greedy reward on validation before and after; returns the report (also in OUT/results.json)."""
+                  settings=None, max_length=recipe.GRPO_JOB["max_length"], limit=None, test=True, resume=False):
+    """RL with a reward computed by code on prompts (a JSONL file of rows with a 'prompt'; None: the arithmetic task).
+    settings: GRPOSettings (None: recipe.GRPO_SETTINGS), its reward a function or "module:function" (the default,
+    number_is_right, is the arithmetic task's). Prints the mean greedy reward on validation before and after; returns
+    the report (also in OUT/results.json)."""
     cfg = cfg or TrainConfig(**recipe.GRPO_TRAIN)
-    settings = {**{k: v for k, v in recipe.GRPO_JOB.items() if k in SETTINGS}, **settings}
+    settings = (settings or GRPOSettings(**recipe.GRPO_SETTINGS)).check(cfg)  # before anything is loaded
     t0 = time.perf_counter()
+    rows = arithmetic_splits() if data is None else load_jsonl_splits(data, cfg.seed, check_prompt_row,
+                                                                      "rows with a 'prompt'")
+    splits = {k: v for k, v in limit_rows(rows, limit).items() if k != "test" or test}
+    reward = load_reward(settings.reward)
+    check_reward_call(reward, [k for k in splits["train"][0] if k != "prompt"])
     path = resolve_model(model)
     seed_everything(cfg.seed)
     net = load_checkpoint(path, "lm")
     tok = Tokenizer.from_file(path)
-    reward = load_reward(reward) if isinstance(reward, str) else reward or number_is_right
-    rows = arithmetic_splits(cfg.seed) if data is None else load_jsonl_splits(data, cfg.seed, "rows with a 'prompt'")
-    splits = limit_rows(rows, limit)
-    encoded = {k: encode_prompts(v, tok, max_length) for k, v in splits.items() if k != "test" or test}
+    encoded = {k: encode_prompts(v, tok, max_length) for k, v in splits.items()}
     device = pick_device(cfg.device)
     net.max_length, base = max_length, snapshot(net)
-    reference = frozen_copy(net) if settings.get("beta") and not cfg.lora_r else None  # the model as loaded
-    objective = GRPOObjective(tok, reward, reference=reference, **settings)
-    print(f"{len(encoded['train'])} training prompts x {objective.group_size} samples, {len(encoded['validation'])} "
-          f"validation prompts; reward {objective.settings()['reward']}")
+    reference = frozen_copy(net) if settings.beta and not cfg.lora_r else None  # the model as loaded
+    objective = GRPOObjective(tok, reward, settings, reference)
+    print(f"{len(encoded['train'])} training prompts x {settings.group_size} samples, {len(encoded['validation'])} "
+          f"validation prompts; reward {reward_name(reward)}")
     report = {"model": str(path), "config": vars(cfg), "grpo": objective.settings(), "train_prompts": len(encoded["train"])}
     train_data = TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective)
     # measured as the loop measures validation (its precision): before and after are comparable
@@ -237,10 +337,11 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     report.update(train(net, train_data, cfg, out, resume=resume))
     if not distributed.is_main():
         return report
-    best = load_best(out, "lm", device)
-    report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
-    print(f"mean greedy reward on validation: {report['reward_before']:.4f} before -> {report['validation']['reward']:.4f}")
-    if test:  # the one look at the test split
-        report["test"] = evaluate_like_training(best, encoded["test"], train_data, cfg, device)
+    with after_training(out):
+        best = load_best(out, "lm", device)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        print(f"mean greedy reward on validation: {report['reward_before']:.4f} before -> "
+              f"{report['validation']['reward']:.4f}")
+        if test and encoded.get("test"):  # the one look at the test split
+            report["test"] = evaluate_like_training(best, encoded["test"], train_data, cfg, device)
     return finish(report, out, t0, f"generate with:  minift generate {Path(out) / 'best'} \"...\"")
-

@@ -9,57 +9,34 @@ same skeleton: corpora.py (splits), tasks.py (encoding), train.py (the loop), ou
 import time
 from pathlib import Path
 
-import torch
-
 from . import distributed, recipe
 from .batching import TrainData
 from .checkpoints import load_checkpoint
 from .config import TrainConfig
 from .corpora import limit_rows, load_instruction_splits
 from .errors import MiniftError
-from .evals import report as suite_report, run_suites
+from .evals import exact_match, greedy_replies, report as suite_report, run_suites
 from .hub import resolve_model
-from .outputs import finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, snapshot, weights_moved
 from .tasks import encode_instruction, format_instruction
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
 
 
-def normalise_answer(text):
-    """What counts as "the same word": case, surrounding spaces and a final full stop do not matter."""
-    return text.strip().strip(".!").strip().lower()
+def tweet_items(rows):
+    """The tweets' instruction rows as exact-match items: the answer is the label word (evals.parse_answer's "word":
+    case, surrounding spaces and punctuation do not matter)."""
+    return [{"prompt": r["prompt"], "answer": r["response"]} for r in rows]
 
 
-@torch.no_grad()
-def exact_match(model, tok, rows, batch_size=16, max_new_tokens=4, device="cpu"):
-    """The share of rows whose greedy answer (up to max_new_tokens, stopping at EOS) equals the row's
-    response, after normalise_answer. Prompts are left-padded (a decoder continues from the right end) and
-    batched by length. Returns {"exact_match", "correct", "total", "answers"} (answers in row order)."""
-    if not rows:
-        raise MiniftError("no rows to score; is the split empty?")
-    prompts, responses = zip(*(format_instruction(r, tok, n) for n, r in enumerate(rows, 1)))
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(rows)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        batch = tok([prompts[j] for j in chunk], padding_side="left", add_special_tokens=False)
-        batch = {k: v.to(device) for k, v in batch.items() if k != "token_type_ids"}
-        out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens, attention_mask=batch["attention_mask"],
-                             eos_token_id=tok.eos_id)
-        for j, ids in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
-            answers[j] = tok.decode(ids)  # skips special tokens: the EOS (and EOS padding) after the answer
-    correct = sum(normalise_answer(a) == normalise_answer(r) for a, r in zip(answers, responses))
-    return {"exact_match": correct / len(rows), "correct": correct, "total": len(rows), "answers": answers}
-
-
-def show_samples(title, model, tok, rows, max_new_tokens=40, device="cpu"):
+def show_samples(title, model, tok, rows, max_new_tokens=40):
     """Greedy answers to a few prompts, printed beside the expected response; returns the answers."""
-    answers = exact_match(model, tok, rows, max_new_tokens=max_new_tokens, device=device)["answers"]
+    prompts, responses = zip(*(format_instruction(r, tok, n) for n, r in enumerate(rows, 1)))
+    answers = greedy_replies(model, tok, list(prompts), max_new_tokens=max_new_tokens)
     print(f"\n{title}")
-    for n, (r, a) in enumerate(zip(rows, answers), 1):
-        prompt, response = format_instruction(r, tok, n)
+    for prompt, response, answer in zip(prompts, responses, answers):
         question = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0].replace("\n", " ")
-        print(f"  {question[:70]!r}\n     -> {a.strip()[:70]!r}  (expected {response[:40]!r})")
+        print(f"  {question[:70]!r}\n     -> {answer.strip()[:70]!r}  (expected {response[:40]!r})")
     return answers
 
 
@@ -101,31 +78,33 @@ def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_J
     net.max_length, base, device = max_length, snapshot(net), pick_device(cfg.device)
     tweets, probes, scored = data is None, splits["validation"][:sample_rows], splits["validation"][:score_rows]
     report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg)}
-    report["samples_before"] = show_samples("before fine-tuning:", net.to(device), tok, probes, device=device)
+    report["samples_before"] = show_samples("before fine-tuning:", net.to(device), tok, probes)
     if suites:  # the model as it came, on the suites: the baseline of the change printed at the end
         report["suites_before"] = run_suites(net, tok, suites, limit=score_rows)
     if tweets:  # a one-word answer: scored by exact match
-        report["exact_match_before"] = exact_match(net, tok, scored, device=device)["exact_match"]
+        report["exact_match_before"] = exact_match(net, tok, tweet_items(scored), max_new_tokens=4)["exact_match"]
         print(f"zero-shot exact match on {len(scored)} validation rows: {report['exact_match_before']:.4f}")
     examples = TrainData(encoded["train"], encoded["validation"], tok.pad_id)
     report.update(train(net, examples, cfg, out, resume=resume))
     if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
         return report
-    best = load_best(out, "lm", device)
-    report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
-    report["samples_after"] = show_samples("after fine-tuning:", best, tok, probes, device=device)
-    if tweets:
-        report["exact_match_after"] = exact_match(best, tok, scored, device=device)["exact_match"]
-        print(f"exact match on {len(scored)} validation rows: {report['exact_match_before']:.4f} zero-shot -> "
-              f"{report['exact_match_after']:.4f} fine-tuned")
-    if suites:
-        report["suites_after"] = run_suites(best, tok, suites, limit=score_rows)
-        print("\nthe evaluation suites, before and after fine-tuning:\n"
-              + suite_report(report["suites_after"], baseline=report["suites_before"]))
-    if test and encoded["test"]:
-        report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
+    with after_training(out):
+        best = load_best(out, "lm", device)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["samples_after"] = show_samples("after fine-tuning:", best, tok, probes)
         if tweets:
-            report["test"]["exact_match"] = exact_match(best, tok, splits["test"][:score_rows], device=device)[
-                "exact_match"]
-            print(f"test exact match on {min(score_rows, len(splits['test']))} rows: {report['test']['exact_match']:.4f}")
+            report["exact_match_after"] = exact_match(best, tok, tweet_items(scored), max_new_tokens=4)["exact_match"]
+            print(f"exact match on {len(scored)} validation rows: {report['exact_match_before']:.4f} zero-shot -> "
+                  f"{report['exact_match_after']:.4f} fine-tuned")
+        if suites:
+            report["suites_after"] = run_suites(best, tok, suites, limit=score_rows)
+            print("\nthe evaluation suites, before and after fine-tuning:\n"
+                  + suite_report(report["suites_after"], baseline=report["suites_before"]))
+        if test and encoded["test"]:
+            report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
+            if tweets:
+                report["test"]["exact_match"] = exact_match(best, tok, tweet_items(splits["test"][:score_rows]),
+                                                            max_new_tokens=4)["exact_match"]
+                print(f"test exact match on {min(score_rows, len(splits['test']))} rows: "
+                      f"{report['test']['exact_match']:.4f}")
     return finish(report, out, t0, f"generate with:  minift generate {Path(out) / 'best'} \"...\"")

@@ -12,6 +12,7 @@ moment leaves a best/ that `minift predict` loads.
 import copy
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -74,6 +75,18 @@ def look_at_test_set(folder, again=False):
         raise MiniftError(f"the test set in {folder} was already looked at ({when}); choosing settings by it "
                           "would make its score optimistic: pass again=True (--again) if you really mean to")
     marker.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+@contextmanager
+def after_training(out):
+    """Around a job's scoring after train() returned (best/ loaded, the test look): a Ctrl-C there loses nothing, as
+    best/ and the last checkpoint are on disk; say so, and how to get the scores without training again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after training, while scoring: best/ and the checkpoint are saved in {out}; run the same "
+              "command with --resume to score them (no step is repeated)")
+        raise
 
 
 def finish(report, out, t0, use_it):

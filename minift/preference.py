@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .batching import pad_rows
 from .errors import MiniftError
 from .layers import accumulate_grad, fp32_dtype, cast_for_matmul, keeps_for_backward
 from .lora import lora_layers
@@ -290,14 +291,8 @@ def preference_batch(prompts, chosen, rejected, pad_id):
         raise MiniftError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected completions: give "
                           "one chosen and one rejected completion per prompt (at least one pair)")
     rows = [(list(p), list(c)) for p, c in zip(prompts, chosen)] + [(list(p), list(r)) for p, r in zip(prompts, rejected)]
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        labels[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(p) + len(c)] = 1
+    ids, mask = pad_rows([p + c for p, c in rows], pad_id, "right")
+    labels, _ = pad_rows([[-100] * len(p) + c for p, c in rows], -100, "right")
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -34,21 +34,24 @@ INSTRUCT_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-instruct"
 INSTRUCT_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 3e-5, "warmup_ratio": 0.05, "metric": "loss"}
 
 # The preference-tuning job (`minift finetune --task dpo`): SmolLM2 on the arithmetic task's on-policy pairs (or your
-# JSONL file of prompt/chosen/rejected rows), sigmoid DPO at TRL's beta 0.1, LoRA adapters (the reference is then the
-# model with them off), dropout off as TRL has it (its masks would differ between the policy and the reference).
-# rpo_alpha 1 adds the chosen answers' NLL (RPO): plain DPO took the validation exact match from 0.53 to 0.17 here,
-# its chosen log-probs falling (-10.7 -> -15.2) as the answers grew into sentences cut off before their number; with
-# the NLL term the chosen log-probs rose (-9.1 -> -8.2) and exact match went to 0.73 (bench/RESULTS.md).
-DPO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-dpo", "max_length": 256, "loss_type": "sigmoid",
-           "beta": 0.1, "rpo_alpha": 1.0}
-DPO_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "loss", "dropout": 0.0,
+# JSONL file of prompt/chosen/rejected rows), LoRA adapters (the reference is then the model with them off), dropout off
+# as TRL has it (its masks would differ between the policy and the reference). DPO_SETTINGS: on top of dpo.DPOSettings
+# (TRL's defaults: sigmoid DPO, beta 0.1). rpo_alpha 1 adds the chosen answers' NLL (RPO): plain DPO took the
+# validation exact match from 0.53 to 0.17 here, its chosen log-probs falling (-10.7 -> -15.2) as the answers grew
+# into sentences cut off before their number; with the NLL term the chosen log-probs rose (-9.1 -> -8.2) and exact
+# match went to 0.73 (bench/RESULTS.md). metric auto: best/ by exact match on the task (DPO's validation loss did not
+# track it: plain DPO's best/ by loss was its worst by exact match), by the loss on held-out pairs for a file.
+DPO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-dpo", "max_length": 256}
+DPO_SETTINGS = {"rpo_alpha": 1.0}
+DPO_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "auto", "dropout": 0.0,
              "lora_r": 8, "eval_every": 5}
 
 # The RL job (`minift finetune --task grpo`): SmolLM2 samples 8 answers to each arithmetic question (or your JSONL
 # file's prompts) and is rewarded where the number is right (grpo.number_is_right, or --reward module:function).
-# temperature 0.5: at TRL's 1.0 SmolLM2 gets 0.09 of them right, at 0.5 0.47 with a spread of rewards in 62% of the
-# groups (a group whose answers score alike teaches nothing). beta 0 (TRL's default: no reference), loss_type dapo.
-GRPO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-grpo", "max_length": 256, "reward": None,
-            "group_size": 8, "max_new_tokens": 16, "temperature": 0.5, "beta": 0.0, "loss_type": "dapo"}
+# GRPO_SETTINGS: on top of grpo.GRPOSettings (TRL's defaults: beta 0, no reference; loss_type dapo). temperature 0.5:
+# at TRL's 1.0 SmolLM2 gets 0.09 of them right, at 0.5 0.47 with a spread of rewards in 62% of the groups (a group
+# whose answers score alike teaches nothing); 16 new tokens: the answer is a number.
+GRPO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-grpo", "max_length": 256}
+GRPO_SETTINGS = {"group_size": 8, "max_new_tokens": 16, "temperature": 0.5}
 GRPO_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "reward", "dropout": 0.0,
               "lora_r": 8, "eval_every": 5}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batching import pad_rows
 from .errors import MiniftError
 from .generate import generate
 from .preference import sequence_logprobs, sequence_logprobs_backward
@@ -177,13 +178,10 @@ def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, te
     rows = [ids for ids in encoded for _ in range(group_size)]
     pad_id = getattr(tokenizer, "pad_id", None)
     pad_id = pad_id if pad_id is not None else (model.config.pad_token_id or 0)
-    width = max(len(r) for r in rows)
-    device = next(model.parameters()).device
-    prompt_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    prompt_ids, prompt_mask = pad_rows(rows, pad_id, "left", next(model.parameters()).device)
     out = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    attention_mask=prompt_mask, eos_token_id=eos_token_id, generator=generator)
-    completion_ids = out[:, width:]
+    completion_ids = out[:, prompt_ids.shape[1]:]
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]
     mask = completion_mask(completion_ids, eos)

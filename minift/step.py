@@ -1,41 +1,25 @@
-"""One optimizer step, as tutorial 04 writes it: for each micro-batch forward, loss, backward; then clip once,
-AdamW with this step's learning rate, clear the gradients. Put a breakpoint in `train_step` to watch it.
+"""One optimizer step, as tutorial 04 writes it: the objective's gradients (for the model's own loss, each
+micro-batch's forward, loss and backward: objective.SupervisedObjective); then clip once, AdamW with this step's
+learning rate, clear the gradients. Put a breakpoint in `train_step` to watch it.
 """
 import math
 
 import torch
 
 from .errors import MiniftError
+from .objective import SupervisedObjective
 from .optim import clip_grad_norm
 
 
-def forward_backward(model, batch, num_targets, backward="manual", class_weights=None):
-    """Loss of one micro-batch, with the gradients added into .grad. Returns the loss (a float)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if backward == "manual":
-        with torch.no_grad():  # nothing hidden: no graph is built, our backward does the work
-            logits = model(**inputs)
-            loss, dlogits = model.loss(logits, batch["labels"], num_targets, class_weights)
-            model.backward(dlogits)
-    else:  # autograd: for layers someone added without writing their backward
-        logits = model(**inputs)
-        loss, _ = model.loss(logits, batch["labels"], num_targets, class_weights)
-        loss.backward()
-    return loss.item()
-
-
-def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward="manual", class_weights=None,
-               sync=None, objective=None):
+def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, objective=None, sync=None):
     """One optimizer step over the micro-batches of one batch. Returns (loss, gradient norm before clipping, metrics).
 
+    `objective` (objective.py): what is trained; it runs each micro-batch's forward and backward and fills .grad;
+    None is the model's own loss (objective.SupervisedObjective: model.loss and model.backward), with no metrics.
     `sync`: what data-parallel training adds (distributed.Distributed: `sync.count(n)` adds up every process's
-    target count, `sync.gradients(params, loss)` their gradients, and under ZeRO the rest); None in one process.
-    `objective`: a job's own loss (dpo.PreferenceObjective, grpo.GRPOObjective), which fills .grad itself and
-    returns its metrics for the log; None: the model's own loss (model.loss and model.backward), metrics {}."""
-    if objective is not None:
-        loss, metrics = objective.gradients(model, micro_batches, sync)
-    else:
-        loss, metrics = supervised_gradients(model, micro_batches, backward, class_weights, sync), {}
+    count, `sync.gradients(params, loss)` their gradients, and under ZeRO the rest); None in one process."""
+    objective = objective or SupervisedObjective()
+    loss, metrics = objective.gradients(model, micro_batches, sync)
     if sync is not None:
         loss = sync.gradients(optimizer.params, loss)
     # clip once, after accumulation; under ZeRO-2 each process holds a share of the gradients: the norm is summed
@@ -47,19 +31,6 @@ def train_step(model, micro_batches, optimizer, lr, max_grad_norm=1.0, backward=
         sync.send_updated_weights(optimizer.params)  # ... which it then sends to the others
     optimizer.zero_grad()
     return loss, grad_norm, metrics
-
-
-def supervised_gradients(model, micro_batches, backward="manual", class_weights=None, sync=None):
-    """The model's own loss over the micro-batches of one step, its gradients added into .grad. Returns the loss."""
-    # the loss is divided by the count of targets in the whole step, so grad_accum=4 gives the same
-    # gradient as one big batch (and N processes the same as one: sync adds up every process's count)
-    num_targets = sum(model.count_targets(b["labels"]) for b in micro_batches)
-    if sync is not None:
-        num_targets = sync.count(num_targets)
-    loss = 0.0
-    for batch in micro_batches:
-        loss += forward_backward(model, batch, num_targets, backward, class_weights)
-    return loss
 
 
 def check_finite(loss, grad_norm, model, step, lr):

@@ -7,6 +7,8 @@
 Tokenized once, not padded: batching.collate pads each batch. Labels are matched to the model's classes
 by NAME, always (label_ids), so a data set that holds only some of a model's classes still lines up.
 """
+import json
+
 import numpy as np
 import torch
 
@@ -95,11 +97,10 @@ def check_instruction_row(row, where):
     """What an instruction row must hold, whatever the model: one of the three formats, texts, an answer that
     is not empty. `where` names the row in the errors: the file's line when the file was just read."""
     if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
-                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
-            raise MiniftError(f"{where}: 'messages' must be a list that ends with the assistant's answer "
-                              f"({{'role': 'assistant', 'content': ...}}) after at least one other message")
+        msgs = check_turns(row["messages"], where, "'messages'")
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise MiniftError(f"{where}: 'messages' must end with the assistant's answer ({{'role': 'assistant', "
+                              "'content': ...}) after at least one other message")
         texts = [msgs[-1]["content"]]
     elif "prompt" in row and "response" in row:
         texts = [row["prompt"], row["response"]]
@@ -113,6 +114,19 @@ def check_instruction_row(row, where):
     if not texts[-1].strip():
         raise MiniftError(f"{where}: the response is empty, so the model would learn to answer nothing; fill it "
                           "in or drop the row")
+
+
+def check_turns(turns, where, what="the chat turns"):
+    """A conversation: a non-empty list of {"role": text, "content": text} turns, or one line naming the first turn
+    that is not one. Returns the turns."""
+    if not isinstance(turns, list) or not turns:
+        raise MiniftError(f"{where}: {what} must be a list of chat turns [{{'role': ..., 'content': ...}}, ...], not "
+                          f"{json.dumps(turns)[:40]}")
+    for k, turn in enumerate(turns, 1):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise MiniftError(f"{where}: turn {k} of {what} must be {{'role': a text, 'content': a text}}, not "
+                              f"{json.dumps(turn)[:60]}")
+    return turns
 
 
 def format_instruction(row, tokenizer, n=0):

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .batching import TrainData, batch_order, collate, pack_examples
+from .batching import TrainData, batch_order, pack_examples
 from .config import TrainConfig, check_config
 from . import distributed
 from .errors import MiniftError
-from .evaluate import evaluate
 from .freeze import blocks, count_trainable, describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
 from .lora import add_lora, lora_layers, lora_summary
 from .memory import estimate_memory, format_memory, levers_by_gain, levers_not_on
+from .objective import objective_of
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .quantize import quantize_base
 from .outputs import export_best
@@ -115,16 +115,11 @@ def prepare_model(model, cfg):
     return lora_summary(model) if lora_layers(model) else describe_trainable(model)
 
 
-def micro_batches(examples, order, cfg, data, device):
+def micro_batches(examples, order, cfg, objective, device):
     """Yield the micro-batches of one optimizer step: grad_accum pieces of one batch of indices."""
     size = max(1, math.ceil(len(order) / cfg.grad_accum))  # (a rank's share of a last, small batch may be empty)
     for i in range(0, len(order), size):
-        rows = [examples[j] for j in order[i:i + size]]
-        if data.objective is not None:  # a job's own batches (pairs, prompts)
-            yield data.objective.collate(rows, device)
-            continue
-        batch = collate(rows, data.pad_id, data.padding_side)
-        yield {k: v.to(device) for k, v in batch.items()}
+        yield objective.collate([examples[j] for j in order[i:i + size]], device)
 
 
 def train(model, data, cfg, out_dir, resume=False):
@@ -176,7 +171,7 @@ def train(model, data, cfg, out_dir, resume=False):
         run.bar.close()
         run.log.close()
     if stop:
-        print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {cfg.metric} "
+        print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {run.metric} "
               f"(patience {cfg.patience}); the best model is from step {state.best_step}")
     return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
             "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
@@ -197,6 +192,8 @@ class Run:
     model: object
     data: TrainData
     cfg: TrainConfig
+    objective: object  # what is trained (objective.py): data.objective, or the model's own loss
+    metric: str  # the validation figure that chooses best/ (cfg.metric, 'auto' made concrete by the objective)
     optimizer: AdamW
     schedule: LRSchedule
     state: LoopState
@@ -224,7 +221,9 @@ def set_up(model, data, cfg, out_dir, resume):
     """Check the settings, decide what trains, put the model on its device, build AdamW and the lr plan,
     start fresh or restore a checkpoint, and say what is about to happen."""
     check_config(cfg)
-    check_task(model, data, cfg)
+    objective = objective_of(data, cfg)
+    check_task(model, data, cfg, objective)
+    metric = objective.metric(model, cfg)
     if cfg.packing:  # rows packed into sequences of cfg.packing tokens; a batch counts sequences now
         rows, data = len(data.train), replace(data, train=pack_examples(data.train, cfg.packing))
         fill = sum(len(e["input_ids"]) for e in data.train) / (len(data.train) * cfg.packing)
@@ -249,14 +248,14 @@ def set_up(model, data, cfg, out_dir, resume):
     schedule = LRSchedule(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio), cfg.schedule, cfg.min_lr)
     run_info = {"data": data_fingerprint(data), "processes": dist.world_size if dist else 1,
                 "labels": model.label_names, "model": model_fingerprint(model),
-                "objective": data.objective.settings() if data.objective else None}
+                "objective": objective.settings()}
     if dist:
         dist.check_same_plan([total_steps, len(data.train), int(run_info["data"], 16)])
     main = dist is None or dist.is_main
     memory = None
     if main:  # before any RNG is seeded or restored: its forward's dropout draws change nothing that follows
         try:
-            memory = estimate_memory(model, longest_batch(data, cfg, device))
+            memory = estimate_memory(model, longest_batch(data, cfg, objective, device))
             print(format_memory(memory))
         except Exception as e:  # the longest batch is the first to run out of memory: say so before any step
             if is_out_of_memory(e):
@@ -280,8 +279,8 @@ def set_up(model, data, cfg, out_dir, resume):
           + (f", {dist.world_size} processes sharing each batch" if dist else ""))
     log = open_log(out_dir, state) if main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", dynamic_ncols=True, disable=not main)
-    return Run(model, data, cfg, optimizer, schedule, state, out_dir, lengths, total_steps, device, dist, run_info,
-               log, bar, memory=memory, saved_step=state.step if resume else None)
+    return Run(model, data, cfg, objective, metric, optimizer, schedule, state, out_dir, lengths, total_steps, device,
+               dist, run_info, log, bar, memory=memory, saved_step=state.step if resume else None)
 
 
 def describe_zero(level, optimizer, dist):
@@ -294,36 +293,20 @@ def describe_zero(level, optimizer, dist):
             f"tensors, {kept / 2**20:.1f} MB of {every / 2**20:.1f} MB" + (", and their gradients only" if level == 2 else ""))
 
 
-def check_task(model, data, cfg):
-    """What a task needs from its settings and data, said before any work is done."""
+def check_task(model, data, cfg, objective):
+    """What a task needs from its settings and data, said before any work is done: the objective refuses what it
+    cannot honour (objective.py)."""
     if not data.train:
         raise MiniftError("no training examples: check the data file (and --limit)")
-    if data.objective is not None:  # a job's own loss checks its own examples (dpo.py, grpo.py)
-        data.objective.check(model, data, cfg)
-        return
-    if cfg.metric == "reward":
-        raise MiniftError("metric 'reward' is GRPO's (grpo.py: the mean reward of its answers); judge this task by "
-                          "loss, accuracy or macro_f1")
-    if model.task == "lm" and cfg.metric != "loss":
-        raise MiniftError("a language model is judged by its validation loss: use metric='loss'")
-    if model.task == "lm" and cfg.head_lr_scale != 1:
-        raise MiniftError("head_lr_scale is for a classifier's new head; a language model's head is pretrained: use 1")
-    kind = "label" if model.task == "classify" else "labels"
-    if any(kind not in e for e in data.train[:1] + (data.validation or [])[:1]):
-        other = "a classifier" if kind == "labels" else "a language model"
-        raise MiniftError(f"these examples are for {other}: encode them for a {model.task!r} model "
-                          f"(tasks.encode_classification for classify, tasks.encode_instruction for lm)")
+    objective.check(model, data, cfg)
 
 
-def longest_batch(data, cfg, device):
-    """The micro-batch of the longest examples (training or validation): the memory estimate's worst case, and a
-    forward that meets any text too long for the model before the first step does."""
+def longest_batch(data, cfg, objective, device):
+    """The micro-batch of the longest examples (training or validation) as the step's forward sees it (a pair's two
+    rows, a prompt's samples): the memory estimate's worst case, and a forward that meets any text too long for the
+    model before the first step does."""
     rows = sorted(data.train + (data.validation or []), key=lambda e: -len(e["input_ids"]))
-    rows = rows[:max(1, cfg.batch_size // cfg.grad_accum)]
-    if data.objective is not None:  # the rows its step's forward sees (a pair's two, a prompt's samples)
-        return data.objective.memory_batch(rows, device)
-    batch = collate(rows, data.pad_id, data.padding_side)
-    return {k: v.to(device) for k, v in batch.items()}
+    return objective.memory_batch(rows[:max(1, cfg.batch_size // cfg.grad_accum)], device)
 
 
 def data_fingerprint(data):
@@ -373,14 +356,14 @@ def one_step(run, batch_indices, batches_in_epoch):
     if run.dist:  # this rank's share of the global batch, and its own dropout masks
         batch_indices = run.dist.share(batch_indices)
         run.dist.seed_dropout(cfg.seed, state.step)
-    pieces = list(micro_batches(run.data.train, batch_indices, cfg, run.data, run.device))
+    pieces = list(micro_batches(run.data.train, batch_indices, cfg, run.objective, run.device))
     lr = run.schedule(state.step)
     # a Ctrl-C during the step waits for its end: the update, its count, the new data position and its log
     # line happen together (an error inside leaves the step undone)
     with interrupts_held():
         with autocast(run.device, cfg.precision):
-            loss, grad_norm, metrics = train_step(run.model, pieces, run.optimizer, lr, cfg.max_grad_norm, cfg.backward,
-                                                  run.data.class_weights, sync=run.dist, objective=run.data.objective)
+            loss, grad_norm, metrics = train_step(run.model, pieces, run.optimizer, lr, cfg.max_grad_norm, run.objective,
+                                                  sync=run.dist)
         epoch, end_of_epoch = state.epoch, state.batch + 1 == batches_in_epoch
         state.step, state.batch = state.step + 1, state.batch + 1
         if end_of_epoch:
@@ -453,10 +436,7 @@ def evaluate_like_training(model, examples, data, cfg, device):
     """A split's metrics as the loop measures validation (its precision, its batch size): every split a run
     reports is measured this way, so one model has one number per split wherever it is printed."""
     with autocast(device, cfg.precision):
-        if data.objective is not None:
-            return data.objective.evaluate(model, examples, device)
-        return evaluate(model, examples, data.pad_id, batch_size=2 * cfg.batch_size, padding_side=data.padding_side,
-                        label_names=model.label_names, device=device)
+        return objective_of(data, cfg).evaluate(model, examples, device, batch_size=2 * cfg.batch_size)
 
 
 def evaluate_now(run):
@@ -469,9 +449,9 @@ def evaluate_and_keep_best(run):
     """Validation metrics; save the model if it is the best so far. Returns True when patience ran out."""
     cfg, state, started = run.cfg, run.state, time.perf_counter()
     metrics = evaluate_like_training(run.model, run.data.validation, run.data, cfg, run.device)
-    value = metrics[cfg.metric]
+    value = metrics[run.metric]
     with interrupts_held():  # the choice of best, best/, the log record and eval_due change together
-        better = state.best is None or (value < state.best if cfg.metric == "loss" else value > state.best)
+        better = state.best is None or (value < state.best if run.metric == "loss" else value > state.best)
         if better:
             state.best, state.best_step, state.evals_without_gain = value, state.step, 0
             state.best_metrics = metrics

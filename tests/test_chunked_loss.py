@@ -12,7 +12,7 @@ from minift.checkpoints import build_model
 from minift.config import TrainConfig, check_config
 from minift.errors import MiniftError
 from minift.memory import estimate_memory, format_memory, kept_tensors, levers_by_gain, storage_bytes
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import prepare_model, train
 from test_freeze import CONFIGS, batch, lm_rows
 

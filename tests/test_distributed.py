@@ -322,23 +322,23 @@ def worker(out, kind, dropout, lr, *extra):
                 raise KeyboardInterrupt
         T.TM.log_step = log_step_then_interrupt
     if "fail-rank1-at" in extra and rank == 1:  # an exception in the middle of rank 1's step k
-        at, forward_backward, calls = int(extra[extra.index("fail-rank1-at") + 1]), T.STEP.forward_backward, []
+        at, forward_backward, calls = int(extra[extra.index("fail-rank1-at") + 1]), T.OBJECTIVE.forward_backward, []
 
         def failing_forward_backward(*args, **kw):
             calls.append(1)
             if len(calls) > 2 * (at - 1):  # two micro-batches a step
                 raise RuntimeError("injected failure on rank 1")
             return forward_backward(*args, **kw)
-        T.STEP.forward_backward = failing_forward_backward
+        T.OBJECTIVE.forward_backward = failing_forward_backward
     if "stuck-rank1-at" in extra and rank == 1:  # rank 1 hangs in its step k (a deadlock, a stalled disk ...)
-        at, forward_backward, calls = int(extra[extra.index("stuck-rank1-at") + 1]), T.STEP.forward_backward, []
+        at, forward_backward, calls = int(extra[extra.index("stuck-rank1-at") + 1]), T.OBJECTIVE.forward_backward, []
 
         def stuck_forward_backward(*args, **kw):
             calls.append(1)
             if len(calls) > 2 * (at - 1):
                 time.sleep(600)
             return forward_backward(*args, **kw)
-        T.STEP.forward_backward = stuck_forward_backward
+        T.OBJECTIVE.forward_backward = stuck_forward_backward
     if "rank1-reads-other-data" in extra and rank == 1:  # another copy of the data, of the same size
         real_examples = T.examples
         T.examples = lambda kind, n, seed=0: real_examples(kind, n, seed + 100)

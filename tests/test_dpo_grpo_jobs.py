@@ -16,9 +16,10 @@ import minift.preference
 from minift.checkpoints import load_checkpoint
 from minift.config import TrainConfig
 from minift.corpora import load_jsonl_splits
-from minift.dpo import PreferenceObjective, encode_pairs, finetune_dpo, on_policy_pairs, pair_texts, swap_number
+from minift.dpo import (DPOSettings, PreferenceObjective, encode_pairs, finetune_dpo, on_policy_pairs, pair_texts,
+                        swap_number)
 from minift.errors import MiniftError
-from minift.grpo import GRPOObjective, encode_prompts, finetune_grpo, load_reward, number_is_right
+from minift.grpo import GRPOObjective, GRPOSettings, encode_prompts, finetune_grpo, load_reward, number_is_right
 from minift.lora import add_lora, lora_layers
 from minift.preference import frozen_copy, sequence_logprobs
 from minift.rl import group_advantages
@@ -79,14 +80,13 @@ def test_pair_rows_of_each_format_give_the_same_texts(tiny):  # noqa: F811
             pair_texts(bad, tok, "row 3")
 
 
-def test_on_policy_pairs_differ_in_the_number_only(monkeypatch):
+def test_on_policy_pairs_differ_in_the_number_only():
     rows = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 2 - 5?", "answer": "-3"},
             {"prompt": "What is 1 + 1?", "answer": "2"}]
     replies = ["3 + 4 = 8\nbecause", "-3", "I do not know"]  # wrong (in words), right, no number at all
-    monkeypatch.setattr(minift.dpo, "exact_match", lambda model, tok, rows, kind: {"items": [
-        {"reply": r, "parsed": minift.evals.parse_answer(r, "number")} for r in replies]})
-    pairs = on_policy_pairs(None, None, rows, seed=0)
-    assert pairs[0] == {"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"}
+    scored = minift.evals.score_replies(replies, [r["answer"] for r in rows], "number")["items"]
+    pairs = on_policy_pairs(rows, scored, seed=0)
+    assert pairs[0] == {"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8", "answer": "7"}
     assert pairs[1]["chosen"] == "-3" and pairs[1]["rejected"] in ("-4", "-2")  # a near miss of the right reply
     assert pairs[2]["chosen"] == "2" and pairs[2]["rejected"] not in ("2", "")
     assert swap_number("12 apples, 12", "12", "13") == "12 apples, 13"
@@ -108,7 +108,7 @@ def test_preference_micro_batches_add_up_to_the_batch(tiny, loss_type, lora):  #
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
     examples, _ = encode_pairs(pair_rows(6), tok, 256)
-    objective = PreferenceObjective(tok.pad_id, loss_type, beta=0.5, reference=reference)
+    objective = PreferenceObjective(tok, DPOSettings(loss_type=loss_type, beta=0.5), reference)
     results = []
     for pieces in ([examples], [examples[:2], examples[2:]]):
         model.zero_grad()
@@ -131,7 +131,7 @@ def test_grpo_gradient_is_autograds_on_the_same_samples(tiny):  # noqa: F811
     def reward(prompts, completions, **columns):  # by length: rewards that differ within a group
         return [float(len(c) % 3) for c in completions]
 
-    objective = GRPOObjective(tok, reward, group_size=4, max_new_tokens=5, temperature=1.0)
+    objective = GRPOObjective(tok, reward, GRPOSettings(reward=reward, group_size=4, max_new_tokens=5, temperature=1.0))
     torch.manual_seed(3)
     model.zero_grad()
     loss, metrics = objective.gradients(model, [objective.collate(prompts, "cpu")])
@@ -160,7 +160,7 @@ def test_the_dpo_job_learns_the_pairs(tiny, tmp_path, capsys):  # noqa: F811
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pair_rows()))
     report = finetune_dpo(str(folder), str(data), str(tmp_path / "run"), cfg(max_steps=16, eval_every=4, epochs=3, lora_r=0),
-                          rpo_alpha=0.0)
+                          DPOSettings(rpo_alpha=0.0))
     printed = capsys.readouterr().out
     assert "memory estimate: weights" in printed and "reference: a frozen copy of the model as loaded" in printed
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -171,7 +171,7 @@ def test_the_dpo_job_learns_the_pairs(tiny, tmp_path, capsys):  # noqa: F811
     assert v["loss"] < 0.6 and v["rewards/margins"] > 0.2 and v["rewards/accuracies"] == 1.0, v  # measured 0.40
     # one number per model and split: best/ judged again (the reference loaded anew) gives the same loss
     best = load_checkpoint(tmp_path / "run" / "best", "lm", verbose=False)
-    judge = PreferenceObjective(tok.pad_id, reference=load_checkpoint(folder, "lm", verbose=False))
+    judge = PreferenceObjective(tok, reference=load_checkpoint(folder, "lm", verbose=False))
     val, _ = encode_pairs(load_jsonl_splits(data)["validation"], tok, 256)
     assert math.isclose(judge.evaluate(best, val, "cpu")["loss"], v["loss"], rel_tol=1e-4)
     assert report["test"]["num_pairs"] == 4 and json.loads((tmp_path / "run" / "results.json").read_text())["test"]
@@ -189,8 +189,9 @@ def test_the_grpo_job_raises_the_reward(tiny, tmp_path, capsys):  # noqa: F811
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {w} {v}", "topic": w}) + "\n" for w in WORDS for v in WORDS))
     settings = cfg(metric="reward", max_steps=30, eval_every=10, lr=3e-2, batch_size=8, epochs=6, lora_r=0)
-    report = finetune_grpo(str(folder), str(data), str(tmp_path / "run"), settings, reward="test_dpo_grpo_jobs:has_an_e",
-                           group_size=8, max_new_tokens=1, temperature=1.0)
+    report = finetune_grpo(str(folder), str(data), str(tmp_path / "run"), settings,
+                           GRPOSettings(reward="test_dpo_grpo_jobs:has_an_e", group_size=8, max_new_tokens=1,
+                                        temperature=1.0))
     printed = capsys.readouterr().out
     assert "memory estimate: weights" in printed and "reward test_dpo_grpo_jobs:has_an_e" in printed
     steps = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in r]
@@ -238,8 +239,8 @@ def test_a_run_stopped_mid_step_resumes_bitwise(tiny, tmp_path, monkeypatch, job
         module, name, at = minift.grpo, "sample_rollouts", 5  # the score before, steps 1-2, step 2's evaluation, step 3
 
         def run(out, resume=False):
-            return finetune_grpo(str(folder), str(data), str(out), settings, resume=resume, test=False,
-                                 reward=has_an_e, group_size=4, max_new_tokens=3, temperature=1.0)
+            return finetune_grpo(str(folder), str(data), str(out), settings, GRPOSettings(
+                reward=has_an_e, group_size=4, max_new_tokens=3, temperature=1.0), resume=resume, test=False)
     run(tmp_path / "straight")
     with monkeypatch.context() as patch:
         stop_on_call(patch, module, name, at)
@@ -262,14 +263,22 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
     rows.write_text("".join(json.dumps(r) + "\n" for r in rows_of_each_format()))
     base = ["finetune", "--model", str(folder), "--out", str(tmp_path / "o"), "--max-steps", "1", "--device", "cpu"]
     for argv, says in [
-        (["--task", "dpo", "--data", str(pairs), "--group-size", "4"], "--group-size set(s) how GRPO samples"),
+        (["--task", "dpo", "--data", str(pairs), "--group-size", "4"], "--group-size is a setting of --task grpo, not of "
+         "--task dpo"),
+        (["--task", "grpo", "--rpo-alpha", "1"], "--rpo-alpha is a setting of --task dpo, not of --task grpo"),
+        (["--task", "instruct", "--beta", "1"], "--beta is a setting of --task dpo and --task grpo, not of --task instruct"),
         (["--task", "grpo", "--reward", "nowhere"], "give module:function"),
-        (["--task", "grpo", "--reward", "no_such_module_here:f"], "cannot load it"),
-        (["--task", "grpo", "--loss-type", "ipo"], "is a preference loss"),
-        (["--task", "dpo", "--data", str(pairs), "--loss-type", "hinge"], "preference loss 'hinge' is not one of"),
-        (["--task", "dpo", "--data", str(pairs), "--metric", "accuracy"], "use metric='loss'"),
+        (["--task", "grpo", "--reward", "no_such_module_here:f"], "cannot import no_such_module_here"),
+        (["--task", "grpo", "--loss-type", "ipo"], "loss_type 'ipo' is unknown: choose grpo, bnpo, dapo, dr_grpo"),
+        (["--task", "dpo", "--data", str(pairs), "--loss-type", "hinge"], "loss_type 'hinge' is unknown"),
+        (["--task", "dpo", "--data", str(pairs), "--metric", "accuracy"], "use metric='loss' or 'exact_match'"),
+        (["--task", "dpo", "--data", str(pairs), "--backward", "autograd"], "use backward='manual'"),
+        (["--task", "grpo", "--backward", "autograd"], "use backward='manual'"),
+        (["--task", "dpo", "--data", str(pairs), "--beta", "0"], "beta = 0.0 is out of range"),
+        (["--task", "dpo", "--data", str(pairs), "--label-smoothing", "0.7"], "label_smoothing = 0.7"),
         (["--task", "grpo", "--group-size", "1"], "give at least 2"),
         (["--task", "grpo", "--temperature", "0"], "temperature > 0"),
+        (["--task", "grpo", "--epsilon-high", "x"], "--epsilon-high 'x': expected a number (or none)"),
         (["--task", "dpo", "--data", str(tmp_path / "missing.jsonl")], "no such file or folder"),
         (["--task", "instruct", "--data", str(rows), "--metric", "reward"], "metric 'reward' is GRPO's"),
     ]:
@@ -280,7 +289,7 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
     with pytest.raises(MiniftError, match="is not a function"):
         load_reward("math:pi")
     examples, _ = encode_pairs(pair_rows(4), Tokenizer.from_file(folder), 256)
-    objective = PreferenceObjective(tok.pad_id)
+    objective = PreferenceObjective(tok)
     with pytest.raises(MiniftError, match="compares with a reference model"):
         objective.check(load_checkpoint(folder, "lm", verbose=False), minift.TrainData(examples, examples, 0),
                         TrainConfig(metric="loss"))

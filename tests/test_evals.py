@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from minift import evals
+from test_instruct import tiny  # noqa: F401  (a fixture: a tiny Llama with a ChatML tokenizer)
 from minift.checkpoints import load_checkpoint
 from minift.errors import MiniftError
 from minift.files import sha256_of
@@ -272,13 +273,39 @@ def fetched(fetch, what):
 
 def test_arithmetic_suite_is_deterministic_and_right():
     a, b = evals.arithmetic_suite(), evals.arithmetic_suite()
-    assert a.items == b.items and len(a.items) == 100 and a.kind == "exact_match"
+    assert a.items == b.items and len(a.items) == 30 and a.kind == "exact_match"
     for it in a.items:
         x, op, y = it["prompt"].removeprefix("What is ").split("?")[0].split()
-        assert 1 <= int(x) <= 9 and 1 <= int(y) <= 9
+        assert 0 <= int(x) <= 9 and 0 <= int(y) <= 9
         assert int(it["answer"]) == (int(x) + int(y) if op == "+" else int(x) - int(y))
     assert {it["prompt"].split()[3] for it in a.items} == {"+", "-"}
-    assert evals.arithmetic_suite(seed=1).items != a.items
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_the_arithmetic_suite_holds_no_question_the_jobs_train_on(tiny, tmp_path, monkeypatch, seed):  # noqa: F811
+    """One arithmetic task (corpora.arithmetic_splits): its split is fixed, so whatever a run's seed, the DPO and GRPO
+    jobs train on the train split and the suite scores the test split only. Checked on what the jobs really encode."""
+    import minift.dpo
+    import minift.grpo
+    from minift.config import TrainConfig
+    from minift.corpora import arithmetic_splits
+    suite = {it["prompt"] for it in evals.arithmetic_suite().items}
+    splits = arithmetic_splits()
+    assert suite == {r["prompt"] for r in splits["test"]} and not suite & {r["prompt"] for r in splits["train"]}
+    trained = {}
+
+    def stop_at_train(net, data, cfg, out, resume=False):  # what the job hands the loop: its training examples
+        trained["prompts"] = {tok.decode(e["input_ids"], skip_special_tokens=False) for e in data.train}
+        raise KeyboardInterrupt
+    folder, tok = tiny
+    for module, settings in ((minift.dpo, minift.dpo.DPOSettings()), (minift.grpo, minift.grpo.GRPOSettings())):
+        monkeypatch.setattr(module, "train", stop_at_train)
+        job = module.finetune_dpo if module is minift.dpo else module.finetune_grpo
+        cfg = TrainConfig(seed=seed, lora_r=2, metric="auto", precision="fp32", device="cpu", dropout=0.0)
+        with pytest.raises(KeyboardInterrupt):
+            job(str(folder), None, str(tmp_path / module.__name__), cfg, settings, limit=4 if module is minift.dpo else None)
+        asked = {q for q in suite if any(q in p for p in trained["prompts"])}
+        assert trained["prompts"] and not asked, (module.__name__, asked)
 
 
 def test_tweets_suite_is_the_instruction_test_split():

@@ -37,6 +37,7 @@ TM = importlib.import_module("minift.train")
 STEP = importlib.import_module("minift.step")
 RESUME = importlib.import_module("minift.resume")
 OUTPUTS = importlib.import_module("minift.outputs")
+OBJECTIVE = importlib.import_module("minift.objective")
 HERE = Path(__file__).resolve().parent
 CLOCK_FIELDS = ("tokens_per_s", "seconds", "eval_seconds")  # the log's wall-clock fields: the rest repeats exactly
 
@@ -95,13 +96,13 @@ def child_run(out, moment, at):
             return real(*args, **kw)
         RESUME.save_file = save_file
     elif moment == "eval":  # during a validation pass
-        real = TM.evaluate
+        real = OBJECTIVE.evaluate
 
         def evaluate(*args, **kw):
             if hit():
                 wait_for_parent(out, "in-eval")
             return real(*args, **kw)
-        TM.evaluate = evaluate
+        OBJECTIVE.evaluate = evaluate
     elif moment == "best":  # while the best model so far is written to best/ (outputs.export_best)
         real = OUTPUTS.save_checkpoint
 

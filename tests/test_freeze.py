@@ -22,7 +22,7 @@ from minift.layers import Embedding, LayerNorm, Linear, frozen_below
 from minift.lora import load_adapter, lora_layers
 from minift.memory import estimate_memory, format_kept, kept_for_backward, kept_tensors, storage_bytes
 from minift.optim import AdamW, param_groups
-from minift.step import forward_backward
+from minift.objective import forward_backward
 
 CONFIGS = {
     "bert": dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,

@@ -18,7 +18,8 @@ from minift.errors import MiniftError
 from minift.evaluate import evaluate
 from minift.config import TrainConfig
 from minift.corpora import load_instruction_splits
-from minift.instruct import exact_match, finetune_instruct, normalise_answer
+from minift.evals import exact_match, greedy_replies
+from minift.instruct import finetune_instruct, tweet_items
 from minift.tasks import encode_instruction, format_instruction
 
 SMOLLM2_TEMPLATE = (
@@ -88,8 +89,12 @@ def test_every_format_becomes_a_chat_prompt(tiny):
     assert chat_row[0] == (SYSTEM + "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n"
                                   "<|im_start|>user\nfirst word of: blue tree dog<|im_end|>\n<|im_start|>assistant\n")
     assert [response for _, response in (prompt_row, instr_row, chat_row)] == ["RED", "GREEN", "BLUE"]
-    with pytest.raises(MiniftError, match="ends with the assistant"):
+    with pytest.raises(MiniftError, match="must end with the assistant's answer"):
         format_instruction({"messages": [{"role": "user", "content": "hi"}]}, tok, 7)
+    # a turn whose content is not a text is named, with the rule it breaks (it was quoted the ending rule)
+    with pytest.raises(MiniftError, match=r"row 7: turn 2 of 'messages' must be \{'role': a text, 'content': a text\}, "
+                                          r"not \{\"role\": \"assistant\", \"content\": 5\}"):
+        format_instruction({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}, tok, 7)
     with pytest.raises(MiniftError, match="row 4 has fields text, label"):
         format_instruction({"text": "x", "label": "y"}, tok, 4)
 
@@ -107,7 +112,7 @@ def test_without_a_chat_template_prompts_are_plain(tiny):
 
 @pytest.mark.parametrize("bad, says", [({"prompt": "q", "response": "  "}, "the response is empty"),
                                        ({"text": "x"}, "has fields text"),
-                                       ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must be")])
+                                       ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must end")])
 def test_a_bad_instruction_row_is_named_by_its_file_line(tmp_path, bad, says):
     """The split shuffles the rows: an error must name the line of the file, not a position in a split."""
     rows = [json.dumps(r) for r in rows_of_each_format(20)]
@@ -169,9 +174,10 @@ def test_finetune_instruct_learns_and_saves_best(tiny, data, tmp_path, capsys):
     assert saved["validation"]["loss"] == report["validation"]["loss"] and len(saved["samples_after"]) == 3
     # the format is learnt (a model this small learns the answers' prior, not the rule): one capitalised word
     # from the responses, then <|im_end|>; the untrained model babbles
-    em = exact_match(best, tok, splits["train"], max_new_tokens=4)
-    assert all(a in {w.upper() for w in WORDS} for a in em["answers"]), em["answers"][:8]
-    assert not any(a in {w.upper() for w in WORDS} for a in exact_match(base, tok, splits["train"])["answers"])
+    prompts = [format_instruction(r, tok)[0] for r in splits["train"]]
+    answers = greedy_replies(best, tok, prompts, max_new_tokens=4)
+    assert all(a in {w.upper() for w in WORDS} for a in answers), answers[:8]
+    assert not any(a in {w.upper() for w in WORDS} for a in greedy_replies(base, tok, prompts, max_new_tokens=4))
 
 
 def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
@@ -203,12 +209,15 @@ def test_out_of_memory_is_one_line(tiny, data, tmp_path, monkeypatch):
         finetune_instruct(str(folder), data=str(data), out=str(tmp_path / "oom2"), cfg=cfg, max_length=128, test=False)
 
 
-class ScriptedModel:
+class ScriptedModel(torch.nn.Module):
     """Stands in for a decoder: answers each prompt with a fixed text (checks the bookkeeping around generate:
     left padding, the answer cut after the prompt, the order restored after batching by length)."""
+    task = "lm"
 
     def __init__(self, tok, answers):
+        super().__init__()
         self.tok, self.answers, self.batches = tok, answers, []
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # (evals asks a model for its device)
 
     def generate(self, input_ids, max_new_tokens, attention_mask, eos_token_id):
         assert (attention_mask[:, -1] == 1).all()  # left-padded: every prompt ends at the right edge
@@ -221,31 +230,33 @@ class ScriptedModel:
         return torch.tensor(rows)
 
 
-def test_exact_match_counts_hand_made_cases(tiny):
+def test_the_tweets_exact_match_counts_hand_made_cases(tiny):
+    """The job scores the tweets with evals.exact_match, the one scorer: the reply's first word, case and the
+    punctuation around it aside."""
     _, tok = tiny
     cases = [("a", "red", "red"), ("bb", "RED", "Red."), ("ccc", "blue", " blue "), ("dddd", "blue", "green"),
-             ("eeeee", "cat", "cat dog"), ("f", "dog", "")]  # right, right, right, wrong, wrong, wrong
+             ("eeeee", "cat", "cat dog"), ("f", "dog", "")]  # right, right, right, wrong, right (first word), wrong
     rows = [{"prompt": p * 9, "response": r} for p, r, _ in cases]
     # the model sees each prompt as exact_match writes it: wrapped in the chat template (format_instruction)
     model = ScriptedModel(tok, {format_instruction(row, tok)[0]: a for row, (_, _, a) in zip(rows, cases)})
-    result = exact_match(model, tok, rows, batch_size=4, max_new_tokens=4)
-    assert (result["correct"], result["total"], result["exact_match"]) == (3, 6, 0.5)
-    assert [a.strip() for a in result["answers"]] == ["red", "Red.", "blue", "green", "cat dog", ""]
+    result = exact_match(model, tok, tweet_items(rows), batch_size=4, max_new_tokens=4)
+    assert (result["correct"], result["n"], result["exact_match"]) == (4, 6, 4 / 6)
+    assert [s["reply"].strip() for s in result["items"]] == ["red", "Red.", "blue", "green", "cat dog", ""]
     assert model.batches == [4, 2]
-    assert normalise_answer(" Negative.\n") == "negative"
-    with pytest.raises(MiniftError, match="no rows to score"):
+    with pytest.raises(MiniftError, match="at least one"):
         exact_match(model, tok, [])
 
 
-def test_exact_match_batched_equals_one_at_a_time(tiny, data):
+def test_greedy_replies_batched_equal_one_at_a_time(tiny, data):
     folder, tok = tiny
     model = load_checkpoint(folder, "lm", verbose=False)
-    rows = load_instruction_splits(data, seed=0)["train"][:7]
-    batched = exact_match(model, tok, rows, batch_size=7, max_new_tokens=4)["answers"]
-    alone = [exact_match(model, tok, [r], max_new_tokens=4)["answers"][0] for r in rows]
+    prompts = [format_instruction(r, tok)[0] for r in load_instruction_splits(data, seed=0)["train"][:7]]
+    batched = greedy_replies(model, tok, prompts, batch_size=7, max_new_tokens=4)
+    alone = [greedy_replies(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
     assert batched == alone
-    prompts = [format_instruction(r, tok)[0] for r in rows]
-    assert len({len(tok.encode(p, add_special_tokens=False)) for p in prompts}) > 1  # padding was in play
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    assert greedy_replies(model, tok, ids, batch_size=7, max_new_tokens=4) == batched  # token ids work alike
+    assert len({len(i) for i in ids}) > 1  # padding was in play
 
 
 def test_suites_are_scored_before_and_after(tiny, data, tmp_path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ def test_a_setting_means_the_same_by_every_route(family, tmp_path, monkeypatch):
 
     flags, toml, api = ROUTES[family]
     seen = []
-    monkeypatch.setattr(minift.classify, "finetune_classifier", lambda *a, **kw: seen.append(a[3]))
+    monkeypatch.setattr(minift.classify, "finetune_classifier", lambda *a, **kw: seen.append(kw["cfg"]))
     monkeypatch.setattr(minift.sweep, "run_sweep", lambda *a, **kw: seen.append(a[7]))  # its base config
     (tmp_path / "s.toml").write_text(toml)
     cli.main(["finetune", "--out", str(tmp_path / "a"), *flags])

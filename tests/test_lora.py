@@ -486,7 +486,7 @@ def test_the_lora_flag_takes_the_lora_recipe(tmp_path, monkeypatch):
     from minift.recipe import LORA_TRAIN, MAIN_TRAIN
 
     seen = {}
-    monkeypatch.setattr(minift.classify, "finetune_classifier", lambda *args, **kw: seen.update(cfg=args[3]))
+    monkeypatch.setattr(minift.classify, "finetune_classifier", lambda *args, **kw: seen.update(cfg=kw["cfg"]))
     cli.main(["finetune", "--lora", "--out", str(tmp_path)])
     assert LORA_TRAIN and vars(seen["cfg"]) == vars(TrainConfig(**{**MAIN_TRAIN, **LORA_TRAIN, "lora_r": 8}))
     cli.main(["finetune", "--lora", "--lr", "2e-3", "--out", str(tmp_path)])

@@ -10,7 +10,7 @@ from minift.batching import TrainData, collate, pack_examples
 from minift.checkpoints import build_model
 from minift.config import TrainConfig
 from minift.errors import MiniftError
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import train
 from test_freeze import CONFIGS
 

@@ -17,7 +17,7 @@ from minift.gguf import DEQUANTIZE
 from minift.lora import lora_layers
 from minift.memory import estimate_memory
 from minift.quantize import KINDS, QuantizedWeight, quantize_base
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import prepare_model, train
 from test_freeze import batch, lm_rows
 

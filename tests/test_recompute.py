@@ -10,7 +10,7 @@ from minift.batching import TrainData
 from minift.checkpoints import build_model
 from minift.config import TrainConfig
 from minift.memory import kept_for_backward
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import prepare_model, train
 from test_freeze import CONFIGS, batch, lm_rows
 

@@ -30,13 +30,14 @@ from minift.evaluate import evaluate
 from minift.layers import Dropout
 from minift.optim import AdamW, LRSchedule, param_groups, warmup_steps_for
 from minift.resume import LoopState, load_training_state, save_training_state
-from minift.step import forward_backward
+from minift.objective import forward_backward
 from minift.train import seed_everything, set_dropout, train
 
 # `minift.train` is the train() function (minift/__init__.py re-exports it under the module's name), so
 # monkeypatching the loop's globals needs the module object itself:
 TM = importlib.import_module("minift.train")
 STEP = importlib.import_module("minift.step")
+OBJECTIVE = importlib.import_module("minift.objective")
 
 PAD = 0
 VOCAB = 64
@@ -665,7 +666,7 @@ def test_early_stopping_keeps_the_model_of_the_best_evaluation(tmp_path, monkeyp
         seen.append(params_of(model))
         return {"loss": 1.0, "accuracy": 0.5, metric: values[len(seen) - 1]}
 
-    monkeypatch.setattr(TM, "evaluate", scripted)
+    monkeypatch.setattr(OBJECTIVE, "evaluate", scripted)
     model = make_model()
     result = train(model, TrainData(cls_examples(24), cls_examples(8, seed=1), PAD),
                    config(eval_every=1, patience=1, metric=metric), tmp_path)
