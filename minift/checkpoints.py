@@ -26,7 +26,7 @@ from .errors import MiniftError
 from .files import atomic_write
 
 # model_type -> the module that knows the family
-FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
+FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
 TASKS = ("classify", "lm", "encode")
 
 

@@ -26,17 +26,36 @@ def positions_from_mask(attention_mask, offset=0):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
 
 
-def attention_allowed(attention_mask, T, past=0, document_ids=None):
+def attention_allowed(attention_mask, T, past=0, document_ids=None, window=None):
     """Which keys each query may see, as (batch, 1, T, past + T) booleans: key j for query i if j <= i (causal)
     and j is a real token (padding mask) and, in a packed row (batching.pack_examples: document_ids 1, 2, ...
     per token, 0 on padding), j is in i's own text: a block-diagonal causal mask, so packed texts never see each
-    other. It is a constant of the attention: the softmax backward needs nothing more (a masked probability is
-    0, and so is its gradient)."""
-    causal = torch.ones(past + T, past + T, dtype=torch.bool, device=attention_mask.device).tril()[past:]
-    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    other. With a sliding `window` w (a local layer of Mistral, Qwen2, Gemma), also j > i - w: the query and the
+    w - 1 keys before it, as transformers counts (its sliding_window_overlay). It is a constant of the attention:
+    the softmax backward needs nothing more (a masked probability is 0, and so is its gradient), so the window
+    holds in the backward too. Indices count padded slots: padding sits at one end of a row, so between two real
+    tokens the distance is the same as between their positions."""
+    causal = torch.ones(past + T, past + T, dtype=torch.bool, device=attention_mask.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)  # the band i - w < j <= i
+    allowed = causal[past:][None, None] & attention_mask.bool()[:, None, None, :]
     if document_ids is not None:
         allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return allowed
+
+
+def cached_positions(caches, attention_mask, T, windowed=False):
+    """How many positions came before these T in a generation with `caches` (one [k, v] per layer): the attention
+    mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all, unless
+    the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
+    if attention_mask is not None:
+        return attention_mask.shape[1] - T
+    if not caches or not caches[0]:
+        return 0
+    if windowed:
+        raise MiniftError("this model's sliding-window layers keep only their window in the cache: pass the "
+                          "attention_mask of the whole sequence so far (past and new tokens), as generate() does")
+    return caches[0][0].shape[2]
 
 
 def last_real_token(attention_mask):
