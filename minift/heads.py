@@ -109,12 +109,13 @@ class TiedLMHead(nn.Module):
         return dlogits @ weight  # the gradient of the hidden states
 
 
-def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
+def chunked_lm_loss(hidden, weight, targets, num_targets, chunk, softcap=None):
     """The LM head and the cross-entropy together, `chunk` positions at a time, forward and backward in one go:
     the (positions, vocab) logits and their gradient exist for one chunk only (for SmolLM2 at 4 x 1024 tokens the
     whole batch's are 0.8 GB each in fp32). hidden (N, d) and targets (N,), already shifted; weight (vocab, d), so
-    logits = hidden @ weight.T. The head's weight gradient is added into weight.grad chunk by chunk (for a tied
-    head that is the embedding's .grad, which its own backward adds to later). Returns (loss, dhidden)."""
+    logits = hidden @ weight.T (then `softcap`, a layers.SoftCap, for Gemma 2). The head's weight gradient is added
+    into weight.grad chunk by chunk (for a tied head that is the embedding's .grad, which its own backward adds to
+    later). Returns (loss, dhidden)."""
     num_targets = check_targets(int((targets != -100).sum()) if num_targets is None else num_targets)
     hidden = cast_for_matmul(hidden)
     loss = torch.zeros((), device=hidden.device)  # a micro-batch with no target adds 0, as in the plain loss
@@ -123,8 +124,13 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
         part = slice(start, start + chunk)
         if not (targets[part] != -100).any():
             continue  # nothing to learn here (a prompt, padding): the gradient stays 0, the logits are never made
-        part_loss, dlogits = cross_entropy(hidden[part] @ weight.T, targets[part], num_targets)
+        logits = hidden[part] @ weight.T
+        if softcap is not None:
+            logits = softcap(logits)  # (it keeps this chunk's tanh, and its backward frees it)
+        part_loss, dlogits = cross_entropy(logits, targets[part], num_targets)
         loss = loss + part_loss
+        if softcap is not None:
+            dlogits = softcap.backward(dlogits)
         dlogits = cast_for_matmul(dlogits)
         if weight.requires_grad:
             accumulate_grad(weight, dlogits.T @ hidden[part])  # dW = sum over chunks of dlogits^T @ hidden
@@ -164,6 +170,12 @@ class CausalLM(TaskModel):
     task = "lm"
     loss_chunk = 0  # TrainConfig.chunked_loss, set by train.prepare_model: positions per chunk of the loss
 
+    def __init__(self):
+        super().__init__()
+        # a layers.SoftCap on the logits (Gemma 2 sets one), which the chunked loss applies too. An attribute of
+        # the instance, not the class: nn.Module keeps a submodule apart, so a class-level None would hide it
+        self.final_softcap = None
+
     def head_is_deferred(self):
         """True in a training forward with the chunked loss: forward then returns the hidden states, not the
         logits, and loss() runs the head itself, a chunk of positions at a time (chunked_lm_loss); backward gets
@@ -182,7 +194,7 @@ class CausalLM(TaskModel):
         if self.head_is_deferred():  # `logits` are the hidden states: the head and the loss a chunk at a time
             hidden = logits
             loss, dhidden = chunked_lm_loss(hidden.reshape(-1, hidden.shape[-1]), self.head_weight(),
-                                            targets.reshape(-1), num_targets, self.loss_chunk)
+                                            targets.reshape(-1), num_targets, self.loss_chunk, self.final_softcap)
             return loss, dhidden.view(hidden.shape)
         loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
                                       want_grad=self.training)
