@@ -134,7 +134,7 @@ def local_layers(d):
     if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
         raise MiniftError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {n} layers: "
                           "check config.json")
-    return window, [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    return window, [i for i, layer_type in enumerate(types) if layer_type == "sliding_attention"]
 
 
 # ---- RoPE scaling: the long-context rules, applied once to the frequencies at load ---------------------------
@@ -213,6 +213,8 @@ def yarn_frequencies(inv_freq, scaling, theta):
 
 
 def yarn_attention_factor(scaling):
+    """What yarn multiplies cos and sin by: config.json's attention_factor, else from the factor (and DeepSeek's
+    mscale / mscale_all_dim pair), as transformers computes it."""
     factor = scaling["factor"]
     if scaling.get("attention_factor") is not None:
         return scaling["attention_factor"]
