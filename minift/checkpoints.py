@@ -21,12 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .models import bert, gpt2, llama
+from .models import bert, gemma, gpt2, llama
 from .errors import MiniftError
 from .files import atomic_write
 
 # model_type -> the module that knows the family
-FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
+FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
+            "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 TASKS = ("classify", "lm", "encode")
 
 
@@ -64,7 +65,9 @@ def build_model(config, task="classify", num_labels=None, pooling=None):
         raise MiniftError(f"{config['model_type']} {what}; choose task {' or '.join(map(repr, family.TASKS))}")
     overrides = {k: v for k, v in dict(num_labels=num_labels, pooling=pooling).items() if v is not None}
     model = family.TASKS[task](family.Config.from_dict({**config, **overrides}))
-    model.hf_config = dict(config)  # kept so that save() writes back every key we did not use
+    # kept so that save() writes back every key we did not use; a checkpoint with a vision tower (gemma3) is run,
+    # and saved, as its language model: its text_config's keys
+    model.hf_config = dict(config.get("text_config") or config)
     if model.task == "classify":  # (the rest of heads.TaskModel's attributes start as None)
         model.label_names = _label_names(config, model)
     model.max_length = config.get("minift_max_length")

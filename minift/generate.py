@@ -1,7 +1,9 @@
 """Text generation with a KV cache, for any minift language model (task "lm").
 
 The model's forward takes `caches`, a list with one [] per layer (from `model.new_cache()`): the first call
-fills it with every layer's keys and values, each later call feeds only the newest token and appends to it.
+fills it with every layer's keys and values, each later call feeds only the newest token and appends to it. A
+local (sliding-window) layer's attention trims its own cache to the last window - 1 positions, all it can still
+see; the attention mask passed here covers the whole sequence, and each layer takes its last columns.
 """
 import math
 import numbers

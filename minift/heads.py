@@ -26,17 +26,36 @@ def positions_from_mask(attention_mask, offset=0):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
 
 
-def attention_allowed(attention_mask, T, past=0, document_ids=None):
+def attention_allowed(attention_mask, T, past=0, document_ids=None, window=None):
     """Which keys each query may see, as (batch, 1, T, past + T) booleans: key j for query i if j <= i (causal)
     and j is a real token (padding mask) and, in a packed row (batching.pack_examples: document_ids 1, 2, ...
     per token, 0 on padding), j is in i's own text: a block-diagonal causal mask, so packed texts never see each
-    other. It is a constant of the attention: the softmax backward needs nothing more (a masked probability is
-    0, and so is its gradient)."""
-    causal = torch.ones(past + T, past + T, dtype=torch.bool, device=attention_mask.device).tril()[past:]
-    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    other. With a sliding `window` w (a local layer of Mistral, Qwen2, Gemma), also j > i - w: the query and the
+    w - 1 keys before it, as transformers counts (its sliding_window_overlay). It is a constant of the attention:
+    the softmax backward needs nothing more (a masked probability is 0, and so is its gradient), so the window
+    holds in the backward too. Indices count padded slots: padding sits at one end of a row, so between two real
+    tokens the distance is the same as between their positions."""
+    causal = torch.ones(past + T, past + T, dtype=torch.bool, device=attention_mask.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)  # the band i - w < j <= i
+    allowed = causal[past:][None, None] & attention_mask.bool()[:, None, None, :]
     if document_ids is not None:
         allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return allowed
+
+
+def cached_positions(caches, attention_mask, T, windowed=False):
+    """How many positions came before these T in a generation with `caches` (one [k, v] per layer): the attention
+    mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all, unless
+    the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
+    if attention_mask is not None:
+        return attention_mask.shape[1] - T
+    if not caches or not caches[0]:
+        return 0
+    if windowed:
+        raise MiniftError("this model's sliding-window layers keep only their window in the cache: pass the "
+                          "attention_mask of the whole sequence so far (past and new tokens), as generate() does")
+    return caches[0][0].shape[2]
 
 
 def last_real_token(attention_mask):
@@ -90,12 +109,13 @@ class TiedLMHead(nn.Module):
         return dlogits @ weight  # the gradient of the hidden states
 
 
-def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
+def chunked_lm_loss(hidden, weight, targets, num_targets, chunk, softcap=None):
     """The LM head and the cross-entropy together, `chunk` positions at a time, forward and backward in one go:
     the (positions, vocab) logits and their gradient exist for one chunk only (for SmolLM2 at 4 x 1024 tokens the
     whole batch's are 0.8 GB each in fp32). hidden (N, d) and targets (N,), already shifted; weight (vocab, d), so
-    logits = hidden @ weight.T. The head's weight gradient is added into weight.grad chunk by chunk (for a tied
-    head that is the embedding's .grad, which its own backward adds to later). Returns (loss, dhidden)."""
+    logits = hidden @ weight.T (then `softcap`, a layers.SoftCap, for Gemma 2). The head's weight gradient is added
+    into weight.grad chunk by chunk (for a tied head that is the embedding's .grad, which its own backward adds to
+    later). Returns (loss, dhidden)."""
     num_targets = check_targets(int((targets != -100).sum()) if num_targets is None else num_targets)
     hidden = cast_for_matmul(hidden)
     loss = torch.zeros((), device=hidden.device)  # a micro-batch with no target adds 0, as in the plain loss
@@ -104,8 +124,13 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk):
         part = slice(start, start + chunk)
         if not (targets[part] != -100).any():
             continue  # nothing to learn here (a prompt, padding): the gradient stays 0, the logits are never made
-        part_loss, dlogits = cross_entropy(hidden[part] @ weight.T, targets[part], num_targets)
+        logits = hidden[part] @ weight.T
+        if softcap is not None:
+            logits = softcap(logits)  # (it keeps this chunk's tanh, and its backward frees it)
+        part_loss, dlogits = cross_entropy(logits, targets[part], num_targets)
         loss = loss + part_loss
+        if softcap is not None:
+            dlogits = softcap.backward(dlogits)
         dlogits = cast_for_matmul(dlogits)
         if weight.requires_grad:
             accumulate_grad(weight, dlogits.T @ hidden[part])  # dW = sum over chunks of dlogits^T @ hidden
@@ -145,6 +170,12 @@ class CausalLM(TaskModel):
     task = "lm"
     loss_chunk = 0  # TrainConfig.chunked_loss, set by train.prepare_model: positions per chunk of the loss
 
+    def __init__(self):
+        super().__init__()
+        # a layers.SoftCap on the logits (Gemma 2 sets one), which the chunked loss applies too. An attribute of
+        # the instance, not the class: nn.Module keeps a submodule apart, so a class-level None would hide it
+        self.final_softcap = None
+
     def head_is_deferred(self):
         """True in a training forward with the chunked loss: forward then returns the hidden states, not the
         logits, and loss() runs the head itself, a chunk of positions at a time (chunked_lm_loss); backward gets
@@ -163,7 +194,7 @@ class CausalLM(TaskModel):
         if self.head_is_deferred():  # `logits` are the hidden states: the head and the loss a chunk at a time
             hidden = logits
             loss, dhidden = chunked_lm_loss(hidden.reshape(-1, hidden.shape[-1]), self.head_weight(),
-                                            targets.reshape(-1), num_targets, self.loss_chunk)
+                                            targets.reshape(-1), num_targets, self.loss_chunk, self.final_softcap)
             return loss, dhidden.view(hidden.shape)
         loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_targets,
                                       want_grad=self.training)

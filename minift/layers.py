@@ -253,18 +253,25 @@ def merge_heads(x):  # (B, H, T, hd) -> (B, T, H*hd)
 
 
 class Attention(nn.Module):
-    """softmax(q k^T / sqrt(d) + mask) v for every head, with dropout on the probabilities.
+    """softmax(q k^T * scale + mask) v for every head, with dropout on the probabilities.
 
     q, k, v: (batch, heads, time, head_dim). `allowed`: bool, broadcastable to (batch, heads, t_q, t_k),
     True where a query may look at a key (padding mask and, for GPT-2, the causal mask).
+    `scale`: 1 / sqrt(head_dim) unless the family says otherwise (Gemma: query_pre_attn_scalar ** -0.5).
+    `softcap`: Gemma 2 squashes the scores into (-softcap, softcap) before the mask (SoftCap below).
     """
 
-    def __init__(self, dropout):
+    def __init__(self, dropout, scale=None, softcap=None):
         super().__init__()
         self.dropout = Dropout(dropout)
+        self.scale = scale
+        self.softcap = SoftCap(softcap) if softcap else None
 
     def forward(self, q, k, v, allowed):
-        scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1]))  # (in place: one tensor less)
+        scale = self.scale or 1 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-1, -2)).mul_(scale)  # (in place: one tensor less)
+        if self.softcap is not None:
+            scores = self.softcap(scores)
         # finfo.min, not -inf or -1e10: stays finite in every dtype, so a fully padded row is uniform, not NaN
         scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=fp32_dtype(scores))  # (upcasts inside: no fp32 copy)
@@ -283,9 +290,34 @@ class Attention(nn.Module):
         dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs)
         # a masked score was overwritten, so it passes no gradient (this matters in a fully masked row,
         # where softmax spreads evenly over the masked keys)
-        dscores.masked_fill_(~allowed, 0).mul_(1 / math.sqrt(q.shape[-1]))
-        dscores = dscores.to(q.dtype)
+        dscores.masked_fill_(~allowed, 0)
+        if self.softcap is not None:
+            dscores = self.softcap.backward(dscores)
+        dscores = dscores.mul_(self.scale or 1 / math.sqrt(q.shape[-1])).to(q.dtype)
         return dscores @ k, dscores.transpose(-1, -2) @ q, dv
+
+
+class SoftCap(nn.Module):
+    """y = cap * tanh(x / cap): x itself near 0, squashed smoothly into (-cap, cap) far out (Gemma 2's attention
+    scores and final logits). Its derivative is 1 - tanh(x / cap)^2."""
+
+    def __init__(self, cap):
+        super().__init__()
+        self.cap = cap
+
+    def extra_repr(self):
+        return f"cap={self.cap}"
+
+    def forward(self, x):
+        t = torch.tanh(x / self.cap)
+        if keeps_for_backward(self):
+            self.t = t  # keeps: tanh(x / cap), a tensor of its own (the caller may overwrite y in place)
+        return t * self.cap
+
+    def backward(self, dy):
+        t = self.t
+        del self.t
+        return dy * (1 - t * t)
 
 
 def check_targets(num_targets):
@@ -347,7 +379,11 @@ class RMSNorm(nn.Module):
         xhat = x * rstd
         if keeps_for_backward(self):
             self.xhat, self.rstd = xhat, rstd  # keeps: normalised input and 1/rms
-        return (xhat * self.weight).to(dtype)
+        return (xhat * self.gain()).to(dtype)
+
+    def gain(self):
+        """What multiplies the normalised x: the weight (Gemma's RMSNorm: 1 + weight, models/gemma.py)."""
+        return self.weight
 
     def backward(self, dy):
         xhat, rstd = self.xhat, self.rstd
@@ -355,7 +391,7 @@ class RMSNorm(nn.Module):
         dy = _as_fp32(dy)
         if self.weight.requires_grad:  # a frozen weight costs nothing
             accumulate_grad(self.weight, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0))
-        dxhat = dy * self.weight
+        dxhat = dy * self.gain()  # (the gain's derivative by the weight is 1 in both forms: dW above)
         # the rms depends on every x of the row: one correction term (LayerNorm has a second one for the mean),
         # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), computed in place in dxhat
         mean_dxhat_xhat = (dxhat * xhat).mean(-1, keepdim=True)
@@ -371,10 +407,15 @@ class RotaryEmbedding(nn.Module):
     rows in GGUF files to match: the GGUF converter undoes that, so here it is always Hugging Face's way.
     """
 
-    def __init__(self, head_dim, theta):
+    def __init__(self, head_dim, theta, rescale=None):
         super().__init__()
         self.theta = theta  # config.json's rope_theta: 10000 in Llama 2, 100000 in SmolLM2, 1e6 in Qwen2
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # a long-context checkpoint rescales the frequencies once, here (models/llama.py: the llama3, linear and
+        # yarn rules of rope_scaling); yarn also multiplies cos and sin, so every q.k, by an attention factor
+        self.attention_scale = 1.0
+        if rescale is not None:
+            inv_freq, self.attention_scale = rescale(inv_freq)
         # not persistent: computed from the config, never saved (old checkpoints that carry it are skipped)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -386,7 +427,10 @@ class RotaryEmbedding(nn.Module):
         # angles in fp32 even for a bf16 model (as HF does): position 8000 * inv_freq must not lose its digits
         angles = position_ids[..., None].float() * self.inv_freq.float()
         angles = torch.cat([angles, angles], dim=-1)  # coordinate i and i + d/2 turn by the same angle
-        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scale != 1.0:
+            cos, sin = cos * self.attention_scale, sin * self.attention_scale
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
 def rotate_half(x):
@@ -403,7 +447,8 @@ def apply_rope(x, cos, sin):
 def apply_rope_backward(dy, cos, sin):
     """A rotation is orthogonal: the gradient goes back through the inverse rotation, by minus the angle.
 
-    (y = R x with R a rotation, so dx = R^T dy = R(-angle) dy; cos(-a) = cos(a), sin(-a) = -sin(a).)"""
+    (y = R x with R a rotation, so dx = R^T dy = R(-angle) dy; cos(-a) = cos(a), sin(-a) = -sin(a). With yarn's
+    attention factor s, y = s R x and dx = s R^T dy: the same formula on the scaled cos and sin.)"""
     return apply_rope(dy, cos, -sin)
 
 

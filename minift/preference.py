@@ -64,7 +64,7 @@ def sequence_logprobs(model, batch):
     safe = targets.masked_fill(~mask, 0)  # any id works where there is no target: its log-prob is zeroed below
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     if model.head_is_deferred():  # `out` are the hidden states: the head a chunk of positions at a time
-        tokens, kept = _chunked_head_logprobs(out, model.head_weight(), safe, mask, model.loss_chunk)
+        tokens, kept = _chunked_head_logprobs(out, model.head_weight(), safe, mask, model.loss_chunk, model.final_softcap)
     else:
         logprobs = torch.log_softmax(out, dim=-1, dtype=fp32_dtype(out))
         del out  # the logits are not needed again: the softmax is exp(logprobs)
@@ -92,7 +92,7 @@ def sequence_logprobs_backward(model, logprobs, dlogps):
                           "one number per sequence or per position")
     g = g.masked_fill(~mask, 0.0)
     if kind == "chunked":
-        return model.backward(_chunked_head_backward(model.head_weight(), *kept, g))
+        return model.backward(_chunked_head_backward(model.head_weight(), model.final_softcap, *kept, g))
     full, safe, _ = kept
     g = g.to(full.dtype).unsqueeze(-1)
     dlogits = full.exp_().mul_(-g)  # -g * softmax(z), in place of the log-softmax (no second (B, T, V) tensor)
@@ -100,7 +100,13 @@ def sequence_logprobs_backward(model, logprobs, dlogps):
     return model.backward(dlogits)
 
 
-def _chunked_head_logprobs(hidden, weight, safe, mask, chunk):
+def _capped_logits(hidden, weight, softcap):
+    """hidden @ weight.T, then Gemma 2's cap c tanh(z / c) where the model has one (a layers.SoftCap)."""
+    logits = hidden @ weight.T
+    return logits if softcap is None else torch.tanh(logits / softcap.cap) * softcap.cap
+
+
+def _chunked_head_logprobs(hidden, weight, safe, mask, chunk, softcap=None):
     """The picked log-probs with logits = hidden @ weight.T made `chunk` positions at a time, chunks with no target
     skipped (heads.chunked_lm_loss's way). Only a training forward defers the head, so it always keeps: the hidden
     states, from which the backward makes each chunk's logits again (one more head matmul, no (B, T, V) tensor)."""
@@ -108,20 +114,24 @@ def _chunked_head_logprobs(hidden, weight, safe, mask, chunk):
     safe_flat, mask_flat = safe.reshape(-1), mask.reshape(-1)
     tokens = torch.zeros(len(flat), dtype=fp32_dtype(flat), device=flat.device)
     for part in _chunks_with_targets(mask_flat, chunk):
-        part_logprobs = torch.log_softmax(flat[part] @ weight.T, dim=-1, dtype=tokens.dtype)
+        part_logprobs = torch.log_softmax(_capped_logits(flat[part], weight, softcap), dim=-1, dtype=tokens.dtype)
         tokens[part] = part_logprobs.gather(-1, safe_flat[part, None]).squeeze(-1)
     tokens = tokens.masked_fill(~mask_flat, 0.0).view(mask.shape)
     return tokens, ("chunked", flat, safe_flat, chunk, hidden.shape, mask)
 
 
-def _chunked_head_backward(weight, flat, safe_flat, chunk, hidden_shape, mask, g):
-    """dlogits = g * (onehot(y) - softmax(z)) a chunk at a time; dW += dlogits^T h, dh = dlogits W. Returns dhidden."""
+def _chunked_head_backward(weight, softcap, flat, safe_flat, chunk, hidden_shape, mask, g):
+    """dlogits = g * (onehot(y) - softmax(z)) a chunk at a time (through a cap: times 1 - tanh^2); dW += dlogits^T h,
+    dh = dlogits W. Returns dhidden."""
     g = g.reshape(-1)
     dhidden = torch.zeros_like(flat)
     for part in _chunks_with_targets(mask.reshape(-1), chunk):
         gp = g[part].unsqueeze(-1)
-        dlogits = torch.softmax(flat[part] @ weight.T, dim=-1, dtype=fp32_dtype(flat)).mul_(-gp.to(fp32_dtype(flat)))
+        logits = _capped_logits(flat[part], weight, softcap)
+        dlogits = torch.softmax(logits, dim=-1, dtype=fp32_dtype(flat)).mul_(-gp.to(fp32_dtype(flat)))
         dlogits.scatter_add_(-1, safe_flat[part, None], gp.to(dlogits.dtype))
+        if softcap is not None:
+            dlogits.mul_(1 - (logits / softcap.cap) ** 2)
         dlogits = cast_for_matmul(dlogits)
         if weight.requires_grad:  # a tied head's weight is the embedding: its own backward adds to this later
             accumulate_grad(weight, dlogits.T @ flat[part])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.errors import MiniftError
-from minift.layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, cross_entropy,
+from minift.layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, SoftCap, Tanh, cross_entropy,
                            keeps_for_backward)
 
 TOL = 1e-8
@@ -198,6 +198,37 @@ def test_attention(p, mask_kind):
     q, k, v = qkv(TQ, tk)
     layer = Attention(p)
     check_layer(layer, [q, k, v, allowed])
+
+
+def test_softcap():
+    """cap * tanh(x / cap), far into the flat part too (|x| up to about 4 caps); its backward 1 - tanh^2."""
+    layer = SoftCap(2.5)
+    x = x64(4, 9, scale=4.0)
+    check_layer(layer, [x])
+    y = layer.eval()(x)
+    assert y.abs().max() < 2.5 and (y - x).abs().max() > 1.0  # it caps
+    small = x64(3, 3, scale=1e-3)
+    torch.testing.assert_close(layer(small), small, rtol=1e-6, atol=0)  # and is the identity near 0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("scale,softcap", [(0.3, None), (None, 1.5), (0.7, 0.9)])
+def test_attention_with_scale_and_softcap(p, scale, softcap):
+    """Gemma's query_pre_attn_scalar ** -0.5 instead of 1 / sqrt(head_dim), and Gemma 2's soft-capped scores (small
+    caps, so that the scores reach the flat part), with a causal + padding mask and a fully masked row."""
+    allowed = (causal_mask(TK) & padding_mask([5, 3], TK)).repeat(1, H, 1, 1).clone()
+    allowed[1, 0, 4, :] = False
+    q, k, v = (t * 3 for t in qkv())
+    check_layer(Attention(p, scale=scale, softcap=softcap), [q, k, v, allowed])
+    # the forward is the formula, written out
+    layer = Attention(0.0, scale=scale, softcap=softcap).double().eval()
+    scores = q @ k.transpose(-1, -2) * (scale or HD ** -0.5)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0) @ v
+    out = layer(q, k, v, allowed)
+    torch.testing.assert_close(out[allowed.any(-1)[..., None].expand_as(out)], ref[allowed.any(-1)[..., None].expand_as(ref)],
+                               rtol=0, atol=1e-13)
 
 
 def test_attention_masked_keys_get_no_weight():

@@ -1,4 +1,4 @@
-"""The Llama family (Llama, SmolLM/SmolLM2, TinyLlama, Qwen2/2.5, Mistral), built from minift's layers.
+"""The Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama, Qwen2/2.5, Qwen3, Mistral), built from minift's layers.
 
 Four things make a Llama out of a GPT-2 (compare gpt2.py side by side):
 - RMSNorm instead of LayerNorm (no mean, no bias);
@@ -7,22 +7,29 @@ Four things make a Llama out of a GPT-2 (compare gpt2.py side by side):
 - grouped-query attention (GQA): fewer key/value heads than query heads, each k/v head shared by a group of
   query heads (SmolLM2-135M: 9 query heads, 3 k/v heads, groups of 3). The k/v cache is that much smaller.
 Module names follow the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj`, `model.norm`,
-`lm_head`), so loading is the identity map. Qwen2 adds biases to q, k and v; Mistral is Llama with an
-optional sliding window, which minift does not implement: a sequence longer than an active window is refused.
+`lm_head`), so loading is the identity map. The relatives differ in a few switches:
+- Qwen2 adds biases to q, k and v; Qwen3 instead RMS-normalises each head of q and k (q_norm, k_norm) before RoPE,
+  and its head_dim is its own setting, not hidden / heads;
+- Mistral (every layer) and Qwen2/3 (the layers `layer_types` marks) may attend over a sliding window: token t
+  sees t-w+1 .. t only, in the mask (so in the backward too) and in generation's cache, which keeps the last w-1;
+- Llama 3.1+ and long-context Qwen stretch RoPE's slow frequencies once at load (`rope_scaling`: llama3, linear,
+  yarn), so that positions past the pretraining length turn by angles the model has seen.
 """
+import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import MiniftError
-from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows,
-                     pick_rows_backward, positions_from_mask)
+from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, cached_positions, last_real_token,
+                     pick_rows, pick_rows_backward, positions_from_mask)
 from ..layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
                      frozen_below, keeps_for_backward, merge_heads, split_heads)
 from ..recompute import block_backward, block_forward
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts")
 
 
@@ -39,11 +46,15 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # a long-context rule for RoPE's frequencies (rope_rescaling); None: plain RoPE
     attention_bias: bool = False  # Llama: biases on q, k, v and o (Qwen2 always has q, k, v biases, no o bias)
     mlp_bias: bool = False
     attention_dropout: float = 0.0  # the only dropout a Llama has
     tie_word_embeddings: bool = False  # True: the LM head is the token embedding (SmolLM2, Qwen2.5-0.5B)
-    sliding_window: int | None = None  # an ACTIVE window only (see from_dict); None: full causal attention
+    sliding_window: int | None = None  # the local layers' window (local_layers); None: every layer sees all the past
+    # Qwen2/3: the indices of the layers that slide (layer_types' "sliding_attention"); None: all alike (Mistral: all
+    # slide). Not named layer_types: transformers reads a Mistral config.json with layer_types as another model
+    sliding_layers: list | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     pad_token_id: int | None = None
@@ -58,6 +69,8 @@ class LlamaConfig:
                               f"num_key_value_heads {self.num_key_value_heads}: check config.json")
         if self.head_dim % 2:
             raise MiniftError(f"head_dim {self.head_dim} is odd: rotary embedding turns pairs of coordinates")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise MiniftError(f"sliding_window {self.sliding_window!r} is not a whole number >= 1: check config.json")
 
     @property
     def qkv_bias(self):
@@ -66,6 +79,16 @@ class LlamaConfig:
     @property
     def o_bias(self):
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def qk_norm(self):  # Qwen3: RMSNorm on each head of q and k
+        return self.model_type == "qwen3"
+
+    def window_of(self, i):
+        """Layer i's sliding window, or None for a layer that sees every past token."""
+        if self.sliding_layers is not None and i not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, d):
@@ -78,41 +101,130 @@ class LlamaConfig:
         if any(d.get(k) for k in MOE_KEYS):
             raise MiniftError("mixture-of-experts models are not supported: minift runs dense Llama-family models "
                               f"(config.json has {', '.join(k for k in MOE_KEYS if d.get(k))})")
-        # transformers 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta + rope_scaling
+        # transformers 5 writes rope_parameters {rope_theta, rope_type, ...}; older files rope_theta + rope_scaling
         rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise MiniftError(f"rope scaling {rope_type!r} is not supported: minift implements plain RoPE "
-                              "(rope_type 'default'); use a checkpoint without rope_scaling")
         if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
             raise MiniftError("partial_rotary_factor is not supported: minift rotates every coordinate of a head")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        known = {f.name for f in fields(cls)} - {"rope_theta", "sliding_window"}
+        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "sliding_window", "sliding_layers"}
         if "id2label" in d and "num_labels" not in d:
             d = {**d, "num_labels": len(d["id2label"])}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None},
-                   rope_theta=theta, sliding_window=_active_window(d))
+        window, sliding_layers = local_layers(d)
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None}, rope_theta=theta,
+                   rope_scaling=read_rope_scaling(rope, d), sliding_window=window, sliding_layers=sliding_layers)
 
 
-def _active_window(d):
-    """The sliding window that transformers would apply, or None when every layer attends to all past tokens.
+def local_layers(d):
+    """(sliding_window, sliding_layers) of an HF config dict: the window transformers applies, and where.
 
     Llama has none. Mistral applies `sliding_window` to every layer when it is set (Mistral-7B-v0.1: 4096;
-    v0.2 and later: null). Qwen2 only when `use_sliding_window` is true, and then only in the layers that
-    `layer_types` (or, in older files, `max_window_layers`) marks as sliding. A window longer than the
-    sequence changes nothing, so minift keeps the window and refuses, in forward, a sequence longer than it.
+    v0.2 and later: null), so its sliding_layers stay None. Qwen2 and Qwen3 only when `use_sliding_window` is true
+    (Qwen2.5's files set a window but leave it false), and then only in the layers that `layer_types` (or, in
+    older files, `max_window_layers`: every layer from that one up) marks "sliding_attention".
     """
-    window = d.get("sliding_window")
-    if window is None or d.get("model_type", "llama") == "llama":
+    kind, window = d.get("model_type", "llama"), d.get("sliding_window")
+    if kind == "llama" or window is None:
+        return None, None
+    if kind == "mistral":
+        return window, None
+    if not d.get("use_sliding_window", False):
+        return None, None
+    n, first = d.get("num_hidden_layers", 32), d.get("max_window_layers", 28)
+    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise MiniftError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {n} layers: "
+                          "check config.json")
+    return window, [i for i, layer_type in enumerate(types) if layer_type == "sliding_attention"]
+
+
+# ---- RoPE scaling: the long-context rules, applied once to the frequencies at load ---------------------------
+
+ROPE_RULE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ("factor",)}
+
+
+def read_rope_scaling(rope, d):
+    """The RoPE scaling of a config (rope_scaling with "type" or "rope_type", or transformers 5's rope_parameters)
+    as the dict minift keeps, or None for plain RoPE. A rule minift does not implement is refused by name."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
         return None
-    if d.get("model_type") == "qwen2":
-        if not d.get("use_sliding_window", False):
-            return None
-        n, first = d.get("num_hidden_layers", 32), d.get("max_window_layers", 28)
-        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-        if "sliding_attention" not in types:
-            return None
-    return window
+    if kind not in ROPE_RULE_KEYS:
+        raise MiniftError(f"rope scaling {kind!r} is not supported: minift implements plain RoPE and the "
+                          f"{', '.join(map(repr, ROPE_RULE_KEYS))} rules; use a checkpoint with one of those")
+    missing = [k for k in ROPE_RULE_KEYS[kind] if rope.get(k) is None]
+    if missing:
+        raise MiniftError(f"rope scaling {kind!r} needs {', '.join(missing)} in config.json's rope_scaling")
+    scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
+    if kind in ("llama3", "yarn"):  # the pretraining length the rule is measured against (as transformers reads it)
+        scaling["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or rope.get(
+            "original_max_position_embeddings") or d.get("max_position_embeddings", LlamaConfig.max_position_embeddings)
+    return scaling
+
+
+def rope_rescaling(scaling, theta):
+    """The function RotaryEmbedding applies once to its frequencies for this rope scaling (None: plain RoPE)."""
+    if scaling is None:
+        return None
+    rule = {"linear": linear_frequencies, "llama3": llama3_frequencies, "yarn": yarn_frequencies}[scaling["rope_type"]]
+    return partial(rule, scaling=scaling, theta=theta)
+
+
+def linear_frequencies(inv_freq, scaling, theta):
+    """Every frequency / factor: position p turns as p / factor did (Code Llama, Gemma 3's global layers)."""
+    return inv_freq / scaling["factor"], 1.0
+
+
+def llama3_frequencies(inv_freq, scaling, theta):
+    """Llama 3.1's rule. A pair whose wavelength (2 pi / frequency, in positions) is longer than
+    original_max / low_freq_factor never turned fully during pretraining: its frequency / factor. One shorter than
+    original_max / high_freq_factor turns many times in any text (local word order): kept. Between, a smooth
+    ramp from one to the other. (transformers' _compute_llama3_parameters, step for step.)"""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelength - low) / (high - low)  # 0 at the long end of the ramp, 1 at its short end
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelength >= old_len / high) & (wavelength <= old_len / low)
+    return torch.where(between, ramp, scaled), 1.0
+
+
+def yarn_frequencies(inv_freq, scaling, theta):
+    """YaRN (Qwen2.5 and Qwen3 past 32K): pairs that turn more than beta_fast times over the pretraining length keep
+    their frequency, pairs that turn fewer than beta_slow times get frequency / factor, a linear ramp over the pair
+    index between. It also scales cos and sin by the attention factor 0.1 ln(factor) + 1 (so q.k by its square):
+    stretched positions make the softmax flatter, and this sharpens it back. (transformers' _compute_yarn_parameters.)"""
+    dim, factor = 2 * len(inv_freq), scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def pair_turning(rotations):  # the (fractional) pair index that turns `rotations` times over old_len positions
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(scaling.get("beta_fast") or 32), pair_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high += 0.001 if high == low else 0  # (as transformers: no division by zero)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the pretrained frequency (fast pairs), 0: the stretched one (slow pairs)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq, yarn_attention_factor(scaling)
+
+
+def yarn_attention_factor(scaling):
+    """What yarn multiplies cos and sin by: config.json's attention_factor, else from the factor (and DeepSeek's
+    mscale / mscale_all_dim pair), as transformers computes it."""
+    factor = scaling["factor"]
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+
+    def mscale(m):  # the YaRN paper's eq. 21
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+    return mscale(1)
 
 
 def group_queries(q, n_kv_heads):
@@ -128,26 +240,42 @@ def ungroup(x, n_heads):  # (B, Hkv, group * T, hd) -> (B, H, T, hd), the invers
     return x.view(B, n_heads, GT * x.shape[1] // n_heads, hd)
 
 
-class LlamaAttention(nn.Module):
-    """Grouped-query attention with rotary positions: q, k rotated by RoPE, k/v shared by groups of q heads."""
+def window_cache(t, window):
+    """What a local layer's cache keeps of its keys (or values) (B, H, time, hd): the last window - 1 positions,
+    which with the next token make the w it may see (as transformers' DynamicSlidingWindowLayer keeps)."""
+    return t[:, :, max(t.shape[2] - (window - 1), 0):]
 
-    def __init__(self, c):
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with rotary positions: q, k rotated by RoPE, k/v shared by groups of q heads.
+    `window`: this layer's sliding window (a local layer), or None (a global one)."""
+
+    def __init__(self, c, window=None):
         super().__init__()
-        self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.n_heads, self.n_kv_heads, self.window = c.num_attention_heads, c.num_key_value_heads, window
         self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        # Qwen3: each head of q and k RMS-normalised over its own coordinates (one weight, shared by the heads),
+        # which keeps q.k from growing with the weights; RMSNorm works on the last dimension, so no reshape
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.attn = Attention(c.attention_dropout)  # the same softmax(q k^T / sqrt(d) + mask) v as BERT and GPT-2
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x, cos, sin, allowed, cache=None):
-        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin)
+        q = split_heads(self.q_proj(x), self.n_heads)
+        k = split_heads(self.k_proj(x), self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
         if cache is not None:  # generation: the cache holds the rotated keys of the k/v heads, not repeated
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
+            cache[:] = [k, v] if self.window is None else [window_cache(k, self.window), window_cache(v, self.window)]
+        # a local layer's cache starts later than the sequence: its keys are the mask's last columns
+        allowed = allowed[..., allowed.shape[-1] - k.shape[2]:]
         if keeps_for_backward(self):
             self.cos, self.sin = cos, sin  # keeps: the angles (shared by every layer), to turn the gradients back
         # grouped-query attention: each k/v head answers its group of query heads in one matmul; a query
@@ -165,6 +293,8 @@ class LlamaAttention(nn.Module):
         dq, dk, dv = self.attn.backward(dout)
         dq = ungroup(dq, self.n_heads)
         dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
+        if self.q_norm is not None:
+            dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
         # x fed three projections: its gradient is the sum of the three
         dx = self.q_proj.backward(merge_heads(dq))
         dx += self.k_proj.backward(merge_heads(dk))
@@ -192,10 +322,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block, as GPT-2's: x + attn(norm(x)), then + mlp(norm(x)); no dropout on residuals."""
 
-    def __init__(self, c):
+    def __init__(self, c, window=None):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = LlamaAttention(c, window)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
@@ -217,26 +347,26 @@ class LlamaModel(Backbone):
         self.config = c
         # padding_idx as in HF: the pad row gets no gradient from the input side
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.windows = [c.window_of(i) for i in range(c.num_hidden_layers)]  # None: a global layer
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, window) for window in self.windows)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta)  # no parameters: angles from positions
+        # no parameters: angles from positions (frequencies rescaled once for a long-context checkpoint)
+        self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, rope_rescaling(c.rope_scaling, c.rope_theta))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         """caches: a list of one [] per layer (new_cache()), filled and extended by generation; None in training."""
         B, T = input_ids.shape
-        past = caches[0][0].shape[2] if caches and caches[0] else 0
-        window = self.config.sliding_window
-        if window is not None and past + T > window:
-            raise MiniftError(f"sequence of {past + T} tokens is longer than the model's sliding window of {window}: "
-                              f"minift has no sliding-window attention; keep max_length (+ max_new_tokens) <= {window}")
+        past = cached_positions(caches, attention_mask, T, windowed=any(self.windows))
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:  # counted over real tokens only, so a left-padded row starts at 0 too
             position_ids = positions_from_mask(attention_mask)[:, past:]
-        allowed = attention_allowed(attention_mask, T, past, document_ids)  # causal, padding, packed texts apart
+        # causal, padding, packed texts apart, and a local layer's window: one mask per kind of layer
+        masks = {w: attention_allowed(attention_mask, T, past, document_ids, w) for w in set(self.windows)}
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # computed once, used by every layer
         for i, layer in enumerate(self.layers):
+            allowed = masks[self.windows[i]]
             x = layer(x, cos, sin, allowed, caches[i]) if caches is not None else block_forward(layer, x, cos, sin, allowed)
         return self.norm(x)
 
@@ -324,7 +454,7 @@ LABEL_HEAD = "score.weight"  # the layer with one row per class
 DEFAULT_TASK = "lm"  # what the pretrained checkpoint computes: next-token logits
 FAN_IN_FAN_OUT = False  # weights are (out, in) in HF's files, as in nn.Linear
 UNUSED_HEADS = ("lm_head.",)  # a causal LM's head, in a classifier (or a tied copy in a tied model's file)
-_FAMILY_NAME = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_FAMILY_NAME = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 _TASK_SUFFIX = {"lm": "ForCausalLM", "classify": "ForSequenceClassification", "encode": "Model"}
 
 
