@@ -32,6 +32,7 @@ from .memory import estimate_memory, format_memory, levers_by_gain, levers_not_o
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .quantize import quantize_base
 from .outputs import export_best
+from .report import write_report
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
                      save_training_state, set_rng_states, sigterm_as_interrupt)
 from .step import train_step
@@ -161,6 +162,8 @@ def train(model, data, cfg, out_dir, resume=False):
             run.dist.barrier()
         print(f"\ninterrupted at step {state.step}: checkpoint saved in {run.out_dir / 'checkpoint'}; "
               f"run the same command with --resume to continue")
+        if run.main:  # the page of the steps done (report.py)
+            print(f"report page of the steps so far: {write_report(run.out_dir)}")
         raise
     except Exception as e:
         if run.dist and distributed.is_timeout(e):  # another rank hangs: asking it anything would wait again
@@ -178,6 +181,8 @@ def train(model, data, cfg, out_dir, resume=False):
     if stop:
         print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {cfg.metric} "
               f"(patience {cfg.patience}); the best model is from step {state.best_step}")
+        if run.main:  # the page of the run as it stopped; a job's report (outputs.finish) draws it again with its results
+            print(f"report page: {write_report(run.out_dir)}")
     return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
             "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
             "precision": resolved_precision(cfg.precision, run.device)}
