@@ -527,7 +527,7 @@ table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.4em 0}
 td,th{padding:.2em .6em;border-bottom:1px solid #e3e3e3;text-align:right;vertical-align:top}
 td:first-child,th:first-child,.facts td,.facts th,.samples td,.runs td{text-align:left}
 .confusion td{min-width:4.5em;text-align:center}.confusion small{opacity:.8}
-.splits{display:flex;flex-wrap:wrap;gap:2.5em}
+.splits{display:flex;flex-wrap:wrap;gap:2.5em}.split{max-width:540px}
 .settings{display:grid;grid-template-columns:repeat(auto-fill,minmax(17em,1fr));gap:0 1.5em}
 .settings div{display:flex;justify-content:space-between;border-bottom:1px solid #e3e3e3}.settings dd{margin:0 0 0 1em}
 pre{background:#f6f6f6;padding:.5em .8em;overflow-x:auto}.none{color:#888;font-style:italic}
