@@ -15,7 +15,6 @@ each mode in a fresh process (peak RSS after 3 steps: weights + AdamW state + wh
 peak). The weights are the real all-MiniLM-L6-v2 and the batch is 32 real tweets padded to 64 tokens.
 """
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from minift.batching import collate
 from minift.corpora import load_classification_splits
 from minift.lora import add_lora
 from minift.optim import AdamW, param_groups
+from minift.report import cpu_name  # (bench/preference.py, rollouts.py, align_task.py take it from here)
 from minift.step import train_step
 from minift.tasks import encode_classification
 from minift.train import autocast
@@ -79,13 +79,6 @@ def make_step(mode, precision, task="classify"):
             train_step(model, [batch], optimizer, 1e-5)
 
     return step, sum(p.numel() for p in model.parameters() if p.requires_grad), summary
-
-
-def cpu_name():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def own_peak_rss_mb():

@@ -15,7 +15,7 @@ from .batching import TrainData
 from .checkpoints import load_checkpoint
 from .config import TrainConfig
 from .corpora import limit_rows, load_classification_splits
-from .data import length_report
+from .data import length_report, stats
 from .errors import MiniftError
 from .hub import resolve_model
 from .outputs import after_training, finish, load_best, snapshot, weights_moved
@@ -37,6 +37,7 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     splits, label_names = load_classification_splits(data, text_column, label_column, cfg.seed)
     splits = limit_rows(splits, limit)
     print(length_report(splits["train"], tok, max_length))
+    data_stats = {"rows": {k: len(v) for k, v in splits.items()}, "train": stats(splits["train"], tok, max_length)}
     # the test split is not even tokenized unless this run is the once-only look at it (test=True)
     encoded = {k: encode_classification(v, tok, label_names, max_length) for k, v in splits.items()
                if k != "test" or test}
@@ -51,8 +52,8 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     device = pick_device(cfg.device)
     with after_training(out):
         best = load_best(out, "classify", device)
-        report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg), **result,
-                  "validation": result["best_metrics"], "weights_moved": weights_moved(best, base)}
+        report = {"model": str(path), "train_rows": len(encoded["train"]), "data": data_stats, "config": vars(cfg),
+                  **result, "validation": result["best_metrics"], "weights_moved": weights_moved(best, base)}
         del report["best_metrics"]  # (it is "validation": the numbers measured when best/ was chosen)
         if test:
             report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)

@@ -516,6 +516,23 @@ def add_tool_commands(sub):
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(run=cmd_generate)
 
+    r = sub.add_parser("report", help="draw a run's report page (OUT/report.html) again from its log.jsonl and "
+                       "results.json; several runs: their curves on the same axes")
+    r.add_argument("runs", nargs="+", metavar="OUT", help="run folders (the --out of minift finetune, a sweep's trial-NNN)")
+    r.add_argument("--out", help="the page to write (default: the first OUT's report.html)")
+    r.add_argument("--open", action="store_true", help="open it in the web browser")
+    r.set_defaults(run=cmd_report)
+
+
+def cmd_report(args):
+    from .report import write_report
+
+    path = write_report(args.runs[0], args.runs[1:], args.out)
+    print(path)
+    if args.open:
+        import webbrowser
+        webbrowser.open(path.resolve().as_uri())
+
 
 def main(argv=None):
     try:

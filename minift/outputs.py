@@ -5,6 +5,7 @@
     OUT/best/          the best model on validation: a plain checkpoint that minift and transformers load
     OUT/adapter/       with LoRA: the adapters alone, in peft's layout (the base model + adapter/ = best/)
     OUT/results.json   the report: settings, validation and test metrics, weights moved, wall time
+    OUT/report.html    the same as a page, with the learning curves (report.py); `minift report OUT` redraws it
 
 best/ (and adapter/) are written when the model is chosen, not after training, so a run stopped at any
 moment leaves a best/ that `minift predict` loads.
@@ -22,6 +23,7 @@ from .errors import MiniftError
 from .evaluate import format_metrics
 from .files import atomic_write, existing_folder, new_folder, replace_folder
 from .lora import lora_layers, merge_and_unload, save_adapter
+from .report import cpu_name, write_report
 
 
 def export_best(model, out_dir):
@@ -97,10 +99,11 @@ def finish(report, out, t0, use_it):
     print(f"\nvalidation (best step {report['best_step']}):\n{format_metrics(report['validation'])}")
     if "test" in report:
         print(f"\ntest (held out, looked at once):\n{format_metrics(report['test'])}")
-    report["wall_seconds"] = time.perf_counter() - t0
+    report["wall_seconds"], report["cpu"] = time.perf_counter() - t0, cpu_name()
     print(f"\nweights moved {report['weights_moved']:.4f} (relative L2 distance from the pretrained ones)")
     print(f"best model saved in {out / 'best'}" + (f", adapter in {out / 'adapter'}" if (out / "adapter").is_dir() else "")
           + f", log in {out / 'log.jsonl'}; total {report['wall_seconds'] / 60:.1f} min")
     print(use_it)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=str)))
+    print(f"report page (curves, figures, settings; opens offline): {write_report(out)}")
     return report

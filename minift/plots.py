@@ -1,4 +1,5 @@
-"""Pictures of a run: learning curves from log.jsonl and a confusion matrix. matplotlib is optional.
+"""Pictures of a run: learning curves from log.jsonl and a confusion matrix as PNGs, where matplotlib is installed.
+Every run's report.html (report.py) draws the same curves without it; these are for a figure of your own.
 
     from minift.plots import plot_learning_curves, plot_confusion
     plot_learning_curves("runs/minilm-tweets/log.jsonl", "runs/minilm-tweets/curves.png")
@@ -11,26 +12,17 @@ import csv
 from pathlib import Path
 
 from .errors import MiniftError
+from .report import smooth
 from .resume import read_log
 
 MISSING = "matplotlib is missing, so {path} holds the numbers instead of a plot; pip install minift[plots] " \
           "(or pip install matplotlib) gives PNGs"
 
 
-def smooth(values, weight=0.8):
-    """Exponential moving average, as TensorBoard draws it: single batches are noisy, the trend is not."""
-    out, avg = [], values[0]
-    for v in values:
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg)
-    return out
-
-
 def learning_curve_rows(log_jsonl):
     """One row per step: training loss (raw, smoothed), lr, grad norm, and validation numbers where evaluated."""
     train, evals = read_log(log_jsonl)
-    # smoothed over about a tenth of the run: a short run keeps its shape, a long one loses its noise
-    smoothed = smooth([t["loss"] for t in train], weight=1 - 1 / max(1, len(train) / 10))
+    smoothed = smooth([t["loss"] for t in train])  # as report.html draws it: over about a tenth of the run
     by_step = {e["step"]: e["eval"] for e in evals}
     names = [k for k in ("loss", "accuracy", "macro_f1", "majority_baseline") if evals and k in evals[0]["eval"]]
     rows = []

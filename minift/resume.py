@@ -238,15 +238,22 @@ def read_log(log_jsonl):
     """(train records, eval records) of a log.jsonl that train() wrote, in step order.
 
     A resumed run logs again the steps after its last checkpoint, and a rerun into the same folder starts
-    again at step 1: when a step number comes round again, the newer records replace the older ones."""
+    again at step 1: when a step number comes round again, the newer records replace the older ones. A last line
+    cut short by a killed process is left out."""
     path = Path(log_jsonl)
     if not path.is_file():
         raise MiniftError(f"{path}: no such log; train() writes log.jsonl in its output folder")
     train, evals = [], []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # a last line cut short (the process killed mid-write): the records before it stand
+                break
+            raise MiniftError(f"{path}, line {n}, is not a JSON record: the log is damaged") from None
         if "eval" in r:
             evals.append(r)
             continue

@@ -10,7 +10,8 @@ score stops being an honest estimate of how the model does on new data. Stage 7 
 
 Files in `out`: results.jsonl (one line per trial, written as each one ends, so an interrupted sweep loses
 nothing; run the same sweep again and it goes on with the trials not done yet), results.csv (the table,
-best first), sweep.json (what every trial shares), trial-NNN/ (each trial's best model, log and output).
+best first), report.html (every trial's curves on the same axes), sweep.json (what every trial shares),
+trial-NNN/ (each trial's best model, log, output and report page).
 """
 import contextlib
 import csv
@@ -28,6 +29,7 @@ from . import recipe
 from .errors import MiniftError
 from .classify import finetune_classifier
 from .config import TrainConfig
+from .report import write_report
 from .resume import read_log
 
 
@@ -248,4 +250,6 @@ def report(records, keys, metric, out):
           f"its model is in {Path(best['folder']) / 'best'}")
     print(f"all trials: {out / 'results.csv'}, {out / 'results.jsonl'}. The test set was not used: look at it "
           "once, with these settings, when you are done choosing (stage 7).")
+    folders = [r["folder"] for r in ranked(records, metric) if r["status"] == "ok"]  # the best first, in detail
+    print(f"report page, every trial's curves on the same axes: {write_report(folders[0], folders[1:], out / 'report.html')}")
     return best

@@ -32,6 +32,7 @@ from .objective import objective_of
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .quantize import quantize_base
 from .outputs import export_best
+from .report import write_report
 from .resume import (LoopState, interrupts_held, load_training_state, move_earlier_run_aside, open_log, rng_states,
                      save_training_state, set_rng_states, sigterm_as_interrupt)
 from .step import train_step
@@ -128,7 +129,8 @@ def train(model, data, cfg, out_dir, resume=False):
 
     The shell around the step (minift.step.train_step): set up, then batch after batch one step, its log
     line, an evaluation when one is due and a checkpoint when one is due. A Ctrl-C or SIGTERM saves a
-    checkpoint that `resume=True` continues exactly."""
+    checkpoint that `resume=True` continues exactly. At the end (or a Ctrl-C) OUT/report.html draws the curves
+    (report.py)."""
     run = set_up(model, data, cfg, out_dir, resume)
     state, stop = run.state, False
     try:
@@ -156,6 +158,8 @@ def train(model, data, cfg, out_dir, resume=False):
             run.dist.barrier()
         print(f"\ninterrupted at step {state.step}: checkpoint saved in {run.out_dir / 'checkpoint'}; "
               f"run the same command with --resume to continue")
+        if run.main:  # the page of the steps done (report.py)
+            print(f"report page of the steps so far: {write_report(run.out_dir)}")
         raise
     except Exception as e:
         if run.dist and distributed.is_timeout(e):  # another rank hangs: asking it anything would wait again
@@ -170,9 +174,10 @@ def train(model, data, cfg, out_dir, resume=False):
     finally:
         run.bar.close()
         run.log.close()
+    page = write_report(run.out_dir) if run.main else None  # the curves so far (a job's finish adds its results)
     if stop:
         print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {run.metric} "
-              f"(patience {cfg.patience}); the best model is from step {state.best_step}")
+              f"(patience {cfg.patience}); the best model is from step {state.best_step}; report page: {page}")
     return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
             "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
             "precision": resolved_precision(cfg.precision, run.device)}

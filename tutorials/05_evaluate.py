@@ -20,25 +20,29 @@
 #     python tutorials/05_evaluate.py            # a few minutes: 208 training rows, 300 validation rows
 #
 # Writes runs/tutorials/05_evaluate/{quick,full}/: overfit/ and underfit/ (what `train` writes: log.jsonl,
-# best/, checkpoint/) and the plots (PNG; without matplotlib, CSV files with the same numbers).
+# best/, checkpoint/), the plots (PNG; without matplotlib, CSV files with the same numbers) and report.html, both
+# runs on one page (`--open` opens it in your browser).
 
 # %%
 import argparse
 import math
 import shutil
 import time
+import webbrowser
 from dataclasses import replace
 from pathlib import Path
 
 import minift
 from minift.corpora import load_classification_splits
 from minift.plots import plot_confusion, plot_learning_curves
+from minift.report import write_report
 from minift.resume import read_log
 from minift.tasks import encode_classification
 
 parser = argparse.ArgumentParser(description="Stage 5: over-fitting, under-fitting and early stopping")
 parser.add_argument("--quick", action="store_true", help="fewer rows and epochs (under a minute, for CI)")
 parser.add_argument("--runs", default="runs/tutorials", help="where tutorials write (default runs/tutorials)")
+parser.add_argument("--open", action="store_true", help="open the report page in your web browser at the end")
 args = parser.parse_args()
 out = Path(args.runs) / "05_evaluate" / ("quick" if args.quick else "full")
 shutil.rmtree(out, ignore_errors=True)  # every run of the lesson starts afresh
@@ -164,6 +168,23 @@ print(f"compare: over-fitting run's best validation loss {best['eval']['loss']:.
       f"last-epoch training loss {last_epoch:.4f}")
 assert under_train > 1.0 and under_val["loss"] > best["eval"]["loss"], "under-fitting: both losses stay high"
 print(plot_learning_curves(out / "underfit" / "log.jsonl", out / "underfit_curves.png"))
+
+# %% [markdown]
+# ## 5.5 The report page
+#
+# Every `minift finetune` run ends with the path of its page, OUT/report.html: the curves above, drawn from
+# log.jsonl as inline SVG (no plotting library, nothing fetched: it opens offline, and prints), with a line that
+# reads them for you, the confusion matrix and the settings. A run stopped early, like the over-fitting one,
+# writes the page of what it did; `write_report` (or `minift report OUT OTHER_OUT`) draws several runs on the same
+# axes: here the two failures side by side, each run one colour.
+
+# %%
+page = write_report(out / "overfit", others=[out / "underfit"], path=out / "report.html")
+print(f"both runs on one page: {page}")
+text = page.read_text()
+assert "<b>Over-fitting</b>" in text and "<b>Under-fitting</b>" in text, "the page reads both runs as this lesson does"
+if args.open:
+    webbrowser.open(page.resolve().as_uri())
 
 # %% [markdown]
 # ## What to remember
