@@ -117,7 +117,7 @@ def open_log(out_dir, state):
     return log
 
 
-RUN_FILES = ("checkpoint", "checkpoint.old", "best", "best.old", "adapter", "log.jsonl", "results.json")
+RUN_FILES = ("checkpoint", "checkpoint.old", "best", "best.old", "adapter", "log.jsonl", "results.json", "report.html")
 
 
 def move_earlier_run_aside(out_dir):

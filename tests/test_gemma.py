@@ -393,7 +393,7 @@ def test_training_levers_keep_the_gradients(shape, lever, padded_batch):
 
 def test_frozen_layers_leave_the_other_gradients(padded_batch):
     from minift.freeze import freeze
-    from minift.step import forward_backward
+    from minift.objective import forward_backward
     runs = []
     for patterns in ([], ["layers:2"]):
         model = built(SHAPES["gemma3-gqa2-tied"], "classify").double().train()
@@ -551,7 +551,7 @@ def test_bf16_autocast_step_strays_from_fp32_as_transformers_does(shape, transfo
     layers keep them) the hand-written step's gradients stray from its fp32 ones by bf16's rounding: measured
     1-3% of their norm here, as transformers' autograd step strays from its own (so within 2x of it); the
     master gradients stay fp32. The model cast to bf16 gives transformers' bf16 logits to bf16's rounding."""
-    from minift.step import forward_backward
+    from minift.objective import forward_backward
     hf = hf_model(transformers, shape).train()
     hf.save_pretrained(tmp_path)
     b = levers_batch(load_folder(tmp_path, "lm"), padded_batch)

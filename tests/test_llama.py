@@ -737,7 +737,7 @@ def lever_gradient_errors(spec, settings, reference, padded_batch, task="lm"):
     """The largest relative difference between the gradients with the lever on and the plain hand-written run's
     (itself checked against autograd above), float64; every trainable tensor compared."""
     from minift.config import TrainConfig
-    from minift.step import forward_backward
+    from minift.objective import forward_backward
     from minift.train import prepare_model
     runs = []
     for cfg in (reference, settings):
@@ -766,7 +766,7 @@ def test_training_levers_keep_the_gradients(shape, lever, padded_batch):
 def test_frozen_layers_leave_the_other_gradients(shape, padded_batch):
     """freeze layers:1 (embeddings and the lowest block): the rest get the full model's gradients, float64."""
     from minift.freeze import freeze
-    from minift.step import forward_backward
+    from minift.objective import forward_backward
     runs = []
     for patterns in ([], ["layers:1"]):
         model = built(SHAPES[shape], "classify").double().train()

@@ -151,6 +151,7 @@ def test_a_run_stopped_early_writes_its_page(tmp_path, capsys):
 
 def test_several_runs_share_the_axes(tmp_path):
     logs = {name: short_run(tmp_path / name, lr=lr) for name, lr in (("fast", 1e-2), ("slow", 1e-3))}
+    own = (tmp_path / "fast" / "report.html").read_text()  # train() drew each run's own page as it ended
     page = write_report(tmp_path / "fast", [tmp_path / "slow"], path=tmp_path / "both.html").read_text()
     together, detail = charts(page)["loss"]  # every run on one chart, then the first run alone
     for name, (steps, evals) in logs.items():
@@ -159,7 +160,7 @@ def test_several_runs_share_the_axes(tmp_path):
         together.assert_draws(f"{name}: validation loss", [(e["step"], e["eval"]["loss"]) for e in evals])
     assert len(together.series) == 4 and "training loss (each step)" in detail.series
     assert "2 runs compared" in page and page.index("fast") < page.index("slow")
-    assert (tmp_path / "fast" / "report.html").exists() is False  # --out elsewhere: the run's own page untouched
+    assert (tmp_path / "fast" / "report.html").read_text() == own  # --out elsewhere: the run's own page untouched
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint(tmp_path, cra
 
 def test_normal_run_leaves_no_temporary_files(tmp_path):
     run(config(max_steps=3, save_every=1), tmp_path, val=cls_examples(6, seed=1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint", "log.jsonl", "report.html"]
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["config.json", "model.safetensors"]
