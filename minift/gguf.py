@@ -7,10 +7,10 @@ A GGUF file is three parts back to back, little-endian throughout:
                merges and special ids, the chat template
     tensors    a table (name, shape, type, offset), then the tensors' bytes, aligned to 32 bytes
 
-Weights are usually quantized: cut into blocks of 32 numbers that share one fp16 scale, each number
-kept in 8 or 4 bits. We turn every tensor back into float32, undo llama.cpp's reordering of the q and k
-rows, and write config.json, model.safetensors, tokenizer.json and tokenizer_config.json, so the rest of
-minift (and transformers) reads the model like any other checkpoint:
+Weights are usually quantized: cut into blocks of 32 or 256 numbers that share fp16 scales, each number
+kept in 2 to 8 bits (gguf_blocks.py draws every layout). We turn every tensor back into float32, undo
+llama.cpp's reordering of the q and k rows, and write config.json, model.safetensors, tokenizer.json and
+tokenizer_config.json, so the rest of minift (and transformers) reads the model like any other checkpoint:
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2")
 
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
+from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -89,61 +90,8 @@ class Cursor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor types. Quantized types store `block` numbers in `nbytes` bytes.
+# Tensor types: their block layouts and dequantizers are in gguf_blocks.py.
 
-TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-              17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-              34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
-BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 2 + 32), 2: (32, 2 + 16), 3: (32, 2 + 2 + 16)}
-
-
-def dequantize_f32(raw):
-    return raw.view("<f4")
-
-
-def dequantize_f16(raw):
-    return raw.view("<f2").astype(np.float32)
-
-
-def dequantize_bf16(raw):
-    """bf16 is the top half of a float32: shift the 16 bits up and read them as float32."""
-    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-def dequantize_q8_0(raw):
-    """Block of 34 bytes: fp16 scale d, then 32 signed bytes q. value = d * q."""
-    blocks = raw.reshape(-1, 34)
-    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n, 1)
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)       # (n, 32)
-    return (q * d).reshape(-1)
-
-
-def nibbles(qs):
-    """16 bytes -> 32 numbers 0..15: the low nibbles are values 0-15 of the block, the high ones 16-31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def dequantize_q4_0(raw):
-    """Block of 18 bytes: fp16 scale d, 16 bytes of 4-bit q. value = d * (q - 8), so q spans -8..7."""
-    blocks = raw.reshape(-1, 18)
-    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
-    q = nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
-    return (d * q.astype(np.float32)).reshape(-1)
-
-
-def dequantize_q4_1(raw):
-    """Block of 20 bytes: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q. value = d * q + m."""
-    blocks = raw.reshape(-1, 20)
-    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
-    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
-    q = nibbles(blocks[:, 4:]).astype(np.float32)
-    return (d * q + m).reshape(-1)
-
-
-DEQUANTIZE = {0: dequantize_f32, 1: dequantize_f16, 30: dequantize_bf16,
-              8: dequantize_q8_0, 2: dequantize_q4_0, 3: dequantize_q4_1}
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in DEQUANTIZE)
 
 

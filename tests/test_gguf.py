@@ -142,10 +142,10 @@ def test_not_gguf_truncated_and_wrong_version(tmp_path):
 
 
 def test_unsupported_tensor_type_names_it(tmp_path):
-    q4k = np.zeros((2, 144), dtype=np.uint8)  # two rows of one Q4_K super-block (256 values, 144 bytes)
-    path = write_gguf(tmp_path / "k.gguf", [("blk.0.attn_q.weight", q4k, Q.Q4_K)])
+    iq2 = np.zeros((2, 66), dtype=np.uint8)  # two rows of one IQ2_XXS block (256 values, 66 bytes)
+    path = write_gguf(tmp_path / "k.gguf", [("blk.0.attn_q.weight", iq2, Q.IQ2_XXS)])
     message = one_line_error(dequantize, read_gguf(path), "blk.0.attn_q.weight")
-    assert "Q4_K" in message and "Q4_1" in message and "Q8_0" in message
+    assert "IQ2_XXS" in message and "Q4_K" in message and "Q8_0" in message
 
 
 # ---------------------------------------------------------------------------------------------------
