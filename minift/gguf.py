@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
 from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
+from .models import llama
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -182,7 +183,22 @@ def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# llama: config, tensor names, the q/k row order
+# Architectures: which family turns the metadata into config.json, tensor names, the q/k row order
+
+ARCHITECTURES = {"llama": llama, "qwen2": llama}  # general.architecture -> the family module (its config_from_gguf)
+COMING = {"gemma": "Gemma", "gemma2": "Gemma", "gemma3": "Gemma", "qwen3": "Qwen3"}  # families not in minift yet
+
+
+def family_of(meta: dict):
+    arch = meta.get("general.architecture")
+    if arch in COMING:
+        raise MiniftError(f"the {arch} architecture needs the {COMING[arch]} family, not in minift yet; "
+                          f"minift converts {', '.join(ARCHITECTURES)} files")
+    if arch not in ARCHITECTURES:
+        raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts {', '.join(ARCHITECTURES)} files "
+                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5 ...)")
+    return ARCHITECTURES[arch]
+
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of q_proj / k_proj rows (n_heads: the kv heads for k_proj).
@@ -199,68 +215,25 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's tensor names (the same for every architecture it shares them with) -> Hugging Face's keys
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling: read into config.json, not a weight
 
 
 def hf_name(name: str) -> str:
-    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM key."""
+    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM / Qwen2ForCausalLM key."""
     if name in TOP_NAMES:
         return TOP_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
-    raise MiniftError(f"tensor {name} has no place in a Llama model (rope scaling, biases and mixtures of "
-                      f"experts are not supported); convert a plain Llama-architecture GGUF")
-
-
-def shortest(x: float) -> float:
-    """A float32 from the file as its shortest decimal (9.999999747e-06 -> 1e-05, as in config.json)."""
-    return float(str(np.float32(x)))
-
-
-def llama_config(meta: dict, tensors: dict) -> dict:
-    """The config.json of Hugging Face's LlamaConfig, from the file's `llama.*` metadata."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts 'llama' models only "
-                          f"(SmolLM2, TinyLlama, Llama 2/3 ...)")
-
-    def need(key):
-        if f"llama.{key}" not in meta:
-            raise MiniftError(f"the GGUF has no llama.{key} in its metadata: the file is incomplete; re-export it")
-        value = meta[f"llama.{key}"]
-        if isinstance(value, list):
-            raise MiniftError(f"llama.{key} differs per layer in this GGUF; minift supports one value for all")
-        return value
-
-    hidden, heads = need("embedding_length"), need("attention.head_count")
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
-    head_dim = meta.get("llama.attention.key_length", hidden // heads)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise MiniftError("this GGUF rotates only part of each head (llama.rope.dimension_count != head size); "
-                          "minift's Llama rotates whole heads")
-    if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise MiniftError(f"this GGUF uses rope scaling ({meta['llama.rope.scaling.type']}), which minift's "
-                          f"Llama does not implement; pick a model without it")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else tensors["token_embd.weight"].shape[0])
-    config = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama",
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
-        num_hidden_layers=need("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, hidden_act="silu", max_position_embeddings=need("context_length"),
-        rms_norm_eps=shortest(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=shortest(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
-        attention_bias=False, attention_dropout=0.0, mlp_bias=False, initializer_range=0.02,
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
-    return config
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise MiniftError(f"tensor {name} has no place in a Llama-family model (mixtures of experts and extra "
+                      f"norms are not supported); convert a plain Llama or Qwen2 GGUF")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,10 +245,23 @@ def byte_level():
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def split_then_bytes(pattern: str):
+    # llama.cpp's regex for this vocabulary, each match a piece; then bytes -> printable characters
+    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# GPT-2's split with its contractions any case, letters with one leading non-letter, newlines kept together;
+# numbers one digit at a time (Qwen2) or up to three (Llama 3)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 PRE_TOKENIZERS = {
     "gpt-2": byte_level,
     # SmolLM2 (and StarCoder): every digit on its own first, then as GPT-2
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level()]),
+    "qwen2": split_then_bytes(QWEN2_SPLIT),
+    "llama-bpe": split_then_bytes(LLAMA3_SPLIT),  # Llama 3
 }
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values: special tokens, added plain tokens
 
@@ -317,7 +303,7 @@ def tokenizer_config(meta: dict) -> dict:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-              "model_max_length": meta.get("llama.context_length")}
+              "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length")}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -333,27 +319,29 @@ def tokenizer_config(meta: dict) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first and
-    swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
+    for a llama or qwen2 GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first
+    and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
     out_dir = Path(out_dir)
     target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
     check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
     gguf = read_gguf(gguf_path)
-    meta = gguf.metadata
-    config = llama_config(meta, gguf.tensors)  # everything that can be refused is refused before any work
-    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
-    names = {name: hf_name(name) for name in gguf.tensors}
+    meta, arch = gguf.metadata, gguf.metadata.get("general.architecture")
+    family = family_of(meta)  # everything that can be refused is refused before any work
+    names = {name: hf_name(name) for name in gguf.tensors if name != ROPE_FREQS}
     for t in gguf.tensors.values():
         check_supported(t)
+    rope_freqs = dequantize(gguf, ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
+    config = family.config_from_gguf(meta, {n: t.shape for n, t in gguf.tensors.items()}, arch, rope_freqs)
+    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tmp = new_folder(target)
     try:
         weights = {}
-        for name in tqdm(gguf.tensors, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
+        for name in tqdm(names, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
             w = dequantize(gguf, name)
-            if name.endswith("attn_q.weight"):
-                w = unpermute(w, config["num_attention_heads"])
-            elif name.endswith("attn_k.weight"):
-                w = unpermute(w, config["num_key_value_heads"])
+            part = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
+            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike
+                w = unpermute(w, heads[part])
             weights[names[name]] = np.ascontiguousarray(w)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights

