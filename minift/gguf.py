@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
 from .errors import MiniftError
@@ -264,13 +264,46 @@ PRE_TOKENIZERS = {
     "llama-bpe": split_then_bytes(LLAMA3_SPLIT),  # Llama 3
 }
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values: special tokens, added plain tokens
+GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
-    """A byte-level BPE tokenizer built from the file's vocabulary, merges and token types."""
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
-    if kind != "gpt2":
-        raise MiniftError(f"the GGUF's tokenizer is {kind!r}; minift rebuilds byte-level BPE ('gpt2') only")
+    """The file's tokenizer as a `tokenizers` one: byte-level BPE ("gpt2") or SentencePiece ("llama"), then
+    its special and added tokens and the BOS (EOS) it puts around every text."""
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"]
+    if kind == "gpt2":
+        tok = byte_level_bpe(meta)
+    elif kind == "llama":
+        tok = sentencepiece_bpe(meta)
+    else:
+        raise MiniftError(f"the GGUF's tokenizer is {kind!r}; minift rebuilds byte-level BPE ('gpt2') and "
+                          f"SentencePiece ('llama') ones")
+    types = meta.get("tokenizer.ggml.token_type", [])
+    # Kept whole in any text (never split by BPE); specials are also dropped by decode(skip_special_tokens).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    vocab = tok.get_vocab()  # a Gemma token respelled by sentencepiece_bpe is reached through the merges instead
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+    bos, eos = ([meta[f"tokenizer.ggml.{which}_token_id"]] if adds(meta, which) else [] for which in ("bos", "eos"))
+    if bos or eos:  # Llama 2, Gemma: every text starts with BOS
+        bos, eos = [tokens[i] for i in bos], [tokens[i] for i in eos]
+        tok.post_processor = processors.TemplateProcessing(
+            single=bos + ["$A"] + eos, pair=bos + ["$A"] + eos + bos + ["$B"] + eos,
+            special_tokens=[(t, vocab[t]) for t in bos + eos])
+    return tok
+
+
+def adds(meta, which) -> bool:
+    """Does the tokenizer put BOS (EOS) around every text? A SentencePiece file that does not say adds BOS."""
+    default = which == "bos" and meta.get("tokenizer.ggml.model") == "llama"
+    has_id = f"tokenizer.ggml.{which}_token_id" in meta
+    return has_id and bool(meta.get(f"tokenizer.ggml.add_{which}_token", default))
+
+
+def byte_level_bpe(meta: dict) -> tokenizers.Tokenizer:
+    """GPT-2's kind: text split by a regex (tokenizer.ggml.pre), each piece as bytes, the file's merges."""
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise MiniftError(f"the GGUF's pre-tokenizer is {pre!r}; minift knows {', '.join(PRE_TOKENIZERS)} "
                           f"(another split would give the model ids it was not trained on)")
@@ -283,26 +316,54 @@ def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    if meta.get("tokenizer.ggml.add_bos_token"):  # Llama-2 style files: every text starts with BOS
-        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
-    types = meta.get("tokenizer.ggml.token_type", [])
-    # Kept whole in any text (never split by BPE); specials are also dropped by decode(skip_special_tokens).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
     return tok
+
+
+def sentencepiece_bpe(meta: dict) -> tokenizers.Tokenizer:
+    """SentencePiece's BPE (Llama 2, TinyLlama, Mistral, Gemma), as llama.cpp's llm_tokenizer_spm runs it.
+
+    Spaces are written "▁" (and, unless tokenizer.ggml.add_space_prefix is false, as Gemma's is, one is put
+    before the text). The text is cut into characters, and the adjacent pair whose join is the best-scored
+    token is joined, again and again. A character not in the vocabulary becomes its UTF-8 bytes, tokens
+    <0x00> .. <0xFF> (byte fallback). The file has no merges list: merges_by_score writes one."""
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    gemma = meta.get("general.architecture") in GEMMA
+    if gemma:  # Gemma stores its runs of spaces as real spaces, which never meet the "▁"-written text
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # Gemma's scores are -1000 for its added tokens, though they join first: its file order is the rank
+    scores = [-i for i in range(len(tokens))] if gemma else meta["tokenizer.ggml.scores"]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = tokenizers.Tokenizer(models.BPE(vocab, merges_by_score(vocab, dict(zip(tokens, scores))),
+                                          unk_token=tokens[unk] if unk is not None else None,
+                                          fuse_unk=True, byte_fallback=True))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(" ", 1, 0))  # the space we put before the text
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def merges_by_score(vocab: dict, score: dict) -> list:
+    """SentencePiece joins the pair whose join scores best; a BPE model joins the pair ranked first in its
+    merges. So: every way to cut a token into two tokens of the vocabulary, ranked by the token's score
+    (ties: the longer left part first), the same list transformers' GGUF loader builds."""
+    merges = []
+    for token, token_score in score.items():
+        cuts = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(left, right, token_score) for left, right in sorted(cuts, key=lambda c: (vocab[c[0]], vocab[c[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: equal keys keep their order
+    return [(left, right) for left, right, _ in merges]
 
 
 def tokenizer_config(meta: dict) -> dict:
     """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template."""
     tokens = meta["tokenizer.ggml.tokens"]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+              "add_bos_token": adds(meta, "bos"), "add_eos_token": adds(meta, "eos"),
               "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length")}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
