@@ -174,6 +174,85 @@ def fetch_tweets() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The local Ollama store: models someone already pulled with `ollama pull`
+#
+#   $OLLAMA_MODELS (else ~/.ollama/models)/
+#       manifests/registry.ollama.ai/library/NAME/TAG    JSON: the layers of NAME:TAG ("user/NAME": no library/)
+#       blobs/sha256-<hex>                               each layer's bytes, named by their sha256
+#
+# The layer of media type application/vnd.ollama.image.model is the GGUF file itself; the others are the
+# chat template, parameters, license, and for some tags a LoRA adapter or a vision projector.
+
+OLLAMA_MODEL = "application/vnd.ollama.image.model"
+
+
+def ollama_dir() -> Path:
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def split_ollama_name(name: str):
+    """'ollama:qwen2.5-coder:0.5b' -> ('qwen2.5-coder', '0.5b'); the tag is 'latest' when none is given."""
+    spec = name.removeprefix("ollama:")
+    model, _, tag = spec.partition(":")
+    if not model or ":" in tag or "/" in tag:
+        raise MiniftError(f"{name} is not an Ollama model name: write ollama:NAME or ollama:NAME:TAG "
+                          f"(e.g. ollama:qwen2.5-coder:0.5b)")
+    return model, tag or "latest"
+
+
+def ollama_gguf(name: str) -> Path:
+    """'ollama:NAME[:TAG]' -> the GGUF file the local Ollama store holds for it (its model layer's blob)."""
+    model, tag = split_ollama_name(name)
+    store = ollama_dir()
+    folder = store / "manifests" / "registry.ollama.ai" / (model if "/" in model else f"library/{model}")
+    manifest = folder / tag
+    if not (store / "manifests").is_dir():
+        raise MiniftError(f"no Ollama store at {store}: pull the model with `ollama pull {model}:{tag}`, "
+                          f"or set OLLAMA_MODELS to the folder that holds manifests/ and blobs/")
+    if not manifest.is_file():
+        tags = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        there = f"{model} has the tags {', '.join(tags)}" if tags else f"the store has no {model}"
+        raise MiniftError(f"ollama:{model}:{tag} is not in the Ollama store at {store} ({there}): "
+                          f"`ollama pull {model}:{tag}`, or name a tag it has")
+    try:
+        layers = json.loads(manifest.read_text())["layers"]
+        kinds = {layer["mediaType"]: layer for layer in layers}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MiniftError(f"{manifest} is not an Ollama manifest ({type(e).__name__}: {e}): "
+                          f"pull the model again with `ollama pull {model}:{tag}`") from None
+    if OLLAMA_MODEL not in kinds:
+        others = sorted(p.name for p in folder.iterdir() if p.name != tag)
+        raise MiniftError(f"ollama:{model}:{tag} holds no model, only {', '.join(sorted(kinds)) or 'no layers'} "
+                          f"(an adapter or projector goes with its base model); the other tags of {model}: "
+                          f"{', '.join(others) or 'none'}")
+    layer = kinds[OLLAMA_MODEL]
+    blob = store / "blobs" / str(layer.get("digest", "")).replace(":", "-")
+    if not blob.is_file() or blob.stat().st_size != layer.get("size", blob.stat().st_size):
+        state = f"{blob.stat().st_size} bytes, the manifest says {layer.get('size')}" if blob.is_file() else "missing"
+        raise MiniftError(f"the model file of ollama:{model}:{tag} ({blob}) is {state}: "
+                          f"pull it again with `ollama pull {model}:{tag}`")
+    return blob
+
+
+def gguf_source(path_or_name) -> Path:
+    """What `minift convert` reads: a .gguf path, or the file of an 'ollama:NAME[:TAG]' name."""
+    text = str(path_or_name)
+    return ollama_gguf(text) if text.startswith("ollama:") else Path(path_or_name)
+
+
+def fetch_ollama(name: str) -> Path:
+    """An Ollama model as a Hugging Face folder: converted once into weights/ollama-NAME-TAG/, then reused."""
+    model, tag = split_ollama_name(name)
+    dest = weights_dir() / f"ollama-{model.replace('/', '-')}-{tag}"
+    if all((dest / f).exists() for f in HF_FILES):
+        return dest
+    gguf = ollama_gguf(name)
+    clear_partial(dest)
+    print(f"minift: converting ollama:{model}:{tag} ({gguf}) into {dest} (once)", flush=True)
+    return convert_gguf(gguf, dest)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Names -> folders
 
 MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -182,8 +261,8 @@ NEEDS = "config.json, model.safetensors and tokenizer.json"
 
 
 def resolve_model(name_or_path) -> Path:
-    """A checkpoint folder, or a name: 'minilm' or 'smollm2' (fetched on first use) or one already in
-    weights_dir()."""
+    """A checkpoint folder, or a name: 'minilm' or 'smollm2' (fetched on first use), 'ollama:NAME[:TAG]'
+    (converted once from the local Ollama store) or one already in weights_dir()."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -198,6 +277,8 @@ def resolve_model(name_or_path) -> Path:
         return fetch_minilm()
     if name in SMOLLM2_NAMES:
         return fetch_smollm2()
+    if name.startswith("ollama:"):
+        return fetch_ollama(name)
     short = name.rstrip("/").split("/")[-1]
     folder = weights_dir() / short
     if folder.is_dir():

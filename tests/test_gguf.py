@@ -228,6 +228,11 @@ def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True, pre="smollm", ext
 
 @pytest.fixture
 def tiny_llama(transformers):
+    return make_tiny_llama(transformers)
+
+
+def make_tiny_llama(transformers):
+    """(a random-init 2-layer HF LlamaForCausalLM, its byte-level BPE tokenizer)."""
     tok = smollm_style_tokenizer()
     config = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
