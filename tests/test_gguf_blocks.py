@@ -3,7 +3,7 @@
 Blocks are random bytes, so every bit of every packed number, scale and minimum is exercised; only the fp16
 scales are made sane (a NaN or inf scale would make a NaN of every number and hide the rest). Results are
 compared as bits, not values: -0.0 against 0.0 or one rounding apart would fail. The real files fetched by
-`minift.hub` (Qwen2.5-Coder, Gemma 3) are read tensor type by tensor type when they are on disk (slow).
+`minift.hub` (SmolLM2, Qwen2.5-Coder, Gemma 3) are read tensor type by tensor type when they are on disk (slow).
 """
 import numpy as np
 import pytest
@@ -99,8 +99,7 @@ def test_every_type_read_through_a_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The real files, where they have been fetched into weights/gguf/
 
-REAL_FILES = ["SmolLM2-135M-Instruct.Q4_1.gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-              "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "gemma-3-270m-q4_k_m.gguf"]
+REAL_FILES = [hub.SMOLLM2_GGUF] + [spec["file"] for spec in hub.SPLIT_GGUFS.values()]
 
 
 @pytest.mark.slow
