@@ -285,9 +285,8 @@ def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     vocab = tok.get_vocab()  # a Gemma token respelled by sentencepiece_bpe is reached through the merges instead
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
-    bos, eos = ([meta[f"tokenizer.ggml.{which}_token_id"]] if adds(meta, which) else [] for which in ("bos", "eos"))
+    bos, eos = ([tokens[meta[f"tokenizer.ggml.{which}_token_id"]]] if adds(meta, which) else [] for which in ("bos", "eos"))
     if bos or eos:  # Llama 2, Gemma: every text starts with BOS
-        bos, eos = [tokens[i] for i in bos], [tokens[i] for i in eos]
         tok.post_processor = processors.TemplateProcessing(
             single=bos + ["$A"] + eos, pair=bos + ["$A"] + eos + bos + ["$B"] + eos,
             special_tokens=[(t, vocab[t]) for t in bos + eos])
