@@ -59,6 +59,12 @@ def build_model(config, task="classify", num_labels=None, pooling=None):
     """A freshly initialised minift model for an HF config dict and a task."""
     if task not in TASKS:
         raise MiniftError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if not isinstance(config, dict):
+        raise MiniftError(f"config must be a dict of config.json's settings (checkpoints.read_config(folder)), not "
+                          f"{type(config).__name__}")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise MiniftError(f"num_labels {num_labels!r}: give the number of classes, a whole number >= 1 (2 or more to "
+                          "train a classifier)")
     family = family_of(config)
     if task not in family.TASKS:
         what = "is an encoder: it has no causal-LM head" if task == "lm" else f"has no {task!r} model"
@@ -174,9 +180,11 @@ def _few(names, n=4):
 
 def load_checkpoint(folder, task="classify", num_labels=None, pooling=None, dtype=torch.float32, verbose=True):
     """config.json + model.safetensors in `folder` -> a minift model with those weights (fp32 by default)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise MiniftError(f"dtype {dtype!r}: give a torch floating-point dtype, e.g. torch.float32 or torch.bfloat16")
     model = build_model(read_config(folder), task, num_labels, pooling)
+    model.to(dtype)  # before the weights are copied in: a float64 checkpoint keeps every digit
     report = load_state(model, read_safetensors(folder))
-    model.to(dtype)
     model.load_report = report
     model.source = str(folder)
     if (Path(folder) / "tokenizer.json").is_file():

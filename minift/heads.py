@@ -138,6 +138,18 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk, softcap=None):
     return loss, dhidden
 
 
+def checked_labels(labels, device):
+    """Labels as a LongTensor of class or token ids on `device`, or one line saying what they must be."""
+    try:
+        labels = torch.as_tensor(labels, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise MiniftError(f"labels must be a tensor (or list) of class or token ids, not {type(labels).__name__}") from None
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise MiniftError(f"labels are {labels.dtype}: give class or token ids, whole numbers (-100 where nothing is "
+                          "learnt), e.g. torch.tensor([2, 0]) or labels.long()")
+    return labels.long()
+
+
 class TaskModel(nn.Module):
     """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
     checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
@@ -153,7 +165,7 @@ class Classifier(TaskModel):
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Mean cross-entropy over the examples (or over `num_targets` for a whole accumulated step)."""
-        labels = torch.as_tensor(labels, device=logits.device)  # a Python list of ids works too
+        labels = checked_labels(labels, logits.device)  # a Python list of ids works too
         if labels.shape != logits.shape[:1]:
             raise MiniftError(f"{len(logits)} rows of logits but labels of shape {tuple(labels.shape)}: give one class "
                               "id per row")
@@ -184,7 +196,7 @@ class CausalLM(TaskModel):
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy over the supervised tokens."""
-        labels = torch.as_tensor(labels, device=logits.device)
+        labels = checked_labels(labels, logits.device)
         if labels.shape != logits.shape[:2]:
             raise MiniftError(f"logits for {tuple(logits.shape[:2])} (batch, positions) but labels of shape "
                               f"{tuple(labels.shape)}: give one label per position (-100 where nothing is learnt)")

@@ -57,6 +57,8 @@ def describe_groups(groups):
     """One line: how many tensors and numbers get weight decay and how many don't (and a faster head's)."""
     parts = []
     for g in groups:
+        if not g["params"]:
+            continue  # (weight_decay 0 leaves the decay group empty)
         numel = sum(p.numel() for p in g["params"])
         label = "decay" if g["weight_decay"] else "no decay"
         if g.get("lr_scale", 1) != 1:  # a head with its own lr (param_groups' head_lr_scale)
@@ -197,10 +199,12 @@ class LRSchedule:
 
 
 def warmup_steps_for(total_steps, warmup_ratio):
-    """Warmup steps from a ratio of the total, rounded up as Hugging Face does."""
+    """Warmup steps from a ratio of the total, rounded up as Hugging Face does, but at most total - 1: warm-up
+    starts at lr 0, so a run made only of warm-up (one step at warmup_ratio 0.06, say) would give its first step
+    lr 0 and train less than it says, or nothing at all; here the last step always trains at the peak."""
     if not 0.0 <= warmup_ratio <= 1.0:
         raise MiniftError(f"warmup ratio {warmup_ratio} must be between 0 and 1 (0.06 is usual)")
-    return math.ceil(total_steps * warmup_ratio)
+    return min(math.ceil(total_steps * warmup_ratio), max(total_steps - 1, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -166,9 +166,12 @@ def save_training_state(folder, model, optimizer, state, cfg, run_info, log=None
             atomic_write(new / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(trainer_state)))
         except (OSError, SafetensorError) as e:  # a full disk reaches safetensors' writer as a SafetensorError
             shutil.rmtree(new, ignore_errors=True)
-            kept = f"the previous checkpoint in {folder} is intact" if folder.exists() else "no checkpoint was kept"
-            raise MiniftError(f"could not write the checkpoint ({getattr(e, 'strerror', None) or e}): {kept}; free "
-                              "disk space or choose another --out, then resume") from None
+            why = getattr(e, "strerror", None) or e
+            if folder.exists():
+                raise MiniftError(f"could not write the checkpoint ({why}): the previous one in {folder} is intact; free "
+                                  "disk space (or choose another --out), then run the same command with --resume") from None
+            raise MiniftError(f"could not write the first checkpoint ({why}), so there is nothing to resume from: free "
+                              "disk space or choose another --out, then start the run again") from None
         replace_folder(new, folder)
 
 
@@ -211,13 +214,13 @@ def check_same_run(saved, now, folder):
     longer bitwise: say so. `saved`: trainer_state.json; `now`: this run's run_info (train.set_up)."""
     # (a checkpoint saved without run_info, or before minift kept it, has nothing to compare: it is trusted)
     before, lora = saved.get("run") or {}, {k: v for k, v in saved.get("config", {}).items() if k.startswith("lora_")}
+    if "labels" in before and before["labels"] != now.get("labels"):  # (first: other labels make another head too)
+        raise MiniftError(f"the run saved in {folder} has the labels {before.get('labels')}, this one "
+                          f"{now.get('labels')}: resume with the same data, or start a new run without --resume")
     if before.get("model") and before["model"] != now.get("model"):
         raise MiniftError(f"the checkpoint in {folder} holds another model or other LoRA settings (it was saved with "
                           f"{', '.join(f'{k}={v}' for k, v in lora.items())}): resume with the same --model and LoRA "
                           "settings, or start a new run without --resume")
-    if "labels" in before and before["labels"] != now.get("labels"):
-        raise MiniftError(f"the run saved in {folder} has the labels {before.get('labels')}, this one "
-                          f"{now.get('labels')}: resume with the same data, or start a new run without --resume")
     if before.get("data") and before["data"] != now.get("data"):
         raise MiniftError(f"the training data differ from the run saved in {folder} (the file or its splits "
                           "changed, or --limit, --max-length or the seed): resuming would mix two data sets; "

@@ -178,7 +178,8 @@ def train(model, data, cfg, out_dir, resume=False):
     if stop:
         print(f"stopped early at step {state.step}: {cfg.patience} evaluations without a better validation {run.metric} "
               f"(patience {cfg.patience}); the best model is from step {state.best_step}; report page: {page}")
-    return {"steps": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
+    return {"steps": state.step, "metric": run.metric, "best": state.best, "best_step": state.best_step,
+            "best_metrics": state.best_metrics,
             "stopped_early": stop, "seconds": time.perf_counter() - run.t0, "out_dir": str(run.out_dir),
             "precision": resolved_precision(cfg.precision, run.device)}
 
@@ -231,6 +232,11 @@ def set_up(model, data, cfg, out_dir, resume):
     metric = objective.metric(model, cfg)
     if cfg.packing:  # rows packed into sequences of cfg.packing tokens; a batch counts sequences now
         rows, data = len(data.train), replace(data, train=pack_examples(data.train, cfg.packing))
+        if len(data.train) == rows > 1:  # every row alone: the setting would cost a mask and change nothing
+            shortest = sorted(len(e["input_ids"]) for e in data.train)[:2]
+            raise MiniftError(f"packing={cfg.packing} put no two rows together (the two shortest have {shortest[0]} and "
+                              f"{shortest[1]} tokens): give packing at least {sum(shortest)}, e.g. a few times the "
+                              "typical row, or 0 for no packing")
         fill = sum(len(e["input_ids"]) for e in data.train) / (len(data.train) * cfg.packing)
         print(f"packing: {rows} rows into {len(data.train)} sequences of up to {cfg.packing} tokens, {fill:.0%} full")
     out_dir = Path(out_dir)

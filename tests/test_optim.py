@@ -316,3 +316,7 @@ def test_schedule_plan_and_errors():
             LRSchedule(1e-3, 100, **kwargs)
     with pytest.raises(MiniftError):
         warmup_steps_for(100, 6)
+    # warm-up starts at lr 0: a run of one step (or all warm-up) still trains its last step at the peak
+    assert [warmup_steps_for(n, 0.06) for n in (1, 2, 17, 18)] == [0, 1, 2, 2] and warmup_steps_for(10, 1.0) == 9
+    plan = LRSchedule(5e-5, 1, warmup_steps_for(1, 0.1))
+    assert plan(0) == 5e-5

@@ -339,7 +339,10 @@ def trl_setup(tmp_path_factory):
     data = datasets.Dataset.from_dict({"prompt": ["w3 w4"], "chosen": [" w5"], "rejected": [" w6"]})  # unused rows
 
     def trainer(model, ref_model, beta, peft_config=None):
-        args = DPOConfig(output_dir=str(folder / "out"), beta=beta, loss_type=["sigmoid"], report_to=[], use_cpu=True)
+        # bf16=False: TRL's CPU default (bf16=True) runs its reference forward under bf16 autocast even for float32
+        # and float64 models, which would make the oracle a bf16 one
+        args = DPOConfig(output_dir=str(folder / "out"), beta=beta, loss_type=["sigmoid"], report_to=[], use_cpu=True,
+                         bf16=False)
         return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=hf_tok,
                           peft_config=peft_config)
 

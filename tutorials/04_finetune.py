@@ -13,8 +13,9 @@
 # We first write a few steps out by hand, check our hand-written gradient against PyTorch's autograd, and
 # then run the real thing with `minift.classify.finetune_classifier`, which wraps the same steps in
 # `minift.train.train` (batching, evaluation, checkpoints, logging). The loop's step is the function
-# `minift.step.train_step`: its body is these six lines with a loop over micro-batches; put a breakpoint
-# there to watch a real run.
+# `minift.step.train_step`: its body is these six lines, the first three for each micro-batch in the
+# objective's `gradients` (for the model's own loss `minift.objective.forward_backward`; preference tuning and
+# RL bring their own objective, stages 10-11); put a breakpoint there to watch a real run.
 #
 #     python tutorials/04_finetune.py --quick    # < 1 min: 400 training rows, 1 epoch, bf16 where the CPU has it
 #     python tutorials/04_finetune.py            # the default recipe: 29,794 rows, 1 epoch (~4-20 min, 2 cores)

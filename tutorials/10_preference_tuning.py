@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Preference tuning: DPO (and SimPO) on SmolLM2-135M-Instruct
 #
+# **The question of this lesson: when all we know is which of two answers is better, how can a model learn from
+# that, and what exactly does DPO's loss push up and down?**
+#
 # Tutorial 09 taught the model *the* right answer. Often we only know which of two answers is *better*: a pair
 # (prompt x, chosen y_w, rejected y_l). Direct Preference Optimization (DPO, Rafailov et al. 2023) trains on such
 # pairs with no reward model and no sampling. All it needs from the model is the log-probability of a whole
@@ -16,29 +19,30 @@
 #
 # The pairs come from a task whose answers a program can check: "What is a + b? Answer with the number only."
 # for single digits a, b. chosen = the right number, rejected = a near miss (one more or one less), each ending
-# with the end-of-turn token `<|im_end|>`.
+# with the end-of-turn token `<|im_end|>`. Sections 1-8 write DPO's steps out; section 9 hands the same pairs to
+# the training loop as an *objective*, which is what `minift finetune --task dpo` does.
 #
 #     python tutorials/10_preference_tuning.py --quick   # CI: 4 DPO + 4 SimPO steps of 2 pairs (4 sums), 4 held out
 #     python tutorials/10_preference_tuning.py           # 40 + 40 steps of 4 pairs (65 sums), 16 held-out pairs
 #
-# Measured on this project's 2-core AMD EPYC (fp32, one thread) while another engineer's test run shared the two
-# cores (load average about 3): --quick took 33-37 s wall in 3 runs (30-34 s inside the script; a DPO step of 2
-# pairs 2.4 s, SimPO 1.6 s). The full run took 7.5 minutes (445 s inside; a step of 4 pairs 4.7 s DPO, 3.5 s
-# SimPO): on the 65 training pairs rewards/margins 0 -> +1.86 (64 of 65 won), the steps' rewards/chosen below 0
-# at 21 of 40 steps and +0.26 at the end; held-out (16 sums) pair accuracy 0.50 -> 0.875 after DPO, 0.75 after
-# SimPO, greedy answers right 0.44 -> 0.75 after DPO, 0.625 after SimPO. Writes nothing.
+# Measured runs: tutorials/README.md. Writes runs/tutorials/10_preference_tuning/{quick,full}/ (section 9's run).
 
 # %%
 import argparse
+import json
 import math
 import random
+import shutil
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import minift
 from minift.checkpoints import build_model
+from minift.dpo import DPOSettings, PreferenceObjective, encode_pairs
 from minift.evals import parse_answer
 from minift.lora import add_lora, lora_layers, lora_summary
 from minift.optim import AdamW, clip_grad_norm, param_groups
@@ -48,7 +52,9 @@ from minift.rl import sample_rollouts
 
 parser = argparse.ArgumentParser(description="DPO on SmolLM2: the gradient, beta, the rewards, SimPO beside it")
 parser.add_argument("--quick", action="store_true", help="a few steps on a few pairs (for CI)")
+parser.add_argument("--runs", default="runs/tutorials", help="where tutorials write (default runs/tutorials)")
 args = parser.parse_args()
+out = Path(args.runs) / "10_preference_tuning" / ("quick" if args.quick else "full")
 t_start = time.perf_counter()
 minift.seed_everything(0)
 # One thread. On a 2-core machine that another job shares, two threads that wait for each other made a step
@@ -372,6 +378,56 @@ if not args.quick:
     greedy_simpo = greedy_right(smol, heldout)[0]
     print(f"greedy answers right on {n_heldout} held-out sums: before {greedy_before:.3f}, after DPO {greedy_dpo:.3f}, "
           f"after SimPO {greedy_simpo:.3f}")
+
+# %% [markdown]
+# ## 9. The same pairs through the training loop: an objective
+#
+# Sections 4 and 7 wrote the steps out. `minift.train`, the loop that trained stage 4's classifier, runs any loss
+# that keeps the *objective* contract (`minift/objective.py`): how examples become a batch (`collate`), one step's
+# gradients over its micro-batches (`gradients`: here `dpo_step` on each), the validation figures (`evaluate`),
+# which of them chooses best/ (`metric`) and what it refuses (`check`). `dpo.PreferenceObjective` is DPO's, with
+# `dpo.DPOSettings` (TRL's names: loss_type, beta, ...). The rest comes with the loop, unchanged: LoRA put on by
+# `prepare_model` (`lora_r=8`), the lr plan, the memory estimate, checkpoints, Ctrl-C and an exact resume, best/
+# chosen on validation (here by exact match, as these pairs carry the right number: `metric="auto"`), log.jsonl and
+# a report page. `minift finetune --task dpo` is this, with pairs made from the model's own answers.
+#
+# Then the checkpoint: a second `train(..., resume=True)` with one step more goes on from it (weights, AdamW's m
+# and v, every RNG, the position in the data), as `--resume` does after a Ctrl-C.
+
+# %%
+smol = None  # (frees the hand-trained model: the loop puts fresh adapters on a fresh copy)
+
+
+def pair_rows(probs):
+    return [{"prompt": f"What is {a} + {b}? Answer with the number only.", "chosen": str(a + b),
+             "rejected": str(near_miss[(a, b)]), "answer": str(a + b)} for a, b in probs]
+
+
+train_examples, _ = encode_pairs(pair_rows(train), tok, 256)
+heldout_examples, _ = encode_pairs(pair_rows(heldout), tok, 256)
+assert [e["input_ids"] for e in train_examples] == train_pairs[0], "the same prompts as sections 4-8"
+objective = PreferenceObjective(tok, DPOSettings(beta=dpo_beta))
+loop_steps = 1 if args.quick else 20
+cfg = minift.TrainConfig(lora_r=8, lr=5e-4, batch_size=pairs_per_step, max_steps=loop_steps, eval_every=loop_steps,
+                         metric="auto", dropout=0.0, warmup_ratio=0.0, weight_decay=0.0, precision="fp32", log_every=1)
+data = minift.TrainData(train_examples, heldout_examples, tok.pad_id, objective=objective)
+shutil.rmtree(out, ignore_errors=True)
+result = minift.train(minift.load("smollm2", task="lm", verbose=False), data, cfg, out)
+print(f"the loop: {result['steps']} steps, best/ chosen by {result['metric']} at step {result['best_step']}: "
+      + ", ".join(f"{k} {v:.3f}" for k, v in result["best_metrics"].items() if k in ("exact_match", "loss",
+                                                                                     "rewards/margins")))
+log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+print("its log, a line per step with DPO's figures: " + json.dumps({k: round(v, 4) for k, v in log[0].items()
+                                                                     if k in ("step", "loss", "rewards/margins")}))
+assert result["steps"] == loop_steps and (out / "best" / "model.safetensors").is_file()
+assert (out / "adapter").is_dir() and (out / "checkpoint" / "trainer_state.json").is_file()
+
+resumed = minift.train(minift.load("smollm2", task="lm", verbose=False), data, replace(cfg, max_steps=loop_steps + 1),
+                       out, resume=True)
+steps_logged = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" not in r]
+print(f"resumed from the checkpoint of step {loop_steps}: now {resumed['steps']} steps, the log {steps_logged}; "
+      f"report page {out / 'report.html'}")
+assert steps_logged == list(range(1, loop_steps + 2)), "resumed where it stopped: no step done twice"
 
 # %%
 print(f"\nall checks passed ({time.perf_counter() - t_start:.1f} s)")

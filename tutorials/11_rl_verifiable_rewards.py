@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Reinforcement learning with verifiable rewards: GRPO on SmolLM2-135M-Instruct
 #
+# **The question of this lesson: when a program can check an answer but nobody wrote the answers down, how does a
+# model learn from its own attempts, and what in GRPO's update tells it which attempt was better?**
+#
 # Tutorials 09 and 10 needed answers (or pairs of answers) written in advance. For some tasks a program can
 # *check* an answer instead: is the sum right, do the tests pass. Then the model can learn from its own attempts.
 # GRPO (Group Relative Policy Optimization, Shao et al. 2024, DeepSeekMath) does it without a value network:
@@ -11,31 +14,30 @@
 # 4. push up the log-probs of the tokens of the better completions and down those of the worse ones, with PPO's
 #    clipped ratio against the policy that sampled them and, optionally, a KL penalty (k3) to the reference.
 #
-# The task: single-digit sums, "What is 7 + 5? Answer with the number only." Measured here before this lesson
-# (SmolLM2, 8 new tokens): sampled at temperature 0.5, 0.47 of the samples are right and 62% of the groups of 4
-# have a reward spread (someone right, someone wrong: something to learn from); at temperature 1.0 only 0.09 are
-# right; greedy, 0.47-0.625 depending on the sums drawn. Neither near 0 (no group would have a right answer) nor
-# near 1 (nothing left to learn). Two-digit sums were near 0.
+# The task: single-digit sums, "What is 7 + 5? Answer with the number only." Sampled at temperature 0.5 SmolLM2 is
+# right about half the time and most groups of 4 hold a right and a wrong answer: something to learn from (at 1.0
+# it is rarely right; two-digit sums it almost never gets: no group would have a right answer). Sections 1-8 write
+# the rounds out; section 9 hands the same prompts and reward to the training loop as an *objective*, which is
+# what `minift finetune --task grpo` does.
 #
 #     python tutorials/11_rl_verifiable_rewards.py --quick   # CI: 2 rounds of 2 prompts x G=4, 4 held-out sums
 #     python tutorials/11_rl_verifiable_rewards.py           # 20 rounds of 8 prompts x G=4, 24 held-out sums
 #
-# Measured on this project's 2-core AMD EPYC (fp32, one thread) while another engineer's test run shared the two
-# cores (load average about 3): --quick took 20-22 s wall in 3 runs (18-20 s inside the script). The full run took
-# 4.3 minutes (256 s inside): the sampled reward 0.375 at round 0, 0.66 at round 1, 0.875-1.0 from round 5 on; the share
-# of groups with a spread 0.38-0.62 in the first rounds, then 0 (no update in 10 of the last 12 rounds: the sums
-# were learned); KL to the reference 0 -> 0.23; completions 7.7-8 tokens of 8; held-out greedy accuracy 0.417 ->
-# 0.917 on 24 sums. Writes nothing.
+# Measured runs: tutorials/README.md. Writes runs/tutorials/11_rl_verifiable_rewards/{quick,full}/ (section 9's run).
 
 # %%
 import argparse
 import itertools
+import json
 import random
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
 import minift
+from minift.grpo import GRPOObjective, GRPOSettings, encode_prompts
 from minift.checkpoints import build_model
 from minift.evals import parse_answer
 from minift.lora import add_lora, lora_summary
@@ -45,7 +47,9 @@ from minift.rl import clipped_surrogate, group_advantages, grpo_loss, grpo_step,
 
 parser = argparse.ArgumentParser(description="GRPO on SmolLM2 with a reward computed by code")
 parser.add_argument("--quick", action="store_true", help="two small rounds (for CI)")
+parser.add_argument("--runs", default="runs/tutorials", help="where tutorials write (default runs/tutorials)")
 args = parser.parse_args()
+out = Path(args.runs) / "11_rl_verifiable_rewards" / ("quick" if args.quick else "full")
 t_start = time.perf_counter()
 minift.seed_everything(0)
 # One thread. On a 2-core machine that another job shares, two threads that wait for each other made a step
@@ -330,6 +334,48 @@ print(f"held-out greedy accuracy on {n_heldout} sums: before {before:.3f} -> aft
       f"x {n_prompts} prompts x G={G}; ||lora_B|| = {moved:.4f}, 0 before); e.g. "
       + "; ".join(f"{a} + {b}: {t!r}" for (a, b), t in zip(heldout[:3], texts)))
 assert moved > 0, "the adapters moved"
+
+# %% [markdown]
+# ## 9. The same rounds through the training loop: an objective
+#
+# `minift.train` runs any loss that keeps the *objective* contract (`minift/objective.py`). `grpo.GRPOObjective` is
+# GRPO's: a batch is a few prompts; its `gradients` samples G answers of each (section 2, with the global RNG, which
+# every checkpoint saves), rewards them with a function of TRL's signature `f(prompts, completions, **columns)` (the
+# rows' other fields arrive by name: here `answer`), and runs `grpo_step` (sections 3-6); its `evaluate` is the mean
+# reward of the greedy answers, which chooses best/. `grpo.GRPOSettings` holds TRL's names (group_size,
+# temperature, beta, loss_type ...). The loop adds the rest: LoRA by `prepare_model`, the lr plan, checkpoints, an
+# exact resume (the sampling too), best/, the log with GRPO's figures per step, a report page.
+
+# %%
+model = None  # (frees the hand-trained model: the loop puts fresh adapters on a fresh copy)
+
+
+def sums_are_right(prompts, completions, answer, **columns):
+    """Section 1's checker with TRL's signature: the row's answer arrives as a column."""
+    return [1.0 if parse_answer(c, "number") == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def prompt_rows(problems):
+    return [{"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b)} for a, b in problems]
+
+
+settings = GRPOSettings(reward=sums_are_right, group_size=G, max_new_tokens=max_new_tokens, temperature=0.5)
+objective = GRPOObjective(tok, sums_are_right, settings)
+loop_steps = 2 if args.quick else 20
+data = minift.TrainData(encode_prompts(prompt_rows(train_problems), tok, 256),
+                        encode_prompts(prompt_rows(heldout), tok, 256), tok.pad_id, objective=objective)
+assert data.validation[0]["input_ids"] == tok.encode(prompt_of(heldout[0]), add_special_tokens=False)
+cfg = minift.TrainConfig(lora_r=8, lr=5e-4, batch_size=n_prompts, max_steps=loop_steps, eval_every=loop_steps,
+                         metric="reward", dropout=0.0, warmup_ratio=0.0, weight_decay=0.0, precision="fp32",
+                         log_every=1)
+shutil.rmtree(out, ignore_errors=True)
+result = minift.train(minift.load("smollm2", task="lm", verbose=False), data, cfg, out)
+log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' not in line]
+print(f"the loop: {result['steps']} steps of {n_prompts} prompts x G={G}; sampled reward per step "
+      f"{[round(r['reward'], 3) for r in log]}; held-out greedy reward of best/ (step {result['best_step']}): "
+      f"{result['best_metrics']['reward']:.3f}; report page {out / 'report.html'}")
+assert result["steps"] == loop_steps and all("frac_reward_zero_std" in r for r in log)
+assert (out / "best" / "model.safetensors").is_file() and (out / "checkpoint" / "trainer_state.json").is_file()
 
 # %%
 print(f"\nall checks passed ({time.perf_counter() - t_start:.1f} s)")
