@@ -308,6 +308,25 @@ def test_the_arithmetic_suite_holds_no_question_the_jobs_train_on(tiny, tmp_path
         assert trained["prompts"] and not asked, (module.__name__, asked)
 
 
+def test_dpo_on_the_arithmetic_task_keeps_best_by_exact_match(tiny, tmp_path):  # noqa: F811
+    """metric 'auto' on the task with right answers: best/ is the evaluation with the best exact match (plain DPO's
+    validation loss did not track it), measured before training too, and the test look scores the same figures."""
+    import json
+    from minift import recipe
+    from minift.config import TrainConfig
+    from minift.dpo import finetune_dpo
+    folder, _ = tiny
+    cfg = TrainConfig(**{**recipe.DPO_TRAIN, "max_steps": 3, "eval_every": 1, "batch_size": 4, "lora_r": 2,
+                         "precision": "fp32", "device": "cpu"})
+    report = finetune_dpo(str(folder), None, str(tmp_path / "run"), cfg, limit=8)
+    assert report["metric"] == "exact_match" and "exact_match" in report["before"]
+    evals = [r["eval"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "eval" in r]
+    best = max(range(len(evals)), key=lambda i: (evals[i]["exact_match"], -i))  # the first of the best
+    shown = {k: v for k, v in report["validation"].items() if isinstance(v, (int, float))}
+    assert shown == pytest.approx(evals[best]) and report["best_step"] == best + 1
+    assert "exact_match" in report["test"] and report["test"]["num_pairs"] == 16
+
+
 def test_tweets_suite_is_the_instruction_test_split():
     from minift.corpora import load_instruction_splits
     suite = fetched(evals.tweets_suite, "the tweet corpus")

@@ -233,3 +233,4 @@ def test_a_resume_under_another_number_of_processes_says_it_is_not_bitwise(capsy
     capsys.readouterr()
     cli.main(quick(tiny, out, "--max-steps", "3", "--resume"))
     assert "the checkpoint was saved by 2 processes, this run has 1" in capsys.readouterr().out
+
