@@ -149,6 +149,8 @@ def cmd_finetune(args):
                           "on its validation split")
     check_method_flags(args, read_toml(args.config))
     cfg, settings, o = read_settings(args, *JOBS[args.task])
+    from .train import pick_device
+    pick_device(cfg.device)  # a GPU asked for where there is none: said before the model loads
     suites = suite_names(args.suite) if args.suite is not None else None
     check_out_dir(o["out"])
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
@@ -244,6 +246,10 @@ def cmd_evaluate_suites(args):
     from .tokenizer import Tokenizer
 
     names = suite_names(args.suite) if args.suite is not None else list(DEFAULT_SUITES)
+    if args.limit is not None and args.limit < 1:
+        raise MiniftError(f"--limit {args.limit}: give the items per suite, a whole number >= 1")
+    if args.json and Path(args.json).is_dir():
+        raise MiniftError(f"--json {args.json} is a folder: give a file to write, e.g. {Path(args.json) / 'evals.json'}")
     if args.suite is None:
         print(f"a language model: scoring the suites {', '.join(names)} (--suite picks others)")
     paths = [resolve_model(args.checkpoint)] + ([resolve_model(args.compare)] if args.compare else [])
@@ -340,6 +346,8 @@ def cmd_generate(args):
         load_adapter(model, args.adapter)
     if args.chat and args.raw:
         raise MiniftError("--chat and --raw contradict each other: give one of them")
+    if not args.prompt.strip():
+        raise MiniftError("the prompt is empty: give some text to continue (or a question, for a chat model)")
     chat = args.chat or (tok.chat_template is not None and not args.raw)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if chat else args.prompt
     batch = tok([text], add_special_tokens=not chat)

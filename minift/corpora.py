@@ -84,6 +84,9 @@ def load_instruction_splits(data=None, seed=0):
         data = Path(data)
         if data.is_dir():
             splits = {k: checked_rows(rows, data / f"{k}.jsonl", check_instruction_row) for k, rows in load_splits(data).items()}
+        elif data.suffix.lower() in (".csv", ".tsv", ".tab"):
+            raise MiniftError(f"{data} is a {data.suffix[1:].upper()} file; instruction tuning reads JSONL rows of "
+                              "prompt/response, instruction/output or chat 'messages' (one JSON object per line)")
         elif data.is_file():
             splits = split(checked_rows(read_jsonl(data), data, check_instruction_row), (0.8, 0.1, 0.1), seed=seed, stratify=None)
         else:

@@ -342,3 +342,21 @@ def test_public_functions_name_a_wrong_argument(tiny):  # noqa: F811
         model.loss(logits, torch.tensor([0.0, 1.0]))
     with pytest.raises(MiniftError, match="labels must be a tensor"):
         model.loss(logits, "positive")
+
+
+def test_more_mistakes_of_a_first_day(capsys, tmp_path, tiny, no_model_loads):  # noqa: F811
+    """A GPU that is not there, --json naming a folder, --limit 0: one line each, before any model loads."""
+    folder, _ = tiny
+    if not torch.cuda.is_available():
+        assert "torch sees no CUDA GPU" in cli_error(capsys, quick(folder, tmp_path / "o", "--device", "cuda"))
+    assert f"--json {tmp_path} is a folder" in cli_error(capsys, ["evaluate", folder, "--json", tmp_path])
+    assert "--limit 0: give the items per suite" in cli_error(capsys, ["evaluate", folder, "--limit", "0"])
+
+
+def test_an_empty_prompt_and_a_csv_for_instructions_are_one_line(capsys, tmp_path, tiny):  # noqa: F811
+    folder, _ = tiny
+    assert "the prompt is empty" in cli_error(capsys, ["generate", folder, "  "])
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f"{w} is nice,pos\n" for w in WORDS))
+    line = cli_error(capsys, quick(folder, tmp_path / "o", "--task", "instruct", "--data", csv))
+    assert "cls.csv is a CSV file; instruction tuning reads JSONL rows" in line
