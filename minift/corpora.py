@@ -172,9 +172,9 @@ def limit_rows(splits, limit):
 #
 # bible.db (hub.fetch_bible) holds 31,102 verses in each of 31 translations, aligned by (book, chapter, verse); its
 # column bbName names the translation by the letter the app shows: "4" the World English Bible (2000) and "l" Louis
-# Segond (1910), both in the public domain. A verse pair becomes an instruction row. Whole books are held out: a
-# model that saw Genesis 1:2 could "translate" Genesis 1:3 from memory of its neighbours, so validation and test are
-# books that no training verse comes from (the test, not the tuned model, then says whether it learnt French).
+# Segond (1910), both in the public domain. A verse pair becomes an instruction row. Whole books are held out: the
+# verses of a book share names and phrases, and some books retell others, so a model tested on a neighbour of a verse
+# it trained on could recall rather than translate; validation and test are books no training verse comes from.
 
 BIBLE_ENGLISH, BIBLE_FRENCH = "4", "l"
 BIBLE_SPLIT_SEED = 0  # the books' split is fixed: the translation suite (evals.py) scores the test books
@@ -184,8 +184,8 @@ VERSE_MARK = re.compile(r"\(\d+:\d+\)")  # "(9:1)": Segond numbers the Psalms' t
 
 
 def clean_verse(text):
-    """WEB writes its apostrophes as backquotes (God`s) and both mark words added by the translators with [brackets]:
-    the apostrophe made one, the brackets dropped, the words kept."""
+    """WEB writes its apostrophes as backquotes (God`s), and both put some words in [brackets] (WEB: words the
+    translators added; Segond: doubtful readings): the apostrophe made one, the brackets dropped, the words kept."""
     return " ".join(text.replace("`", "'").replace("[", "").replace("]", "").split())
 
 

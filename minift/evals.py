@@ -237,7 +237,7 @@ def parse_answer(text, kind="word"):
         return line.casefold()
     if kind == "word":
         return (line.split() or [""])[0].strip(".,;:!?\"'()[]*").casefold()
-    raise MiniftError(f"answer kind {kind!r}: use 'number', 'word' or 'line'")
+    raise MiniftError(f"answer kind {kind!r}: use 'number', 'word', 'line' or 'final'")
 
 
 def final_number(text):
@@ -327,7 +327,8 @@ def side_by_side(results, baseline=None, n=3, width=110):
 @dataclass
 class Suite:
     name: str
-    kind: str  # "multiple_choice" (items: context/choices/answer), "exact_match" (prompt/answer), "perplexity"
+    kind: str  # "multiple_choice" (items: context/choices/answer), "exact_match" (prompt/answer), "translation"
+    # (prompt/reference), "perplexity"
     items: list  # for "perplexity": the text's paragraphs, joined by a blank line to score them
     source: str
     options: dict = field(default_factory=dict)  # passed on to the kind's scorer
