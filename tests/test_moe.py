@@ -253,6 +253,12 @@ def test_training_loss_with_the_balance_term_matches_transformers(shape, transfo
     assert (loss - plain).item() == pytest.approx(0.3 * ref.aux_loss.item(), rel=1e-4)
     assert ref.aux_loss.item() > 0.1
     assert not [n for n, m in ours.named_modules() for k in vars(m) if k in ("routing", "balance_mask")]
+    # a training forward whose routing no loss took (a DPO step's reference) is not read by a later evaluation
+    ours.config.output_router_logits = True
+    with torch.no_grad():
+        ours(ids, mask)
+        evaluated, _ = ours.eval().loss(ours(ids, mask), labels)
+    assert evaluated.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -474,6 +474,8 @@ class LlamaForCausalLM(CausalLM):
         balancing = self.training and self.config.output_router_logits
         for block in self.model.sparse_blocks():
             block.records_routing = balancing  # then the sparse blocks leave their routing for loss() to read
+            vars(block).pop("routing", None)  # (one that no loss took, from an earlier forward: a DPO reference's)
+        vars(self).pop("balance_mask", None)
         if balancing:
             self.balance_mask = attention_mask  # keeps: which tokens the load-balancing loss counts (None: all)
         hidden = self.model(input_ids, attention_mask, position_ids, caches, document_ids)

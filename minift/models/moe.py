@@ -111,10 +111,11 @@ def load_balancing_loss(routings, num_experts, top_k, attention_mask=None):
 
         aux = E * sum_e f_e * P_e
 
-    f_e: the fraction of (token, slot) choices that went to expert e, P_e: the mean router probability of e, both
-    over the real tokens (attention_mask) of all sparse layers together. Both are smallest when the load is even
-    (each 1/E: aux = k, the top_k). f is a count: no gradient. So daux/dp for token t of any layer is
-    E * f / rows on its real tokens: one (N, E) tensor, the same for every layer, returned beside the loss.
+    f_e: the share of the tokens' k choices that went to expert e, P_e: the mean router probability of e, both over
+    the real tokens (attention_mask) of all sparse layers together. An even load (f_e = k / E, P_e = 1 / E) gives
+    aux = k, the top_k; a router that favours a few experts gives more. f is a count: no gradient. So daux/dp for
+    token t of any layer is E * f / rows on its real tokens: one (N, E) tensor, the same for every layer, returned
+    beside the loss.
 
     routings: [(probs (N, E), chosen (N, k))] per sparse layer. Returns (aux, daux_dprobs)."""
     probs = routings[0][0]
