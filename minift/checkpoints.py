@@ -27,7 +27,7 @@ from .files import atomic_write
 
 # model_type -> the module that knows the family
 FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
-            "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "mixtral": llama, "qwen3_moe": llama, "olmoe": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 TASKS = ("classify", "lm", "encode")
 
 
