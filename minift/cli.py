@@ -125,7 +125,8 @@ def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=N
 
 
 # --task -> (the job's options, its training defaults, LoRA's defaults on top where lora_r > 0, its method's settings)
-JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
+JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "ner": (recipe.NER_JOB, recipe.NER_TRAIN, None, None),
+        "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
         "dpo": (recipe.DPO_JOB, recipe.DPO_TRAIN, None, METHODS["dpo"]),
         "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"])}
 
@@ -137,6 +138,7 @@ def cmd_finetune(args):
     from .dpo import finetune_dpo
     from .grpo import finetune_grpo
     from .instruct import finetune_instruct
+    from .tag import finetune_tagger
 
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters
@@ -162,6 +164,8 @@ def cmd_finetune(args):
         finetune_grpo(**common, settings=settings)
     elif args.task == "instruct":
         finetune_instruct(**common, suites=suites)
+    elif args.task == "ner":
+        finetune_tagger(**common)
     else:
         finetune_classifier(**common, pooling=o["pooling"], text_column=args.text_column, label_column=args.label_column)
 
@@ -200,6 +204,11 @@ def cmd_evaluate(args):
     from .hub import resolve_model
 
     task = saved_task(read_config(resolve_model(args.checkpoint)))
+    if task == "tag":  # a tagger: entity figures on a split of its CoNLL data
+        from .evaluate import format_metrics
+        from .tag import evaluate_tagger
+        return print(format_metrics(evaluate_tagger(resolve_model(args.checkpoint), args.data, args.split, args.seed,
+                                                    args.max_length)))
     if args.suite is not None or args.compare or task == "lm":
         if task == "classify":
             raise MiniftError(f"{args.checkpoint} is a classifier: --suite and --compare score language models; evaluate "
@@ -228,10 +237,13 @@ def cmd_evaluate(args):
 
 def saved_task(config):
     """What a saved checkpoint computes, read off config.json's architectures (transformers' class names): "lm" (a
-    ...ForCausalLM, GPT-2's LMHeadModel), "classify" (...ForSequenceClassification) or None (a bare body)."""
+    ...ForCausalLM, GPT-2's LMHeadModel), "tag" (...ForTokenClassification), "classify" (...ForSequenceClassification)
+    or None (a bare body)."""
     names = config.get("architectures") or []
     if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
         return "lm"
+    if any(n.endswith("ForTokenClassification") for n in names):
+        return "tag"
     return "classify" if any(n.endswith("ForSequenceClassification") for n in names) else None
 
 
@@ -290,8 +302,18 @@ def load_classifier(folder, adapter=None):
 
 
 def cmd_predict(args):
+    from .checkpoints import read_config
     from .classify import predict
     from .tokenizer import Tokenizer
+
+    if saved_task(read_config(args.checkpoint)) == "tag":  # a tagger prints the entities of each text
+        from .tag import load_tagger, predict_entities
+        if args.adapter:
+            raise MiniftError("--adapter is for classifiers: predict with the tagger's best/ (its adapters merged)")
+        found = predict_entities(load_tagger(args.checkpoint), Tokenizer.from_file(args.checkpoint), args.texts)
+        for text, entities in zip(args.texts, found):
+            print("\n".join([text, *([f"    {kind}: {words}" for kind, words in entities] or ["    (no entity)"])]))
+        return
 
     model, _ = load_classifier(args.checkpoint, args.adapter)
     for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts)):
@@ -428,8 +450,9 @@ def add_finetune_command(sub):
                        epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
                        "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
                        "--dropout 0.1 restores MiniLM's own.")
-    f.add_argument("--task", choices=["classify", "instruct", "dpo", "grpo"], default="classify",
-                   help="classify (default: MiniLM on the tweets), instruct (default: SmolLM2 answers them in one word), "
+    f.add_argument("--task", choices=["classify", "ner", "instruct", "dpo", "grpo"], default="classify",
+                   help="classify (default: MiniLM on the tweets), ner (named entities: MiniLM tags the words of other "
+                   "tweets; --data a CoNLL file), instruct (default: SmolLM2 answers them in one word), "
                    "dpo (preference pairs; default: the arithmetic task's on-policy pairs) or grpo (rewards computed by "
                    "code; default: the arithmetic task, rewarded where the number is right)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")

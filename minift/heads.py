@@ -1,9 +1,10 @@
 """What every family shares above the layers: positions, pooling and row picking with their backward, the tied
-LM head, and the three task contracts (classify, lm, encode) that the loop and `evaluate` rely on.
+LM head, and the four task contracts (classify, tag, lm, encode) that the loop and `evaluate` rely on.
 
 The model contract, written down once. A minift task model is one of the classes below and has:
 - `config`, a family config with `model_type` (checkpoints.py finds the family by it),
-- `task`: "classify" (logits (batch, labels)), "lm" (logits (batch, time, vocab)) or "encode" (hidden states),
+- `task`: "classify" (logits (batch, labels)), "tag" (logits (batch, time, tags)), "lm" (logits (batch, time,
+  vocab)) or "encode" (hidden states),
 - `forward(input_ids, attention_mask=None, ...)` -> logits,
 - `loss(logits, labels, num_targets=None, class_weights=None)` -> (loss, dlogits); dlogits is None in eval
   mode or with autograd on,
@@ -153,7 +154,7 @@ def checked_labels(labels, device):
 class TaskModel(nn.Module):
     """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
     checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
-    label_names = None  # a classifier's class names, in the order of its outputs (config.json's id2label)
+    label_names = None  # a classifier's class names (a tagger's tags), in the order of its outputs (config.json's id2label)
     max_length = None  # the tokens per text it was trained with: predict and evaluate cut texts there
     tokenizer_file = None  # its tokenizer.json, copied beside a saved checkpoint
     source = None  # the folder it was loaded from (a LoRA adapter names it as its base model)
@@ -173,6 +174,26 @@ class Classifier(TaskModel):
 
     def count_targets(self, labels):
         return len(labels)
+
+
+class TokenClassifier(TaskModel):
+    """A token tagger (named entities): logits (batch, time, tags), one softmax cross-entropy per labelled token.
+    Labels -100 (special tokens, a word's later pieces, padding: tasks.encode_tagging) are not targets. The loss's
+    gradient is a classifier's, token by token: (softmax - onehot) / targets on each labelled token, 0 elsewhere."""
+    task = "tag"
+
+    def loss(self, logits, labels, num_targets=None, class_weights=None):
+        """Mean cross-entropy over the labelled tokens (or over `num_targets` for a whole accumulated step)."""
+        labels = checked_labels(labels, logits.device)
+        if labels.shape != logits.shape[:2]:
+            raise MiniftError(f"logits for {tuple(logits.shape[:2])} (batch, positions) but labels of shape "
+                              f"{tuple(labels.shape)}: give one label per token (-100 where nothing is learnt)")
+        loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), num_targets,
+                                      class_weights, want_grad=self.training)
+        return loss, None if dlogits is None else dlogits.view(logits.shape)
+
+    def count_targets(self, labels):
+        return int((torch.as_tensor(labels) != -100).sum())
 
 
 class CausalLM(TaskModel):

@@ -242,7 +242,7 @@ def merge_and_unload(model):
 # when it merges.
 
 PREFIX = "base_model.model."
-TASK_TYPES = {"classify": "SEQ_CLS", "lm": "CAUSAL_LM", "encode": "FEATURE_EXTRACTION"}
+TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "lm": "CAUSAL_LM", "encode": "FEATURE_EXTRACTION"}
 
 
 def hf_names(model):

@@ -80,6 +80,16 @@ class Tokenizer:
 
     def encode_batch(self, texts, add_special_tokens=True, max_length=None):
         """Ids for many texts at once (the library runs them in parallel); no padding."""
+        return [e.ids for e in self._encodings(texts, add_special_tokens, max_length)]
+
+    def encode_words(self, sentences, max_length=None):
+        """Texts already cut into words (a CoNLL file's tokens) -> (ids, word_ids) for each: word_ids[i] is the
+        index of the word token i comes from, None for a special token. A word may become several tokens
+        (WordPiece's ##pieces) or none (a character the normalizer drops); truncation as in encode_batch."""
+        encodings = self._encodings([list(words) for words in sentences], True, max_length, is_pretokenized=True)
+        return [(e.ids, e.word_ids) for e in encodings]
+
+    def _encodings(self, texts, add_special_tokens, max_length, is_pretokenized=False):
         if max_length is None:
             self._tok.no_truncation()
         else:
@@ -88,9 +98,10 @@ class Tokenizer:
                                   f"{self.num_special} special tokens; use a larger max_length")
             # max_length counts the special tokens, so truncation cuts text and keeps the final [SEP].
             self._tok.enable_truncation(max_length)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encodings = self._tok.encode_batch(list(texts), is_pretokenized=is_pretokenized,
+                                           add_special_tokens=add_special_tokens)
         self._tok.no_truncation()
-        return [e.ids for e in encodings]
+        return encodings
 
     def __call__(self, texts, max_length=None, padding_side="right", add_special_tokens=True):
         """Encode a batch: truncate to max_length, pad to the longest row; a dict of LongTensors."""
