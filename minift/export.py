@@ -38,7 +38,7 @@ from .gguf import (ARRAY, BLOCKS, DEFAULT_ALIGNMENT, LAYER_NAMES, MAGIC, PRE_TOK
                    U32, TensorInfo, read_gguf)
 from .models.llama import LlamaConfig
 from .quantize import BLOCK, QuantizedWeight
-from .tokenizer import Tokenizer, chatml_default_system
+from .tokenizer import Tokenizer, chat_format
 
 I32, F32, BOOL = 5, 6, 7  # metadata value types (gguf.SCALAR_FORMATS; gguf.py names the u32 one)
 GGML_F32, GGML_F16 = 0, 1
@@ -422,7 +422,7 @@ def modelfile_text(gguf_name: str, meta: dict) -> str:
         lines.append("# No TEMPLATE: the checkpoint has no chat template, so prompts go to the model as they are.")
     elif is_chatml(template):
         lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
-        system = chatml_default_system(template)
+        system = chat_format(template).system
         if system is not None:
             if '"""' in system:
                 raise MiniftError('the default system prompt holds """, which a Modelfile cannot quote: '
@@ -438,8 +438,5 @@ def modelfile_text(gguf_name: str, meta: dict) -> str:
 
 
 def is_chatml(template: str) -> bool:
-    try:
-        chatml_default_system(template)
-        return True
-    except MiniftError:
-        return False
+    fmt = chat_format(template)
+    return fmt is not None and fmt.name == "ChatML"
