@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
-from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
+from .gguf_blocks import BLOCKS, BLOCKS_FILE, DEQUANTIZE, TYPE_NAMES
 from .models import gemma, llama
 
 MAGIC = b"GGUF"
@@ -94,6 +94,7 @@ class Cursor:
 # Tensor types: their block layouts and dequantizers are in gguf_blocks.py.
 
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in DEQUANTIZE)
+GGML_F32 = 0  # float32: the one type a converted folder does not keep the bytes of (they are model.safetensors')
 
 
 def type_name(ggml_type: int) -> str:
@@ -178,8 +179,13 @@ def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
     """Tensor `name` as a float32 numpy array of its (rows, cols) shape."""
     t = gguf.tensors[name]
     check_supported(t)
-    raw = np.asarray(gguf.buf[t.offset:t.offset + tensor_nbytes(t)])
-    return DEQUANTIZE[t.type](raw).reshape(t.shape)
+    return DEQUANTIZE[t.type](raw_rows(gguf, name).reshape(-1)).reshape(t.shape)
+
+
+def raw_rows(gguf: GGUFFile, name: str) -> np.ndarray:
+    """Tensor `name`'s bytes as they are in the file, uint8 of shape (rows, bytes a row): every row is whole blocks."""
+    t = gguf.tensors[name]
+    return np.asarray(gguf.buf[t.offset:t.offset + tensor_nbytes(t)]).reshape(int(np.prod(t.shape[:-1])), -1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,9 +379,10 @@ def tokenizer_config(meta: dict, default_template=None) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama, qwen2, qwen3, gemma2 or gemma3 GGUF into out_dir, a new or empty folder. Everything is written to
-    out_dir.new first and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it
-    was."""
+    for a llama, qwen2, qwen3, gemma2 or gemma3 GGUF into out_dir, a new or empty folder; and gguf_blocks.safetensors,
+    every matrix the file did not hold in F32 as its own bytes (uint8 rows, HF names, their types in the metadata), for
+    QLoRA on them (quantize.py, kind "source"). Everything is written to out_dir.new first and swapped in whole
+    (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
     out_dir = Path(out_dir)
     target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
     check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
@@ -391,20 +398,24 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tmp = new_folder(target)
     try:
-        weights = {}
+        weights, blocks, types = {}, {}, {}
         for name in tqdm(names, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
-            w = dequantize(gguf, name)
+            w, raw = dequantize(gguf, name), raw_rows(gguf, name)
             part = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
-            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike
-                w = unpermute(w, heads[part])
+            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike; whole rows of blocks
+                w, raw = unpermute(w, heads[part]), unpermute(raw, heads[part])
             if name.endswith("norm.weight"):
                 w = w - np.float32(family.GGUF_NORM_SHIFT)  # Gemma's are stored plus one
             weights[names[name]] = np.ascontiguousarray(w)
+            if w.ndim == 2 and gguf.tensors[name].type != GGML_F32:
+                blocks[names[name]], types[names[name]] = np.ascontiguousarray(raw), TYPE_NAMES[gguf.tensors[name].type]
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights
+        save_file(blocks, str(tmp / BLOCKS_FILE), metadata={"gguf_types": json.dumps(types)})  # one key: the same bytes
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors creates it 0600; like the others
+        for file in ("model.safetensors", BLOCKS_FILE):
+            os.chmod(tmp / file, 0o666 & ~umask)  # safetensors creates them 0600; like the others
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
         tok.save(str(tmp / "tokenizer.json"))

