@@ -39,7 +39,7 @@ from .errors import MiniftError
 from .files import atomic_write
 from .gguf import (ARCHITECTURES, ARRAY, BLOCKS, DEFAULT_ALIGNMENT, MAGIC, PRE_TOKENIZERS, SCALAR_FORMATS, STRING, U32,
                    TensorInfo, read_gguf)
-from .models.gemma import default_layer_types
+from .models.gemma import GEMMA_27B_LAYERS, default_layer_types
 from .quantize import BLOCK, QuantizedWeight
 from .tokenizer import Tokenizer, chat_format
 
@@ -106,13 +106,18 @@ def checked_config(model_dir: Path):
     return raw, config
 
 
+# the RoPE scalings a GGUF carries as {arch}.rope.scaling.* keys, and the settings each has there
+ROPE_KEYS = {"linear": {"rope_type", "factor"}, "yarn": {"rope_type", "factor", "original_max_position_embeddings"}}
+
+
 def unwritable(c) -> str | None:
     """What in a config a GGUF cannot carry, or llama.cpp fixes another way, in words; None if nothing."""
-    rope = (c.rope_scaling or {}).get("rope_type", "linear") if c.rope_scaling else None
-    if rope not in (None, "linear", "yarn"):
-        return f"RoPE scaling {rope!r} (minift writes linear and yarn)"
+    if c.rope_scaling and set(c.rope_scaling) != ROPE_KEYS.get(c.rope_scaling["rope_type"]):
+        return f"RoPE scaling {c.rope_scaling} (minift writes linear, and yarn with its factor alone)"
     if c.model_type in ("gemma2", "gemma3_text"):
-        llama_cpp_scalar = c.hidden_size // c.num_attention_heads if c.num_hidden_layers in (46, 62) else c.head_dim
+        arch = ARCH_OF[c.model_type]
+        llama_cpp_scalar = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == GEMMA_27B_LAYERS[arch] \
+            else c.head_dim
         if c.query_pre_attn_scalar != llama_cpp_scalar:
             return f"query_pre_attn_scalar {c.query_pre_attn_scalar} (llama.cpp scales by head_dim, {c.head_dim})"
         if c.layer_types != default_layer_types(c.model_type, c.num_hidden_layers):
@@ -319,8 +324,7 @@ def metadata(arch: str, c, vocab: dict, kind: str, name: str) -> list:
             ("general.alignment", DEFAULT_ALIGNMENT, U32)]
     if c.rope_scaling:  # linear or yarn (unwritable refused the rest)
         rope = c.rope_scaling
-        meta += [(f"{arch}.rope.scaling.type", rope.get("rope_type", "linear"), STRING),
-                 (f"{arch}.rope.scaling.factor", rope["factor"], F32)]
+        meta += [(f"{arch}.rope.scaling.type", rope["rope_type"], STRING), (f"{arch}.rope.scaling.factor", rope["factor"], F32)]
         if "original_max_position_embeddings" in rope:
             meta.append((f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"], U32))
     if arch.startswith("gemma"):

@@ -9,8 +9,9 @@ A GGUF file is three parts back to back, little-endian throughout:
 
 Weights are usually quantized: cut into blocks of 32 or 256 numbers that share fp16 scales, each number
 kept in 2 to 8 bits (gguf_blocks.py draws every layout). We turn every tensor back into float32, undo
-llama.cpp's reordering of the q and k rows, and write config.json, model.safetensors, tokenizer.json and
-tokenizer_config.json, so the rest of minift (and transformers) reads the model like any other checkpoint:
+llama.cpp's reordering of the q and k rows (and the one it adds to Gemma's norms), and write config.json,
+model.safetensors, tokenizer.json and tokenizer_config.json, so the rest of minift (and transformers) reads the
+model like any other checkpoint; and the file's blocks as they are (gguf_blocks.safetensors, for QLoRA on them):
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2")
 

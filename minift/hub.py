@@ -393,7 +393,7 @@ NEEDS = "config.json, model.safetensors and tokenizer.json"
 
 
 def resolve_model(name_or_path) -> Path:
-    """A checkpoint folder, or a name: 'minilm', 'smollm2', 'qwen2.5-coder-0.5b' or '-1.5b' (fetched on first
+    """A checkpoint folder, or a name: 'minilm', 'smollm2', 'qwen2.5-coder-0.5b' or '-1.5b', 'gemma3-270m' (fetched on first
     use), 'ollama:NAME[:TAG]' (converted once from the local Ollama store) or one already in weights_dir()."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():

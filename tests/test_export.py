@@ -697,3 +697,98 @@ def test_modelfile_speaks_each_familys_template(tmp_path, transformers, template
             continue  # Gemma 2's template refuses a system turn
         prompt = ours.apply_chat_template(messages)
         assert ollama_prompt(modelfile, messages) == (prompt.removeprefix("<bos>") if arch == "gemma3" else prompt), messages
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "gemma3"])
+def test_llama_cpp_runs_each_familys_tiny_export(tmp_path, transformers, arch):
+    """llama.cpp on our f32 export: minift's logits (f32 cache) and greedy tokens, past Gemma's window of 4."""
+    pytest.importorskip("llama_cpp")
+    folder, _ = family_folder(tmp_path, transformers, arch)
+    model = load_checkpoint(folder, "lm", verbose=False)
+    llm = llama_cpp_model(export_gguf(folder, tmp_path / "m.gguf", "f32"))
+    try:
+        ids = [2, 17, 42, 99, 3, 150, 7, 61, 30, 120, 11, 5]
+        llm.reset()
+        llm.eval(ids)
+        gap = np.abs(np.asarray(llm.scores[:len(ids)]) - logits_of(model, ids).numpy()).max()
+        assert gap < 1e-4, gap
+        assert llama_cpp_greedy(llm, ids, 10, eos=-1) == minift_greedy(model, ids, 10, eos=-1)
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def gemma3_export(tmp_path_factory):
+    """Gemma 3 270M's converted folder exported as f32 (1 GB)."""
+    from minift import hub
+    path = hub.weights_dir() / "gguf" / hub.SPLIT_GGUFS["gemma3-270m"]["file"]
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched")
+    folder = hub.fetch_split_model("gemma3-270m")
+    return folder, path, export_gguf(folder, tmp_path_factory.mktemp("gemma3") / "gemma3.f32.gguf", "f32", modelfile=True)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_export_is_its_file_again(gemma3_export, transformers):
+    """The real file's tokenizer keys (262,144 pieces and their types, the special ids, BOS) and config keys come back;
+    the f32 tensors are its dequantized ones (norms plus one again, exactly); transformers' GGUF loader on our file gives
+    the folder's weights tensor for tensor and the folder's token ids."""
+    folder, source, path = gemma3_export
+    ours, theirs = read_gguf(path), read_gguf(source)
+    for key, value in theirs.metadata.items():
+        if key.startswith(("gemma3.", "tokenizer.")) and key not in ("tokenizer.ggml.scores", "tokenizer.ggml.add_sep_token"):
+            assert np.array_equal(np.float32(ours.metadata[key]), np.float32(value)) if isinstance(value, float) \
+                else ours.metadata[key] == value, key
+    assert theirs.metadata["tokenizer.ggml.add_sep_token"] is False  # llama.cpp's default: not written
+    from minift.gguf import dequantize
+    for name in ("blk.0.attn_q.weight", "blk.5.post_ffw_norm.weight", "output_norm.weight", "token_embd.weight"):
+        assert np.array_equal(dequantize(ours, name), dequantize(theirs, name)), name
+    loader = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, weights = loader.state_dict(), read_safetensors(folder)
+    assert all(torch.equal(ref[k], w) for k, w in weights.items())
+    del loader, ref, weights
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), Tokenizer.from_file(folder)
+    from test_gguf import TOKENIZER_TEXTS
+    for text in TOKENIZER_TEXTS + ["\t\tdef f():\n\t\t\treturn   {1: 'x'}\n\n\n\n"]:
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text
+    modelfile = path.with_suffix(".Modelfile").read_text()
+    assert "<start_of_turn>" in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
+
+
+@pytest.mark.slow
+def test_gemma3_270m_llama_cpp_generates_minifts_tokens(gemma3_export):
+    """llama.cpp on the f32 export of Gemma 3 270M: minift's greedy tokens on a Gemma-turns prompt and a plain one."""
+    folder, _, path = gemma3_export
+    model, tok = load_checkpoint(folder, "lm", verbose=False), Tokenizer.from_file(folder)
+    llm = llama_cpp_model(path)
+    try:
+        for text in (tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}]),
+                     "<bos>The capital of France is"):
+            ids = tok.encode(text, add_special_tokens=False)
+            assert llama_cpp_greedy(llm, ids, 20, tok.eos_id) == minift_greedy(model, ids, 20, tok.eos_id), text
+    finally:
+        llm.close()
+
+
+def test_refuses_what_llama_cpp_fixes_otherwise_and_keeps_linear_rope(tmp_path, transformers):
+    folder, _ = family_folder(tmp_path, transformers, "gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    for change, words in ((dict(query_pre_attn_scalar=32), "query_pre_attn_scalar 32"),
+                          (dict(layer_types=["full_attention"] * 6), "layer_types"),
+                          (dict(rope_local_base_freq=20000.0), "local RoPE base"),
+                          (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0}), "RoPE scaling")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        message = one_line_error(export_gguf, folder, tmp_path / "m.gguf")
+        assert words in message and "gemma3" in message, message
+    (tmp_path / "q").mkdir()
+    qwen, _ = family_folder(tmp_path / "q", transformers, "qwen2")
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8,
+                                                  "max_window_layers": 0}))
+    assert "sliding window of 8" in one_line_error(export_gguf, qwen, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    linear = {"rope_type": "linear", "factor": 4.0}
+    (qwen / "config.json").write_text(json.dumps({**config, "rope_scaling": linear}))
+    back = convert_gguf(export_gguf(qwen, tmp_path / "m.gguf", "f16"), tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["rope_scaling"] == linear

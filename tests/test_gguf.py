@@ -1019,4 +1019,5 @@ def test_gemma3_270m_equals_transformers(gemma3, transformers):
     model = minift.load(folder, task="lm", verbose=False)
     with torch.no_grad():
         diff = (model(ids) - expected).abs().max().item()
+    print(f"minift's logits {diff:.2e} from transformers' (largest {expected.abs().max().item():.1f})")
     assert diff < 1e-4, diff

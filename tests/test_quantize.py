@@ -295,3 +295,37 @@ def test_a_source_run_resumes_exactly_and_refuses_what_has_no_blocks(tmp_path):
         model.model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3  # a folder whose weights moved since its conversion
     with pytest.raises(MiniftError, match="up_proj: the GGUF blocks .* do not give this model's weights") as e:
         prepare_model(model, TrainConfig(lora_r=2, quantize="source"))
+
+
+@pytest.mark.slow
+def test_qwen_coder_lora_on_its_own_blocks():
+    """Qwen2.5-Coder-0.5B (Q4_K_M): every adapted layer holds the file's bytes (Q4_K, Q5_0, Q6_K, Q8_0), in a seventh of
+    the fp32 weights' room, and the model with untrained adapters gives the converted weights' logits."""
+    from collections import Counter
+    from minift import hub
+    from minift.gguf import hf_name, raw_rows, read_gguf, type_name
+    path = hub.weights_dir() / "gguf" / hub.SPLIT_GGUFS["qwen2.5-coder-0.5b"]["file"]
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched")
+    model = load_checkpoint(hub.fetch_split_model("qwen2.5-coder-0.5b"), "lm", verbose=False).eval()
+    ids = torch.tensor([[151644, 872, 198, 7985, 264, 13027, 729, 429, 17431, 288, 264, 914, 13, 151645, 198]])
+    with torch.no_grad():
+        expected = model(ids)
+    prepare_model(model, TrainConfig(lora_r=8, quantize="source"))
+    file = read_gguf(path)
+    names = {hf_name(n): n for n in file.tensors}
+    types, held, fp32 = Counter(), 0, 0
+    for name, layer in lora_layers(model).items():
+        raw, t = layer.quantized.raw.numpy(), file.tensors[names[f"{name}.weight"]]
+        assert np.array_equal(raw, raw_rows(file, t.name)), name
+        assert layer.quantized.extra_repr().startswith(type_name(t.type) + " "), name
+        types[type_name(t.type)] += 1
+        held, fp32 = held + raw.nbytes, fp32 + 4 * t.shape[0] * t.shape[1]
+    assert sum(types.values()) == 24 * 7 and set(types) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}, types
+    print(f"blocks of {dict(types)}: {held / 2**20:.0f} MB for {fp32 / 2**20:.0f} MB of fp32 weights")
+    assert held < fp32 / 5
+    model.eval()
+    with torch.no_grad():
+        diff = (model(ids) - expected).abs().max().item()
+    print(f"logits {diff:.2e} from the converted weights' (largest {expected.abs().max().item():.1f})")
+    assert diff < 1e-4 * expected.abs().max().item(), diff  # the same weights, multiplied 256 rows at a time
