@@ -303,7 +303,8 @@ def format_qwen3(messages, add_generation_prompt=True, fmt=None, bos_token=""):
             reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
             content = content.split("</think>")[-1].lstrip("\n")
         if i > last_user and (i == len(messages) - 1 or reasoning):
-            content = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+            reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+            content = f"<think>\n{reasoning}\n</think>\n\n{content}"
         text += f"<|im_start|>assistant\n{content}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
