@@ -701,7 +701,9 @@ def test_modelfile_speaks_each_familys_template(tmp_path, transformers, template
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "gemma3"])
 def test_llama_cpp_runs_each_familys_tiny_export(tmp_path, transformers, arch):
-    """llama.cpp on our f32 export: minift's logits (f32 cache) and greedy tokens, past Gemma's window of 4."""
+    """llama.cpp on our f32 export: minift's logits (f32 cache) and greedy tokens, past Gemma's window of 4. Gemma's
+    logits are further apart (measured 8e-4 over 2 layers, 2.3e-3 over 6, against < 1e-4 for Qwen): ggml's CPU GELU
+    reads its values from an fp16 table (GGML_GELU_FP16), and Gemma's MLP is GeGLU."""
     pytest.importorskip("llama_cpp")
     folder, _ = family_folder(tmp_path, transformers, arch)
     model = load_checkpoint(folder, "lm", verbose=False)
@@ -710,8 +712,10 @@ def test_llama_cpp_runs_each_familys_tiny_export(tmp_path, transformers, arch):
         ids = [2, 17, 42, 99, 3, 150, 7, 61, 30, 120, 11, 5]
         llm.reset()
         llm.eval(ids)
-        gap = np.abs(np.asarray(llm.scores[:len(ids)]) - logits_of(model, ids).numpy()).max()
-        assert gap < 1e-4, gap
+        ours = logits_of(model, ids).numpy()
+        gap = np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max()
+        print(f"{arch}: llama.cpp's logits {gap:.1e} from minift's (largest {np.abs(ours).max():.1f})")
+        assert gap < (1e-4 if arch.startswith("qwen") else 5e-3), gap
         assert llama_cpp_greedy(llm, ids, 10, eos=-1) == minift_greedy(model, ids, 10, eos=-1)
     finally:
         llm.close()
