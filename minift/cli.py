@@ -522,12 +522,12 @@ def add_tool_commands(sub):
     i.add_argument("model")
     i.set_defaults(run=cmd_info)
 
-    c = sub.add_parser("convert", help="a GGUF file (llama, qwen2) -> a Hugging Face folder minift loads")
+    c = sub.add_parser("convert", help="a GGUF file (llama, qwen2, qwen3, gemma2, gemma3) -> a Hugging Face folder minift loads")
     c.add_argument("gguf", help="a .gguf file, or ollama:NAME[:TAG] from the local Ollama store")
     c.add_argument("out")
     c.set_defaults(run=cmd_convert)
 
-    x = sub.add_parser("export", help="a Llama checkpoint folder (a run's best/) -> one GGUF file for llama.cpp, Ollama")
+    x = sub.add_parser("export", help="a Llama, Qwen or Gemma checkpoint (a run's best/) -> one GGUF file for llama.cpp, Ollama")
     x.add_argument("checkpoint")
     x.add_argument("out", help="the .gguf file to write (never over an existing one)")
     x.add_argument("--type", default="f16", help="the matrices' type: f32, f16, q8_0, q4_0 or q4_1 (default f16)")

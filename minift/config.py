@@ -45,13 +45,14 @@ class TrainConfig:
     lora_dropout: float = 0.0  # on the adapters' input (peft's default 0; each one costs a random mask a layer)
     lora_targets: list = field(default_factory=lambda: ["all-linear"])  # which Linear layers get adapters
     zero: int = 0  # under torchrun: 1 shards AdamW's state across the processes, 2 the gradients too (distributed.py)
-    quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1
+    quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1 |
+    # source: the blocks of the GGUF file the model was converted from (Q4_K, Q6_K, Q5_0 ...), rounded nothing again
 
 
 CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
            "backward": ("manual", "autograd"),
            "metric": ("accuracy", "macro_f1", "f1", "loss", "exact_match", "reward", "auto"),
-           "quantize": ("none", "q8_0", "q4_0", "q4_1")}
+           "quantize": ("none", "q8_0", "q4_0", "q4_1", "source")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
           "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"),

@@ -588,10 +588,19 @@ def architecture(model):
 
 # ---- From a GGUF file: llama.cpp's metadata -> this family's config.json (gguf.py reads the file) ----------
 
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}  # llama.cpp's general.architecture -> our model_type
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # general.architecture -> our model_type
 # llama.cpp's converter interleaves each head's q and k rows (its RoPE turns neighbouring pairs) for the llama
-# architecture only (LlamaModel.permute); its Qwen2 converter keeps Hugging Face's order.
+# architecture only (LlamaModel.permute); its Qwen2 and Qwen3 converters keep Hugging Face's order.
 GGUF_PERMUTED_QK = ("llama",)
+# llama.cpp's tensor names -> Hugging Face's keys: top-level tensors, and each block's (blk.N.<part>.weight / .bias)
+GGUF_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+                    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_NORM_SHIFT = 0.0  # the norms' weights are stored as they are (Gemma's: plus one)
+GGUF_CHAT_TEMPLATES = {}  # a file without a chat template gets none
 
 
 def shortest_float(x: float) -> float:
@@ -599,40 +608,54 @@ def shortest_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+def gguf_value(meta: dict, arch: str, key: str):
+    """The file's `{arch}.{key}`, one value for every layer, or one line saying what is missing."""
+    if f"{arch}.{key}" not in meta:
+        raise MiniftError(f"the GGUF has no {arch}.{key} in its metadata: the file is incomplete; re-export it")
+    value = meta[f"{arch}.{key}"]
+    if isinstance(value, list):
+        raise MiniftError(f"{arch}.{key} differs per layer in this GGUF; minift supports one value for all")
+    return value
+
+
 def config_from_gguf(meta: dict, shapes: dict, arch: str, rope_freqs=None) -> dict:
-    """The config.json of a Llama or Qwen2 GGUF, from its `{arch}.*` metadata and its tensors' shapes.
+    """The config.json of a Llama, Qwen2 or Qwen3 GGUF, from its `{arch}.*` metadata and its tensors' shapes.
 
     rope_freqs: the file's `rope_freqs.weight` (one factor per rotated pair: how Llama 3.1's rope scaling
     travels in a GGUF), or None."""
     def need(key):
-        if f"{arch}.{key}" not in meta:
-            raise MiniftError(f"the GGUF has no {arch}.{key} in its metadata: the file is incomplete; re-export it")
-        value = meta[f"{arch}.{key}"]
-        if isinstance(value, list):
-            raise MiniftError(f"{arch}.{key} differs per layer in this GGUF; minift supports one value for all")
-        return value
+        return gguf_value(meta, arch, key)
 
     model_type = GGUF_MODEL_TYPES[arch]
     hidden, heads = need("embedding_length"), need("attention.head_count")
-    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)  # Qwen3's is its own setting
     if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
         raise MiniftError(f"this GGUF rotates only part of each head ({arch}.rope.dimension_count != head size); "
                           "minift's Llama rotates whole heads")
     theta = shortest_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
-    tokens = meta.get("tokenizer.ggml.tokens")
+    own = {"llama": dict(attention_bias=False, mlp_bias=False),  # a Llama file has no biases, or o_proj's too
+           "qwen2": dict(use_sliding_window=False),  # Qwen2 always has q/k/v biases (no flag)
+           "qwen3": dict(attention_bias=False, use_sliding_window=False)}[model_type]  # no biases, q/k norms
     return dict(
         architectures=[_FAMILY_NAME[model_type] + "ForCausalLM"], model_type=model_type,
-        vocab_size=meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else shapes["token_embd.weight"][0]),
-        hidden_size=hidden, intermediate_size=need("feed_forward_length"), num_hidden_layers=need("block_count"),
-        num_attention_heads=heads, num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        vocab_size=gguf_vocab_size(meta, arch, shapes), hidden_size=hidden, intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"), num_attention_heads=heads,
+        num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
         head_dim=head_dim, hidden_act="silu", max_position_embeddings=need("context_length"),
         rms_norm_eps=shortest_float(need("attention.layer_norm_rms_epsilon")), rope_theta=theta,
         rope_scaling=rope_scaling_from_gguf(meta, arch, rope_freqs, theta, head_dim),
-        attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings="output.weight" not in shapes,
-        # Qwen2 always has q/k/v biases (no flag); a Llama file has none, or o_proj's too
-        **(dict(attention_bias=False, mlp_bias=False) if model_type == "llama" else dict(use_sliding_window=False)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+        attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings="output.weight" not in shapes, **own,
+        **gguf_special_ids(meta))
+
+
+def gguf_vocab_size(meta, arch, shapes):
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else shapes["token_embd.weight"][0])
+
+
+def gguf_special_ids(meta):
+    return dict(bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+                pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
 
 
 def rope_scaling_from_gguf(meta, arch, rope_freqs, theta, head_dim):
