@@ -349,6 +349,10 @@ def cmd_export(args):
     from .export import export_gguf
     from .hub import resolve_model
 
+    folder = Path(args.checkpoint)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise MiniftError(f"{folder} holds a LoRA adapter only: export the run's best/ folder, which is the base model "
+                          "with the adapter merged in")
     path = export_gguf(resolve_model(args.checkpoint), args.out, args.type, modelfile=args.modelfile)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)" + (": ollama create NAME -f " +
                                                                   str(path.with_suffix(".Modelfile")) if args.modelfile else ""))

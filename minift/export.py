@@ -69,6 +69,10 @@ def export_gguf(model_dir, out_path, kind="f16", modelfile=False) -> Path:
     vocab = read_vocab(model_dir, config, arch)
     tensors = checked_tensors(model_dir, raw)
     plan, source = plan_tensors(family, tensors, kind)
+    kept = [info.name for info in plan if len(info.shape) == 2 and info.type != KINDS[kind][0]]
+    if kept:  # (llama.cpp's converter does the same, and says so)
+        print(f"note: the rows of {len(kept)} matrices (e.g. {kept[0]}: {tensors[source[kept[0]]].shape[-1]} values) "
+              f"are not whole blocks of {BLOCK}: they stay f16, not {kind}")
     meta = metadata(arch, config, vocab, kind, model_name(model_dir))
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -79,7 +83,11 @@ def export_gguf(model_dir, out_path, kind="f16", modelfile=False) -> Path:
                 pad_to(f, DEFAULT_ALIGNMENT)
                 f.write(tensor_bytes(tensors[source[info.name]], info, config, kind, family, arch))
 
-    atomic_write(out_path, write)  # a stopped export leaves no file under the final name
+    try:
+        atomic_write(out_path, write)  # a stopped export leaves no file under the final name
+    except OSError as e:
+        raise MiniftError(f"could not write {out_path} ({e.strerror or e}): nothing was left under that name; free disk "
+                          "space or choose another path") from None
     if modelfile:
         write_modelfile(out_path)
     return out_path

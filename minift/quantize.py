@@ -39,6 +39,13 @@ BLOCK = 32
 ROWS = 256  # rows of W dequantized at once: 256 x in_features numbers, a few MB for a 4096-wide layer
 
 
+
+def roundf(a):
+    """C's roundf for a >= 0 (halves away from 0), exactly: floor(a) + floor(2 * frac(a)). floor(a + 0.5) is not: in
+    float32 0.49999997 + 0.5 rounds to 1.0, where llama.cpp's reference gives 0 (gguf-py's np_roundf is this)."""
+    whole = torch.floor(a)
+    return whole + torch.floor(2 * (a - whole))
+
 class BlockWeight(nn.Module):
     """A frozen W (out, in) kept in blocks: a subclass gives rows(start, stop, dtype); the matmuls of the forward and of
     the input gradient dequantize ROWS rows at a time, so W never exists whole."""
@@ -93,7 +100,7 @@ class QuantizedWeight(BlockWeight):
         if kind == "q8_0":
             d = x.abs().amax(-1) / 127
             v = x * inverse(d)[..., None]
-            q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)  # C's roundf: halves away from 0
+            q = (torch.sign(v) * roundf(v.abs())).to(torch.int8)
             return cls(kind, d.half(), q)
         if kind == "q4_0":  # the value of largest magnitude, with its sign, becomes -8
             biggest = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)

@@ -12,6 +12,7 @@ import minift.checkpoints
 import minift.cli
 import minift.dpo
 import minift.evals
+import minift.export
 import minift.grpo
 import minift.resume
 from minift import TrainData
@@ -360,3 +361,28 @@ def test_an_empty_prompt_and_a_csv_for_instructions_are_one_line(capsys, tmp_pat
     csv.write_text("text,label\n" + "".join(f"{w} is nice,pos\n" for w in WORDS))
     line = cli_error(capsys, quick(folder, tmp_path / "o", "--task", "instruct", "--data", csv))
     assert "cls.csv is a CSV file; instruction tuning reads JSONL rows" in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# minift export
+
+def test_export_mistakes_are_one_line_and_leave_nothing(capsys, tmp_path, tiny, monkeypatch):  # noqa: F811
+    """An adapter folder, a full disk, and matrices that cannot take the asked type (tiny's rows of 16 values are not
+    blocks of 32: they stay f16, and the export says so)."""
+    import minift.files
+    folder, _ = tiny
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert "holds a LoRA adapter only: export the run's best/" in cli_error(capsys, ["export", adapter, tmp_path / "a.gguf"])
+
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(minift.export, "atomic_write", full)
+        line = cli_error(capsys, ["export", folder, tmp_path / "b.gguf", "--type", "q8_0"])
+    assert f"could not write {tmp_path / 'b.gguf'} (No space left on device): nothing was left" in line
+    assert not (tmp_path / "b.gguf").exists() and minift.files.atomic_write is not full
+    minift.cli.main(["export", str(folder), str(tmp_path / "c.gguf"), "--type", "q4_0"])
+    out = capsys.readouterr().out
+    assert "are not whole blocks of 32: they stay f16, not q4_0" in out and (tmp_path / "c.gguf").is_file()

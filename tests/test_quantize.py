@@ -56,6 +56,21 @@ def test_blocks_are_ggufs_and_round_within_half_a_step(kind):
     assert qw.nbytes() == {"q8_0": 34, "q4_0": 18, "q4_1": 20}[kind] * 64 * 96 // 32
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_equal_gguf_pys_quantizer_bit_for_bit(kind):
+    """gguf-py's quantizers (its np_roundf: C's roundf, exactly) as the oracle, on random blocks and on the value that
+    floor(x + 0.5) rounds wrongly in float32: 0.49999997 of a step is 0, not 1."""
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    w[0, :32] = torch.tensor([127.0, 0.49999997, -0.49999997, 2.5, -2.5] + [0.0] * 27)  # q8_0's step is exactly 1 here
+    qw = QuantizedWeight.quantize(w, kind)
+    theirs = gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, kind.upper()))
+    assert np.array_equal(gguf_bytes(qw), theirs.reshape(-1))
+    if kind == "q8_0":
+        assert qw.q[0, 0, :5].tolist() == [127, 0, 0, 3, -3]
+
+
 def test_the_sliced_matmuls_equal_the_whole_ones(monkeypatch):
     import minift.quantize
     monkeypatch.setattr(minift.quantize, "ROWS", 7)  # several slices, the last one short
