@@ -165,7 +165,8 @@ def completion_mask(completion_ids, eos_ids):
 
 def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, temperature=1.0, top_p=None, top_k=None,
                     generator=None, eos_token_id=None):
-    """Sample `group_size` completions for each prompt, all prompts x G rows in one left-padded generate().
+    """Sample `group_size` completions for each prompt, all prompts x G rows in one left-padded generate() that reads
+    each prompt once (num_samples: the G samples share its keys and values).
 
     prompts: texts (encoded by `tokenizer`; apply a chat template first if the model wants one) or lists of token ids
     (then tokenizer may be None). `generator` (a torch.Generator) makes the sampling reproducible. Returns Rollouts."""
@@ -175,12 +176,12 @@ def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, te
     if tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise MiniftError("text prompts need a tokenizer: pass one, or give the prompts as lists of token ids")
     encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    rows = [ids for ids in encoded for _ in range(group_size)]
     pad_id = getattr(tokenizer, "pad_id", None)
     pad_id = pad_id if pad_id is not None else (model.config.pad_token_id or 0)
-    prompt_ids, prompt_mask = pad_rows(rows, pad_id, "left", next(model.parameters()).device)
-    out = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   attention_mask=prompt_mask, eos_token_id=eos_token_id, generator=generator)
+    ids, mask = pad_rows(encoded, pad_id, "left", next(model.parameters()).device)
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   attention_mask=mask, eos_token_id=eos_token_id, generator=generator, num_samples=group_size)
+    prompt_ids, prompt_mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
     completion_ids = out[:, prompt_ids.shape[1]:]
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]
