@@ -199,7 +199,8 @@ def test_grpo_gradient_is_autograds_on_the_same_samples(tiny):  # noqa: F811
     loss, metrics = objective.gradients(model, [objective.collate(prompts, "cpu")])
     ours = grads(model)
     torch.manual_seed(3)  # the same draws again
-    rollouts, rewards = objective.sample(model, objective.collate(prompts, "cpu"))
+    rollouts, scores = objective.sample(model, objective.collate(prompts, "cpu"))
+    rewards = objective.weighted(scores)  # one reward function, weight 1: its scores
     advantages = group_advantages(rewards, 4)
     assert advantages.abs().sum() > 0 and metrics["frac_reward_zero_std"] < 1
     assert math.isclose(metrics["reward"], rewards.mean().item(), rel_tol=1e-12)
@@ -212,6 +213,103 @@ def test_grpo_gradient_is_autograds_on_the_same_samples(tiny):  # noqa: F811
     for name, g in grads(model).items():  # ... but its gradient is not
         torch.testing.assert_close(ours[name], g, rtol=1e-9, atol=1e-12)
     assert any(g.abs().max() > 1e-6 for g in ours.values())
+
+
+def stubbed_samples(tiny, monkeypatch, settings, rewards, ended):  # noqa: F811
+    """A GRPO objective whose sampling returns fixed answers: 2 prompts x G = 4 real samples of the tiny model, rows
+    `ended` made to say EOS at their 3rd token (the others cut at max_new_tokens), and fixed rewards. Returns (model,
+    objective, the rollout batch, the rewards)."""
+    model, tok = model_and_tok(tiny, True, torch.float64)
+    prompts = encode_prompts([{"prompt": f"first word of: {w}"} for w in WORDS[:2]], tok, 256)
+    objective = GRPOObjective(tok, has_an_e, settings)
+    torch.manual_seed(0)
+    rollouts, _ = objective.sample(model, objective.collate(prompts, "cpu"))
+    rollouts.completion_ids[ended, 2] = tok.eos_id
+    rollouts.completion_ids[ended, 3:] = tok.eos_id
+    rollouts.completion_mask = minift.rl.completion_mask(rollouts.completion_ids, [tok.eos_id])
+    scores = torch.tensor(rewards, dtype=torch.float64)[:, None]
+    monkeypatch.setattr(objective, "sample", lambda model, batch: (rollouts, scores))
+    return model, objective, rollouts.batch(), scores[:, 0], prompts
+
+
+def surrogate_grads(model, batch, advantages, rows):
+    """autograd's gradient of the on-policy GRPO surrogate (dapo: the mean over the counted tokens) over `rows` only."""
+    model.zero_grad()
+    with torch.enable_grad():
+        logps = sequence_logprobs(model.eval(), batch)
+        mask = logps.mask & rows[:, None]
+        (-(advantages[:, None] * logps.tokens * mask).sum() / mask.sum()).backward()
+    model.train()
+    return grads(model)
+
+
+@pytest.mark.parametrize("switch", ["mask_truncated_completions", "skip_zero_std_groups"])
+def test_grpo_switches_leave_out_their_answers(tiny, monkeypatch, switch):  # noqa: F811
+    """mask_truncated_completions: the answers cut at max_new_tokens keep their rewards in the advantages but leave the
+    loss and the token count; skip_zero_std_groups: a group whose rewards are all equal leaves the step. Either way the
+    gradient is autograd's of the surrogate over the answers left (and differs from the switch off)."""
+    ended = [0, 1, 4, 6]
+    rewards = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0] if switch == "skip_zero_std_groups" else \
+        [1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0]
+    settings = GRPOSettings(reward=has_an_e, group_size=4, max_new_tokens=5, temperature=1.0, **{switch: True})
+    model, objective, batch, rewards, prompts = stubbed_samples(tiny, monkeypatch, settings, rewards, ended)
+    advantages = group_advantages(rewards, 4)
+    model.zero_grad()
+    loss, metrics = objective.gradients(model, [objective.collate(prompts, "cpu")])
+    ours = grads(model)
+    if switch == "mask_truncated_completions":
+        rows = torch.zeros(8, dtype=torch.bool)
+        rows[ended] = True
+        assert metrics["completions/clipped_ratio"] == 0.5
+    else:
+        rows = torch.arange(8) < 4  # the second group's rewards are all 1
+        assert metrics["frac_reward_zero_std"] == 0.5
+    expected = surrogate_grads(model, batch, advantages, rows)
+    for name, g in expected.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-9, atol=1e-12)
+    everything = surrogate_grads(model, batch, advantages, torch.ones(8, dtype=torch.bool))
+    assert any((everything[n] - g).abs().max() > 1e-6 for n, g in expected.items())  # the switch changed something
+
+
+def test_grpo_skips_a_step_whose_groups_all_scored_alike(tiny, monkeypatch):  # noqa: F811
+    settings = GRPOSettings(reward=has_an_e, group_size=4, max_new_tokens=5, temperature=1.0, skip_zero_std_groups=True)
+    model, objective, _, _, prompts = stubbed_samples(tiny, monkeypatch, settings, [1.0] * 4 + [0.0] * 4, [0])
+    model.zero_grad()
+    loss, metrics = objective.gradients(model, [objective.collate(prompts, "cpu")])
+    assert loss == 0 and metrics["frac_reward_zero_std"] == 1 and not grads(model)
+
+
+def is_short(prompts, completions, **columns):
+    return [float(len(c) < 6) for c in completions]
+
+
+def test_several_rewards_with_weights(tiny):  # noqa: F811
+    """Two reward functions, weights 1 and -0.5: each completion's reward is the weighted sum (TRL's
+    sum_then_normalize, transcribed), each function logged apart (rewards/NAME/mean, std)."""
+    model, tok = model_and_tok(tiny, True, torch.float64)
+    prompts = encode_prompts([{"prompt": f"first word of: {w}"} for w in WORDS[:3]], tok, 256)
+    settings = GRPOSettings(reward=[has_an_e, is_short], reward_weights=[1, -0.5], group_size=4, max_new_tokens=4,
+                            temperature=1.0)
+    objective = GRPOObjective(tok, [has_an_e, is_short], settings)
+    torch.manual_seed(0)
+    rollouts, scores = objective.sample(model, objective.collate(prompts, "cpu"))
+    assert scores.shape == (12, 2) and scores[:, 0].tolist() == has_an_e([], rollouts.texts)
+    torch.testing.assert_close(objective.weighted(scores), (scores * torch.tensor([1.0, -0.5], dtype=torch.float64))
+                               .nansum(dim=1))  # TRL: (rewards_per_func * reward_weights).nansum(dim=1)
+    torch.manual_seed(0)
+    _, metrics = objective.gradients(model, [objective.collate(prompts, "cpu")])
+    assert metrics["rewards/has_an_e/mean"] == pytest.approx(scores[:, 0].mean().item())
+    assert metrics["rewards/is_short/std"] == pytest.approx(scores[:, 1].std().item())
+    assert metrics["reward"] == pytest.approx(objective.weighted(scores).mean().item())
+    assert objective.settings()["reward"] == ["test_dpo_grpo_jobs:has_an_e", "test_dpo_grpo_jobs:is_short"]
+    for spec, weights, says in [([has_an_e, is_short], [1.0], "give 2 finite number"),
+                                ("a:f,b:g", ["x", "1"], "give numbers, one per reward function"),
+                                ("a:f,nothing", None, "reward 'nothing': give module:function")]:
+        with pytest.raises(MiniftError, match=says):
+            GRPOSettings(reward=spec, reward_weights=weights).check()
+    assert GRPOSettings(reward="a:f, b:g", reward_weights=["1", "0.5"]).check().reward_weights == [1.0, 0.5]
+    assert [f.__name__ for f in minift.grpo.load_rewards("test_dpo_grpo_jobs:has_an_e, test_dpo_grpo_jobs:is_short")] \
+        == ["has_an_e", "is_short"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +470,11 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
         (["--task", "grpo", "--group-size", "1"], "give at least 2"),
         (["--task", "grpo", "--temperature", "0"], "temperature > 0"),
         (["--task", "grpo", "--epsilon-high", "x"], "--epsilon-high 'x': expected a number (or none)"),
+        (["--task", "grpo", "--loss-type", "cispo"], "give epsilon_high (5.0 is ScaleRL's)"),
+        (["--task", "grpo", "--importance-sampling-level", "prompt"], "importance_sampling_level 'prompt' is unknown"),
+        (["--task", "grpo", "--reward", "minift.grpo:number_is_right,minift.grpo:number_is_right", "--reward-weights",
+          "1"], "give 2 finite number(s)"),
+        (["--task", "grpo", "--mask-truncated-completions", "maybe"], "expected true or false"),
         (["--task", "dpo", "--data", str(tmp_path / "missing.jsonl")], "no such file or folder"),
         (["--task", "instruct", "--data", str(rows), "--metric", "reward"], "metric 'reward' is GRPO's"),
     ]:
