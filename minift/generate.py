@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from .errors import MiniftError
 
-NUCLEUS_CANDIDATES = 256  # top-p first looks among this many likeliest tokens (more only where they fall short)
-
 
 class KVCache:
     """One attention layer's keys and values during generation: buffers (rows, k/v heads, positions, head_dim)
@@ -134,27 +132,23 @@ def check_settings(input_ids, attention_mask, max_new_tokens, temperature, top_k
 def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Greedy (temperature 0), or a sample from softmax(logits / T) kept to the top-k and/or the top-p nucleus.
 
-    Nothing sorts the whole vocabulary unless it must: top-k and top-p take the likeliest tokens from torch.topk
-    (sorted), top-p NUCLEUS_CANDIDATES of them first and 16 times more only while some row's candidates hold less
-    than top_p (a flat distribution); with neither, the tokens stay in vocabulary order. Each row then draws once
-    (sample_from)."""
+    Nothing sorts the vocabulary: top-k takes the k likeliest tokens from torch.topk (sorted, so top-p among them is a
+    cumulative sum), top-p alone draws by rejection (sample_nucleus), and each row draws with one uniform number
+    (sample_from) instead of torch.multinomial's one per token."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    top_p = None if top_p is not None and top_p >= 1 else top_p  # a nucleus of all the mass is every token
-    if top_k is None and top_p is None:
-        return sample_from(probs, generator)
-    V = probs.shape[-1]
-    k = min(top_k or NUCLEUS_CANDIDATES, V)
-    p, ids = probs.topk(k)  # the candidates, likeliest first
-    while top_k is None and k < V and (p.sum(-1) < top_p).any():  # a row's nucleus holds more than k tokens
-        k = min(16 * k, V)
-        p, ids = probs.topk(k)
-    if top_p is not None:  # the smallest set of likeliest tokens whose mass reaches top_p (of what top-k kept)
-        if top_k is not None:
+    top_k = None if top_k is None or top_k >= probs.shape[-1] else top_k  # every token: no cut
+    top_p = None if top_p is None or top_p >= 1 else top_p  # a nucleus of all the mass is every token
+    if top_k is not None:
+        p, ids = probs.topk(top_k)  # the candidates, likeliest first
+        if top_p is not None:  # the smallest set of them whose mass reaches top_p of theirs
             p = p / p.sum(-1, keepdim=True)
-        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)  # a token goes when those before it hold more than top_p
-    return ids.gather(-1, sample_from(p, generator)[:, None]).squeeze(1)
+            p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)  # a token goes when those before it hold more than top_p
+        return ids.gather(-1, sample_from(p, generator)[:, None]).squeeze(1)
+    if top_p is not None:
+        return sample_nucleus(probs, top_p, generator)
+    return sample_from(probs, generator)
 
 
 def sample_from(probs, generator=None):
@@ -164,3 +158,21 @@ def sample_from(probs, generator=None):
     cum = probs.cumsum(-1)
     u = 1 - torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=probs.dtype)
     return torch.searchsorted(cum, u * cum[:, -1:]).squeeze(1)
+
+
+def sample_nucleus(probs, top_p, generator=None):
+    """Top-p without a sort: the nucleus is the likeliest tokens whose mass reaches top_p, so a token is in it when the
+    tokens likelier than it hold at most top_p. Draw from every token, keep the draw if it is in the nucleus, else draw
+    again (rejection sampling): a kept token then has probability p / (the nucleus' mass), as when drawing from the
+    nucleus alone, and a draw is kept with probability that mass (>= top_p): about 1 / top_p draws a row, each one
+    pass over the vocabulary instead of sorting it."""
+    picks = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    todo = torch.arange(len(probs), device=probs.device)  # the rows still to draw
+    while len(todo):
+        rows = probs if len(todo) == len(probs) else probs[todo]
+        pick = sample_from(rows, generator)
+        likelier = (rows * (rows > rows.gather(-1, pick[:, None]))).sum(-1)  # the mass above the draw
+        kept = likelier <= top_p
+        picks[todo[kept]] = pick[kept]
+        todo = todo[~kept]
+    return picks

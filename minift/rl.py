@@ -64,13 +64,13 @@ def check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_l
         raise MiniftError("loss_type 'dr_grpo' divides by max_completion_length: give it (the rollouts' max_new_tokens)")
 
 
-def clipped_surrogate(log_ratio, A, epsilon, epsilon_high):
-    """PPO's clipped objective, l = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) with r = exp(log_ratio), the ratio of
-    the policy to the one that sampled (per token, or per completion: GSPO). Since d r / d log_ratio = r:
-    d l / d log_ratio = -A r where r A is the smaller term (inside the clip range both are), and 0 where the clipped
-    term is (r > 1 + eps_high with A > 0, r < 1 - eps with A < 0: clip(r) is a constant there).
-    Returns (l, d l / d log_ratio, low_clipped, high_clipped)."""
-    ratio = torch.exp(log_ratio)
+def clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high):
+    """PPO's clipped objective, l = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) with r = exp(logp - old_logp), the
+    ratio of the policy to the one that sampled (per token; GSPO passes each completion's mean log-prob per token).
+    Since d r / d logp = r: d l / d logp = -A r where r A is the smaller term (inside the clip range both are), and 0
+    where the clipped term is (r > 1 + eps_high with A > 0, r < 1 - eps with A < 0: clip(r) is a constant there).
+    Returns (l, d l / d logp, low_clipped, high_clipped)."""
+    ratio = torch.exp(logps - old_logps)
     loss = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
     low_clipped, high_clipped = (ratio < 1 - epsilon) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
     return loss, torch.where(low_clipped | high_clipped, 0.0, -A * ratio), low_clipped, high_clipped
@@ -122,17 +122,18 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, epsilon=0
         raise MiniftError(f"{tuple(advantages.shape)} advantages for {len(logps)} completions: give one per completion")
     A = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weights = token_weights(mask, loss_type, num_tokens, num_sequences, max_completion_length).to(logps.dtype)
-    log_ratio, lengths = (logps - old_logps).masked_fill(~mask, 0.0), mask.sum(-1, keepdim=True).clamp(min=1)
-    if importance_sampling_level == "sequence":  # GSPO: (B, 1), one ratio for all of a completion's tokens
-        log_ratio = log_ratio.sum(-1, keepdim=True) / lengths
+    now, then, lengths = logps.masked_fill(~mask, 0.0), old_logps.masked_fill(~mask, 0.0), mask.sum(-1, keepdim=True)
+    if importance_sampling_level == "sequence":  # GSPO: each completion's mean log-prob per token, (B, 1): one ratio
+        lengths = lengths.clamp(min=1)
+        now, then = now.sum(-1, keepdim=True) / lengths, then.sum(-1, keepdim=True) / lengths
     if loss_type == "cispo":
-        per_token, dlogps, clipped = cispo_surrogate(logps, log_ratio, A, epsilon_high)
+        per_token, dlogps, clipped = cispo_surrogate(logps, now - then, A, epsilon_high)
         dlogps = weights * dlogps
         ratio_metrics = {"cispo_clip_ratio": clipped}
     else:
-        per_token, dlog_ratio, low, high = clipped_surrogate(log_ratio, A, epsilon, epsilon_high)
-        dlogps = weights * dlog_ratio
-        if importance_sampling_level == "sequence":  # each token's share of its completion's ratio: 1 / n
+        per_token, dnow, low, high = clipped_surrogate(now, then, A, epsilon, epsilon_high)
+        dlogps = weights * dnow
+        if importance_sampling_level == "sequence":  # each token moves its completion's mean by 1 / n
             dlogps = dlogps.sum(-1, keepdim=True) * mask / lengths
         ratio_metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low | high}
     if beta != 0:

@@ -206,6 +206,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, keep):
     torch.testing.assert_close(freq, expect, rtol=0, atol=0.03)
 
 
+@pytest.mark.parametrize("top_p, spread", [(0.5, 1.5), (0.9, 3.0), (0.95, 0.05)])
+def test_top_p_by_rejection_draws_the_sorted_nucleus(top_p, spread):
+    """sample_nucleus never sorts: each token's frequency over 40,000 draws is its probability renormalised over the
+    nucleus that sorting finds (the smallest likeliest set reaching top_p), within 0.01, and no other token is drawn;
+    peaked and nearly flat (the nucleus nearly everything) distributions alike."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40, dtype=torch.float64) * spread
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    nucleus = order[:int(((probs[order].cumsum(0) - probs[order]) <= top_p).sum())]
+    expect = torch.zeros(40, dtype=torch.float64)
+    expect[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    picks, seen = sampled_set(logits, n=40000, temperature=1.0, top_p=top_p)
+    assert seen == set(nucleus.tolist()) and 1 < len(seen) < 40
+    torch.testing.assert_close(torch.bincount(picks, minlength=40).double() / 40000, expect, rtol=0, atol=0.01)
+
+
 def test_top_k_keeps_the_k_largest():
     _, seen = sampled_set(PROBS.log()[None], temperature=1.0, top_k=2)
     assert seen == {1, 3}
