@@ -331,7 +331,7 @@ class GRPOObjective:
         sequences = sum(len(a) for _, a in steps)
         if sync is not None:
             tokens, sequences = sync.count(tokens), sync.count(sequences)
-        loss, clipped = 0.0, {}
+        loss, clipped, ran = 0.0, {}, [a for _, a in steps if len(a)]
         for batch, advantages in steps:
             if not len(advantages):
                 continue  # every group of this micro-batch was skipped
@@ -343,7 +343,7 @@ class GRPOObjective:
                                 max_completion_length=g.max_new_tokens, **self.loss_settings)
             loss += part
             for k, v in m.items():
-                clipped[k] = clipped.get(k, 0.0) + v / len(steps)
+                clipped[k] = clipped.get(k, 0.0) + v / len(ran)
         return loss, {**self.sample_metrics(sampled), **clipped}
 
     def sample_metrics(self, sampled):
