@@ -15,7 +15,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .config import TrainConfig, check_config, field_kind
-from .dpo import DPOSettings
+from .dpo import DPOSettings, KTOSettings
 from .errors import MiniftError
 from .grpo import GRPOSettings
 from . import recipe
@@ -64,7 +64,8 @@ def add_train_flags(parser, as_lists=False, jobs=None):
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
 # The methods beyond the model's own loss: --task -> (its settings class, the job's values on top of its defaults).
 # Their fields are flags of `minift finetune` and keys of its TOML file, as TrainConfig's are.
-METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "grpo": (GRPOSettings, recipe.GRPO_SETTINGS)}
+METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "kto": (KTOSettings, recipe.KTO_SETTINGS),
+           "grpo": (GRPOSettings, recipe.GRPO_SETTINGS)}
 METHOD_KEYS = {f.name for cls, _ in METHODS.values() for f in fields(cls)}
 
 
@@ -128,6 +129,7 @@ def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=N
 JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "ner": (recipe.NER_JOB, recipe.NER_TRAIN, None, None),
         "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
         "dpo": (recipe.DPO_JOB, recipe.DPO_TRAIN, None, METHODS["dpo"]),
+        "kto": (recipe.KTO_JOB, recipe.KTO_TRAIN, None, METHODS["kto"]),
         "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"])}
 
 
@@ -158,7 +160,7 @@ def cmd_finetune(args):
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
     common = dict(model=o["model"], data=o["data"], out=o["out"], cfg=cfg, max_length=o["max_length"], limit=args.limit,
                   resume=args.resume)
-    if args.task == "dpo":
+    if args.task in ("dpo", "kto"):  # the settings' class (DPOSettings, KTOSettings) says which
         finetune_dpo(**common, settings=settings)
     elif args.task == "grpo":
         finetune_grpo(**common, settings=settings)
@@ -454,11 +456,12 @@ def add_finetune_command(sub):
                        epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
                        "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
                        "--dropout 0.1 restores MiniLM's own.")
-    f.add_argument("--task", choices=["classify", "ner", "instruct", "dpo", "grpo"], default="classify",
+    f.add_argument("--task", choices=["classify", "ner", "instruct", "dpo", "kto", "grpo"], default="classify",
                    help="classify (default: MiniLM on the tweets), ner (named entities: MiniLM tags the words of other "
                    "tweets; --data a CoNLL file), instruct (default: SmolLM2 answers them in one word), "
-                   "dpo (preference pairs; default: the arithmetic task's on-policy pairs) or grpo (rewards computed by "
-                   "code; default: the arithmetic task, rewarded where the number is right)")
+                   "dpo (preference pairs; default: the arithmetic task's on-policy pairs), kto (answers labelled good "
+                   "or bad, unpaired; default: those pairs split in two) or grpo (rewards computed by code; default: the "
+                   "arithmetic task, rewarded where the number is right)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
                    "(tweets, arithmetic, flatland, mmlu, mmlu_5shot, general_knowledge; see minift evaluate --suite)")
@@ -474,8 +477,8 @@ def add_finetune_command(sub):
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
                    "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
                    "--lora-targets query,value")
-    add_method_flags(f.add_argument_group("--task dpo and --task grpo", "the fields of dpo.DPOSettings and "
-                                          "grpo.GRPOSettings (each a TOML key too); the defaults are the jobs' own"))
+    add_method_flags(f.add_argument_group("--task dpo, kto and grpo", "the fields of dpo.DPOSettings, dpo.KTOSettings "
+                                          "and grpo.GRPOSettings (each a TOML key too); the defaults are the jobs' own"))
     add_train_flags(f, jobs={task: train for task, (_, train, _, _) in JOBS.items() if task != "classify"})
     f.set_defaults(run=cmd_finetune)
 

@@ -46,17 +46,17 @@ def attention_allowed(attention_mask, T, past=0, document_ids=None, window=None)
 
 
 def cached_positions(caches, attention_mask, T, windowed=False):
-    """How many positions came before these T in a generation with `caches` (one [k, v] per layer): the attention
-    mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all, unless
-    the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
+    """How many positions came before these T in a generation with `caches` (one generate.KVCache per layer): the
+    attention mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all,
+    unless the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
     if attention_mask is not None:
         return attention_mask.shape[1] - T
-    if not caches or not caches[0]:
+    if not caches or not caches[0].length:
         return 0
     if windowed:
         raise MiniftError("this model's sliding-window layers keep only their window in the cache: pass the "
                           "attention_mask of the whole sequence so far (past and new tokens), as generate() does")
-    return caches[0][0].shape[2]
+    return caches[0].length
 
 
 def last_real_token(attention_mask):

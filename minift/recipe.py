@@ -46,6 +46,14 @@ DPO_SETTINGS = {"rpo_alpha": 1.0}
 DPO_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "auto", "dropout": 0.0,
              "lora_r": 8, "eval_every": 5}
 
+# KTO (`minift finetune --task kto`): the same model and task, each on-policy pair split into a desirable and an
+# undesirable row (or your JSONL file of prompt/completion/label rows). KTO_SETTINGS: on top of dpo.KTOSettings (TRL's
+# KTOConfig defaults: beta 0.1, both weights 1: the split pairs give as many rows of each kind). KTO_TRAIN: DPO_TRAIN's
+# loop with batches of 16 rows, the rows of DPO's 8 pairs (not tuned for KTO yet).
+KTO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-kto", "max_length": 256}
+KTO_SETTINGS = {}
+KTO_TRAIN = {**DPO_TRAIN, "batch_size": 16}
+
 # The RL job (`minift finetune --task grpo`): SmolLM2 samples 8 answers to each arithmetic question (or your JSONL
 # file's prompts) and is rewarded where the number is right (grpo.number_is_right, or --reward module:function).
 # GRPO_SETTINGS: on top of grpo.GRPOSettings (TRL's defaults: beta 0, no reference; loss_type dapo). temperature 0.5:

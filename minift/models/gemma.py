@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MiniftError
+from ..generate import KVCache
 from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, cached_positions, last_real_token,
                      pick_rows, pick_rows_backward, positions_from_mask)
 from ..layers import (GELU, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SoftCap, fp32_dtype, frozen_below,
@@ -266,8 +267,8 @@ class GemmaModel(Backbone):
             x = layer(x, cos, sin, allowed, caches[i]) if caches is not None else block_forward(layer, x, cos, sin, allowed)
         return self.norm(x)
 
-    def new_cache(self):
-        return [[] for _ in self.layers]
+    def new_cache(self, capacity=0):
+        return [KVCache(capacity, window) for window in self.windows]
 
     def stages(self):
         """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
@@ -297,8 +298,8 @@ class GemmaForCausalLM(CausalLM):
         if c.final_logit_softcapping:
             self.final_softcap = SoftCap(c.final_logit_softcapping)  # (heads.CausalLM: the chunked loss applies it)
 
-    def new_cache(self):
-        return self.model.new_cache()
+    def new_cache(self, capacity=0):
+        return self.model.new_cache(capacity)
 
     def head_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

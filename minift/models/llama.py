@@ -11,7 +11,7 @@ Module names follow the Hugging Face checkpoint keys (`model.layers.0.self_attn.
 - Qwen2 adds biases to q, k and v; Qwen3 instead RMS-normalises each head of q and k (q_norm, k_norm) before RoPE,
   and its head_dim is its own setting, not hidden / heads;
 - Mistral (every layer) and Qwen2/3 (the layers `layer_types` marks) may attend over a sliding window: token t
-  sees t-w+1 .. t only, in the mask (so in the backward too) and in generation's cache, which keeps the last w-1;
+  sees t-w+1 .. t only, in the mask (so in the backward too) and in generation's cache, which keeps its window;
 - Llama 3.1+ and long-context Qwen stretch RoPE's slow frequencies once at load (`rope_scaling`: llama3, linear,
   yarn), so that positions past the pretraining length turn by angles the model has seen.
 Mixture of experts (models/moe.py): the MLP of a sparse layer is a router and E SwiGLU experts, k per token.
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MiniftError
+from ..generate import KVCache
 from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, cached_positions, last_real_token,
                      pick_rows, pick_rows_backward, positions_from_mask)
 from ..layers import (Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, apply_rope_backward,
@@ -281,12 +282,6 @@ def ungroup(x, n_heads):  # (B, Hkv, group * T, hd) -> (B, H, T, hd), the invers
     return x.view(B, n_heads, GT * x.shape[1] // n_heads, hd)
 
 
-def window_cache(t, window):
-    """What a local layer's cache keeps of its keys (or values) (B, H, time, hd): the last window - 1 positions,
-    which with the next token make the w it may see (as transformers' DynamicSlidingWindowLayer keeps)."""
-    return t[:, :, max(t.shape[2] - (window - 1), 0):]
-
-
 class LlamaAttention(nn.Module):
     """Grouped-query attention with rotary positions: q, k rotated by RoPE, k/v shared by groups of q heads.
     `window`: this layer's sliding window (a local layer), or None (a global one)."""
@@ -317,10 +312,8 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        if cache is not None:  # generation: the cache holds the rotated keys of the k/v heads, not repeated
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v] if self.window is None else [window_cache(k, self.window), window_cache(v, self.window)]
+        if cache is not None:  # generation: the cache holds the rotated keys of the k/v heads, not repeated; this
+            k, v = cache.add(k, v)  # step's are written into it in place, and k, v become every position it may see
         # a local layer's cache starts later than the sequence: its keys are the mask's last columns
         allowed = allowed[..., allowed.shape[-1] - k.shape[2]:]
         if keeps_for_backward(self):
@@ -429,8 +422,9 @@ class LlamaModel(Backbone):
             x = layer(x, cos, sin, allowed, caches[i]) if caches is not None else block_forward(layer, x, cos, sin, allowed)
         return self.norm(x)
 
-    def new_cache(self):
-        return [[] for _ in self.layers]
+    def new_cache(self, capacity=0):
+        """One KVCache per layer (a local layer's keeps its window: as transformers' DynamicSlidingWindowLayer)."""
+        return [KVCache(capacity, window) for window in self.windows]
 
     def sparse_blocks(self):
         """The layers' mixtures of experts, bottom to top (none in a dense model)."""
@@ -463,8 +457,8 @@ class LlamaForCausalLM(CausalLM):
         else:
             self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
 
-    def new_cache(self):
-        return self.model.new_cache()
+    def new_cache(self, capacity=0):
+        return self.model.new_cache(capacity)
 
     def head_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
