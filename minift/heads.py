@@ -151,13 +151,35 @@ def checked_labels(labels, device):
     return labels.long()
 
 
+def check_input_ids(input_ids, vocab_size):
+    """Token ids as a model takes them: an integer tensor (batch, time) of ids below vocab_size, or one line saying
+    what was given instead (a string, floats, one flat list ...), not an error from deep inside torch. The range is
+    checked on the CPU only (on a GPU it would make every forward wait for the device)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise MiniftError(f"input_ids must be a tensor of token ids (batch, time), e.g. tok(texts)['input_ids'], not "
+                          f"{type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+        raise MiniftError(f"input_ids must be whole-number token ids of shape (batch, time), not {input_ids.dtype} of "
+                          f"shape {tuple(input_ids.shape)}: e.g. tok(texts)['input_ids'], or ids[None] for one text")
+    if input_ids.device.type == "cpu" and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) \
+            < vocab_size:
+        raise MiniftError(f"token ids from {int(input_ids.min())} to {int(input_ids.max())}, but this model's vocabulary "
+                          f"has {vocab_size}: encode the texts with this model's own tokenizer")
+
+
 class TaskModel(nn.Module):
     """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
-    checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
+    checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too.
+    Calling a model checks its token ids first (check_input_ids), then runs its forward."""
+
     label_names = None  # a classifier's class names (a tagger's tags), in the order of its outputs (config.json's id2label)
     max_length = None  # the tokens per text it was trained with: predict and evaluate cut texts there
     tokenizer_file = None  # its tokenizer.json, copied beside a saved checkpoint
     source = None  # the folder it was loaded from (a LoRA adapter names it as its base model)
+
+    def __call__(self, input_ids, *args, **kwargs):
+        check_input_ids(input_ids, self.config.vocab_size)
+        return super().__call__(input_ids, *args, **kwargs)
 
 
 class Classifier(TaskModel):

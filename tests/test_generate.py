@@ -315,4 +315,4 @@ def test_command_line_generates_and_refuses_an_empty_prompt(gpt2_folder, capsys)
         main(["generate", str(gpt2_folder), ""])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "minift: error: the prompt is empty: give some text to continue"]
+        "minift: error: the prompt is empty: give some text to continue (or a question, for a chat model)"]
