@@ -102,7 +102,7 @@ def continuation_logprobs(model, ctx_ids, conts, pad_id, batch_size=8):
             first = model(ids, mask, caches=caches)[:, -1].float().log_softmax(-1)
             repeat = torch.tensor([len(conts[i]) for i in chunk], device=device)
             for layer in caches:  # one copy of each item's keys and values per continuation
-                layer[:] = [t.repeat_interleave(repeat, 0) for t in layer]
+                layer.repeat_rows(repeat)
             rows = [c for i in chunk for c in conts[i]]
             cont_ids, cont_mask = pad_rows(rows, pad_id, "right", device)
             rest = model(cont_ids, torch.cat([mask.repeat_interleave(repeat, 0), cont_mask], 1), caches=caches)
