@@ -18,7 +18,7 @@
 #    minift.grpo:final_answer_is_right`);
 # 6. the held-out accuracy at each stage, side by side.
 #
-#     python tutorials/16_reasoning.py --quick   # CI: 8 solutions (2 steps), 1 GRPO step, 2 held-out problems
+#     python tutorials/16_reasoning.py --quick   # CI: 4 solutions (1 step), 1 GRPO step, 2 held-out problems
 #     python tutorials/16_reasoning.py           # recipe.py's GSM_* jobs: 480 solutions, 16 GRPO steps, 60 problems
 #
 # Measured runs: tutorials/README.md. Writes runs/tutorials/16_reasoning/{quick,full}/{sft,grpo}/.
@@ -36,6 +36,7 @@ import minift
 from minift import evals, recipe
 from minift.config import TrainConfig
 from minift.corpora import GSM_INSTRUCTION, gsm_generators, gsm_splits
+from minift.data import save_splits
 from minift.evals import final_number
 from minift.grpo import GRPOSettings, final_answer_is_right, finetune_grpo
 from minift.instruct import finetune_instruct
@@ -49,9 +50,9 @@ shutil.rmtree(out, ignore_errors=True)
 t_start = time.perf_counter()
 torch.set_num_threads(1)  # one thread: on a 2-core machine that others share, two threads wait for each other
 minift.seed_everything(0)
-# quick: 8 training solutions, 2 held-out problems answered in 32 tokens at most (too few for a solution: the
+# quick: 4 training solutions, 2 held-out problems answered in 16 tokens at most (too few for a solution: the
 # pipeline, not the numbers); full: the recipe's jobs and the whole gsm suite (60 problems, 256 tokens)
-sft_rows, grpo_prompts, grpo_steps, n_test, new_tokens = (8, 2, 1, 2, 32) if args.quick else (480, 64, 16, 60, 256)
+sft_rows, grpo_prompts, grpo_steps, n_test, new_tokens = (4, 2, 1, 2, 16) if args.quick else (480, 64, 16, 60, 256)
 
 # %% [markdown]
 # ## 1. The problems, split by generator
@@ -76,6 +77,10 @@ for draw in (1, 2):
     print(f"\ngenerator {g}, draw {draw}:\n{problem['question']}\n--- its worked solution:\n"
           f"{problem['metadata']['answer_cot']}")
 print(f"\nthe prompt adds one line:\n{GSM_INSTRUCTION.format(question='...')}")
+data = "gsm"  # the folder corpora.gsm_splits wrote (`--data gsm`)
+if args.quick:  # the jobs score every validation row (16 at least with --limit): quick mode keeps 4 of each split
+    data = out / "gsm-few"
+    save_splits({k: v[:4] for k, v in splits.items()}, data)
 
 # %% [markdown]
 # ## 2. The checker: the final number
@@ -127,7 +132,7 @@ print(f"zero-shot: {stages['zero-shot']:.3f} right on {len(items)} held-out prob
 
 # %%
 sft_cfg = TrainConfig(**{**recipe.GSM_SFT_TRAIN, **({"batch_size": 4, "grad_accum": 1} if args.quick else {})})
-sft = finetune_instruct("smollm2", data="gsm", out=out / "sft", cfg=sft_cfg, max_length=recipe.GSM_SFT_JOB["max_length"],
+sft = finetune_instruct("smollm2", data=data, out=out / "sft", cfg=sft_cfg, max_length=recipe.GSM_SFT_JOB["max_length"],
                         limit=sft_rows, test=False, score_rows=4, sample_rows=1)
 stages["SFT"], replies = accuracy(out / "sft" / "best")
 print(f"after SFT ({sft['steps']} steps on {sft['train_rows']} solutions): {stages['SFT']:.3f}; the first reply:\n"
@@ -146,7 +151,7 @@ settings = GRPOSettings(**{**recipe.GSM_GRPO_SETTINGS, "max_new_tokens": new_tok
                             **({"group_size": 2} if args.quick else {})})
 grpo_cfg = TrainConfig(**{**recipe.GSM_GRPO_TRAIN, "max_steps": grpo_steps,
                           **({"batch_size": 2, "grad_accum": 1, "eval_every": 1} if args.quick else {})})
-grpo = finetune_grpo(out / "sft" / "best", data="gsm", out=out / "grpo", cfg=grpo_cfg, settings=settings,
+grpo = finetune_grpo(out / "sft" / "best", data=data, out=out / "grpo", cfg=grpo_cfg, settings=settings,
                      max_length=recipe.GSM_SFT_JOB["max_length"], limit=grpo_prompts, test=False)
 stages["SFT + GRPO"], replies = accuracy(out / "grpo" / "best")
 
