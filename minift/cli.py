@@ -464,8 +464,10 @@ def add_finetune_command(sub):
                    "arithmetic task, rewarded where the number is right)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
-                   "(tweets, arithmetic, flatland, mmlu, mmlu_5shot, general_knowledge; see minift evaluate --suite)")
-    f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
+                   "(tweets, arithmetic, flatland, mmlu, mmlu_5shot, translation, gsm, general_knowledge; "
+                   "see minift evaluate --suite)")
+    f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl; with "
+                   "--task instruct or grpo also bible-en-fr (Bible verse pairs) or gsm (GSM-style problems) (default: tweets)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")
     f.add_argument("--out", help=f"where the log, checkpoint and best model go (default {recipe.OUT})")
@@ -494,7 +496,7 @@ def add_model_commands(sub):
     e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
     e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
     e.add_argument("--suite", help="a language model's evaluation suites, comma-separated: tweets, arithmetic, "
-                   "flatland, mmlu, mmlu_5shot, general_knowledge (default: the first three)")
+                   "flatland, mmlu, mmlu_5shot, translation, gsm, general_knowledge (default: the first three)")
     e.add_argument("--compare", help="a base model scored on the same suites, shown beside (implies --suite)")
     e.add_argument("--limit", type=int, help="items per suite (default: all)")
     e.add_argument("--json", help="write every score and reply to this JSON file")

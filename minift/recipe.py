@@ -64,6 +64,32 @@ GRPO_SETTINGS = {"group_size": 8, "max_new_tokens": 16, "temperature": 0.5}
 GRPO_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "reward", "dropout": 0.0,
               "lora_r": 8, "eval_every": 5}
 
+# English -> French on Bible verses (tutorials/15_translation.py; `minift finetune --task instruct --data bible-en-fr
+# --suite translation` with these as flags): Qwen2.5-Coder-0.5B-Instruct, which knows some French already (chrF 27.8
+# zero-shot on 16 validation verses, SmolLM2-135M 12.1: it answers in English or loops), LoRA adapters in every
+# linear layer (full fine-tuning would keep AdamW's state for 494M weights), the loss a chunk of positions at a time
+# (its 151,936-word vocabulary makes the logits the largest tensor) and two micro-batches of 4 (the job keeps a copy of
+# the 2 GB of weights beside the model, to say how far they moved). best/ by validation loss.
+TRANSLATION_JOB = {"model": "qwen2.5-coder-0.5b", "data": "bible-en-fr", "out": "runs/qwen-translation",
+                   "max_length": 256}
+TRANSLATION_TRAIN = {"epochs": 1, "batch_size": 8, "grad_accum": 2, "lr": 2e-4, "warmup_ratio": 0.05, "metric": "loss",
+                     "dropout": 0.0, "lora_r": 16, "lora_alpha": 32, "chunked_loss": 512}
+
+# The reasoning track (tutorials/16_reasoning.py): SmolLM2 on GSM-style problems, first supervised on the worked
+# solutions of the training generators (`--task instruct --data gsm --suite gsm`), then GRPO from that model with the
+# exact-answer reward (`--task grpo --data gsm --reward minift.grpo:final_answer_is_right`), the gsm suite (held-out
+# generators) at each stage. Solutions run to 220 SmolLM2 tokens (max_length 512 holds prompt and solution; 256 new
+# tokens hold an answer; two micro-batches of 4 and the loss by chunks keep the step's memory down); GRPO samples at
+# temperature 0.7 so that a group of 4 holds right and wrong answers; its update runs two micro-batches of 2 prompts x 4
+# answers x up to 400 tokens, each block keeping only its input (a step of 16 such rows at once took 13 GB and was
+# killed here).
+GSM_SFT_JOB = {"model": "smollm2", "data": "gsm", "out": "runs/smollm2-gsm-sft", "max_length": 512}
+GSM_SFT_TRAIN = {"epochs": 1, "batch_size": 8, "grad_accum": 2, "lr": 1e-4, "warmup_ratio": 0.05, "metric": "loss",
+                 "chunked_loss": 512}
+GSM_GRPO_SETTINGS = {"reward": "minift.grpo:final_answer_is_right", "group_size": 4, "max_new_tokens": 256,
+                     "temperature": 0.7}
+GSM_GRPO_TRAIN = {"epochs": 1, "batch_size": 4, "grad_accum": 2, "recompute": 1, "lr": 5e-4, "warmup_ratio": 0.1,
+                  "metric": "reward", "dropout": 0.0, "lora_r": 8, "eval_every": 8}
 # The named-entity job (`minift finetune --task ner`): all-MiniLM-L6-v2 tags each word of the tweets of hub.fetch_ner
 # (or your CoNLL file) with one of 21 BIO tags, a new linear head on every token; best/ by entity-level F1 on
 # validation (metric auto). max_length 128: the longest tweet is 75 tokens, so no word is cut. Every weight trains,
