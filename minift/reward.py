@@ -34,6 +34,7 @@ from .config import TrainConfig, check_config, check_fields
 from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
 from .hub import resolve_model
+from .layers import fp32_dtype
 from .outputs import after_training, finish, load_best, snapshot, weights_moved
 from .tasks import check_turns, format_instruction
 from .tokenizer import Tokenizer
@@ -210,7 +211,7 @@ class RewardObjective:
         """The head's one output for every row: (chosen rewards, rejected rewards), in fp32 (or float64)."""
         inputs = {k: v for k, v in batch.items() if k != "margin"}
         rewards = model(**inputs)[:, 0]
-        return rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32).chunk(2)
+        return rewards.to(fp32_dtype(rewards)).chunk(2)
 
     def gradients(self, model, batches, sync=None):
         """Each micro-batch's forward, loss and backward, divided by the pairs of the whole step (every process).
