@@ -427,3 +427,17 @@ def test_bad_settings_are_one_line_before_any_model_loads(tiny, teacher_folder, 
         assert says in line, (argv, line)
     with pytest.raises(MiniftError, match="teacher is empty"):
         DistillSettings(teacher="").check()
+
+
+def test_the_two_digit_task():
+    """300 distinct questions, each answer right, split 210/45/45 the same way every time (the held-out questions of
+    every run are the same)."""
+    from minift.corpora import two_digit_splits
+    splits = two_digit_splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 210, "validation": 45, "test": 45}
+    rows = [r for v in splits.values() for r in v]
+    assert len({r["prompt"] for r in rows}) == 300 and splits == two_digit_splits()
+    for r in rows:
+        a, op, b = r["prompt"].split("?")[0].split()[-3:]
+        assert r["answer"] == r["response"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert 0.15 < sum(r["answer"].startswith("-") for r in rows) / 300 < 0.35  # negative: the student's weak spot (75)
