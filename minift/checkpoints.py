@@ -27,8 +27,8 @@ from .files import atomic_write
 
 # model_type -> the module that knows the family
 FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
-            "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
-TASKS = ("classify", "lm", "encode")
+            "mixtral": llama, "qwen3_moe": llama, "olmoe": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+TASKS = ("classify", "tag", "lm", "encode")
 
 
 def read_config(folder):
@@ -74,7 +74,7 @@ def build_model(config, task="classify", num_labels=None, pooling=None):
     # kept so that save() writes back every key we did not use; a checkpoint with a vision tower (gemma3) is run,
     # and saved, as its language model: its text_config's keys
     model.hf_config = dict(config.get("text_config") or config)
-    if model.task == "classify":  # (the rest of heads.TaskModel's attributes start as None)
+    if model.task in ("classify", "tag"):  # (the rest of heads.TaskModel's attributes start as None)
         model.label_names = _label_names(config, model)
     model.max_length = config.get("minift_max_length")
     return model

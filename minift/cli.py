@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_config, field_kind
 from .distill import DistillSettings
-from .dpo import DPOSettings
+from .dpo import DPOSettings, KTOSettings
 from .errors import MiniftError
 from .grpo import GRPOSettings
 from .reward import RewardSettings
@@ -66,8 +66,9 @@ def add_train_flags(parser, as_lists=False, jobs=None):
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into TrainConfig
 # The methods beyond the model's own loss: --task -> (its settings class, the job's values on top of its defaults).
 # Their fields are flags of `minift finetune` and keys of its TOML file, as TrainConfig's are.
-METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "grpo": (GRPOSettings, recipe.GRPO_SETTINGS),
-           "distill": (DistillSettings, recipe.DISTILL_SETTINGS), "reward": (RewardSettings, recipe.REWARD_SETTINGS)}
+METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "kto": (KTOSettings, recipe.KTO_SETTINGS),
+           "grpo": (GRPOSettings, recipe.GRPO_SETTINGS), "distill": (DistillSettings, recipe.DISTILL_SETTINGS),
+           "reward": (RewardSettings, recipe.REWARD_SETTINGS)}
 METHOD_KEYS = {f.name for cls, _ in METHODS.values() for f in fields(cls)}
 
 
@@ -129,8 +130,10 @@ def read_settings(args, job=MAIN_JOB, train_defaults=MAIN_TRAIN, lora_defaults=N
 
 
 # --task -> (the job's options, its training defaults, LoRA's defaults on top where lora_r > 0, its method's settings)
-JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
+JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "ner": (recipe.NER_JOB, recipe.NER_TRAIN, None, None),
+        "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
         "dpo": (recipe.DPO_JOB, recipe.DPO_TRAIN, None, METHODS["dpo"]),
+        "kto": (recipe.KTO_JOB, recipe.KTO_TRAIN, None, METHODS["kto"]),
         "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"]),
         "distill": (recipe.DISTILL_JOB, recipe.DISTILL_TRAIN, None, METHODS["distill"]),
         "reward": (recipe.REWARD_JOB, recipe.REWARD_TRAIN, None, METHODS["reward"])}
@@ -145,6 +148,7 @@ def cmd_finetune(args):
     from .grpo import finetune_grpo
     from .instruct import finetune_instruct
     from .reward import finetune_reward
+    from .tag import finetune_tagger
 
     if args.lora and args.lora_r is None:
         args.lora_r = 8  # --lora alone: rank 8 adapters
@@ -164,7 +168,7 @@ def cmd_finetune(args):
     setup(cfg.device)  # under torchrun: join the other processes now, so that only rank 0 prints from here on
     common = dict(model=o["model"], data=o["data"], out=o["out"], cfg=cfg, max_length=o["max_length"], limit=args.limit,
                   resume=args.resume)
-    if args.task == "dpo":
+    if args.task in ("dpo", "kto"):  # the settings' class (DPOSettings, KTOSettings) says which
         finetune_dpo(**common, settings=settings)
     elif args.task == "grpo":
         finetune_grpo(**common, settings=settings)
@@ -174,6 +178,8 @@ def cmd_finetune(args):
         finetune_reward(**common, settings=settings)
     elif args.task == "instruct":
         finetune_instruct(**common, suites=suites)
+    elif args.task == "ner":
+        finetune_tagger(**common)
     else:
         finetune_classifier(**common, pooling=o["pooling"], text_column=args.text_column, label_column=args.label_column)
 
@@ -212,6 +218,11 @@ def cmd_evaluate(args):
     from .hub import resolve_model
 
     task = saved_task(read_config(resolve_model(args.checkpoint)))
+    if task == "tag":  # a tagger: entity figures on a split of its CoNLL data
+        from .evaluate import format_metrics
+        from .tag import evaluate_tagger
+        return print(format_metrics(evaluate_tagger(resolve_model(args.checkpoint), args.data, args.split, args.seed,
+                                                    args.max_length)))
     if args.suite is not None or args.compare or task == "lm":
         if task == "classify":
             raise MiniftError(f"{args.checkpoint} is a classifier: --suite and --compare score language models; evaluate "
@@ -240,10 +251,13 @@ def cmd_evaluate(args):
 
 def saved_task(config):
     """What a saved checkpoint computes, read off config.json's architectures (transformers' class names): "lm" (a
-    ...ForCausalLM, GPT-2's LMHeadModel), "classify" (...ForSequenceClassification) or None (a bare body)."""
+    ...ForCausalLM, GPT-2's LMHeadModel), "tag" (...ForTokenClassification), "classify" (...ForSequenceClassification)
+    or None (a bare body)."""
     names = config.get("architectures") or []
     if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
         return "lm"
+    if any(n.endswith("ForTokenClassification") for n in names):
+        return "tag"
     return "classify" if any(n.endswith("ForSequenceClassification") for n in names) else None
 
 
@@ -302,8 +316,18 @@ def load_classifier(folder, adapter=None):
 
 
 def cmd_predict(args):
+    from .checkpoints import read_config
     from .classify import predict
     from .tokenizer import Tokenizer
+
+    if saved_task(read_config(args.checkpoint)) == "tag":  # a tagger prints the entities of each text
+        from .tag import load_tagger, predict_entities
+        if args.adapter:
+            raise MiniftError("--adapter is for classifiers: predict with the tagger's best/ (its adapters merged)")
+        found = predict_entities(load_tagger(args.checkpoint), Tokenizer.from_file(args.checkpoint), args.texts)
+        for text, entities in zip(args.texts, found):
+            print("\n".join([text, *([f"    {kind}: {words}" for kind, words in entities] or ["    (no entity)"])]))
+        return
 
     model, _ = load_classifier(args.checkpoint, args.adapter)
     for text, (label, p) in zip(args.texts, predict(model, Tokenizer.from_file(args.checkpoint), args.texts)):
@@ -339,6 +363,10 @@ def cmd_export(args):
     from .export import export_gguf
     from .hub import resolve_model
 
+    folder = Path(args.checkpoint)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise MiniftError(f"{folder} holds a LoRA adapter only: export the run's best/ folder, which is the base model "
+                          "with the adapter merged in")
     path = export_gguf(resolve_model(args.checkpoint), args.out, args.type, modelfile=args.modelfile)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)" + (": ollama create NAME -f " +
                                                                   str(path.with_suffix(".Modelfile")) if args.modelfile else ""))
@@ -441,14 +469,16 @@ def add_finetune_command(sub):
                        "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
                        "--dropout 0.1 restores MiniLM's own.")
     f.add_argument("--task", choices=list(JOBS), default="classify",
-                   help="classify (default: MiniLM on the tweets), instruct (default: SmolLM2 answers them in one word), "
-                   "dpo (preference pairs; default: the arithmetic task's on-policy pairs), grpo (rewards computed by "
-                   "code or a reward model; default: the arithmetic task, rewarded where the number is right), distill "
-                   "(a small model learns a bigger one's token probabilities; default: Qwen2.5-Coder 1.5B -> 0.5B on "
-                   "two-digit sums) or reward (a reward model from pairs; default: SmolLM2 on the arithmetic task's)")
+                   help="classify (default: MiniLM on the tweets), ner (named entities: MiniLM tags the words of other "
+                   "tweets; --data a CoNLL file), instruct (default: SmolLM2 answers them in one word), "
+                   "dpo (preference pairs; default: the arithmetic task's on-policy pairs), kto (answers labelled good "
+                   "or bad, unpaired; default: those pairs split in two), grpo (rewards computed by code or a reward "
+                   "model; default: the arithmetic task, rewarded where the number is right), distill (a small model "
+                   "learns a bigger one's token probabilities; default: Qwen2.5-Coder 1.5B -> 0.5B on two-digit sums) "
+                   "or reward (a reward model from pairs; default: SmolLM2 on the arithmetic task's)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
-                   "(tweets, arithmetic, flatland, general_knowledge; see minift evaluate --suite)")
+                   "(tweets, arithmetic, flatland, mmlu, mmlu_5shot, general_knowledge; see minift evaluate --suite)")
     f.add_argument("--data", help="CSV/TSV/JSONL file or a folder of train/validation/test.jsonl (default: tweets)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")
@@ -461,9 +491,9 @@ def add_finetune_command(sub):
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
                    "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
                    "--lora-targets query,value")
-    add_method_flags(f.add_argument_group("--task dpo, grpo, distill and reward", "the fields of dpo.DPOSettings, "
-                                          "grpo.GRPOSettings, distill.DistillSettings and reward.RewardSettings (each a "
-                                          "TOML key too); the defaults are the jobs' own"))
+    add_method_flags(f.add_argument_group("--task dpo, kto, grpo, distill and reward", "the fields of dpo.DPOSettings, "
+                                          "dpo.KTOSettings, grpo.GRPOSettings, distill.DistillSettings and "
+                                          "reward.RewardSettings (each a TOML key too); the defaults are the jobs' own"))
     add_train_flags(f, jobs={task: train for task, (_, train, _, _) in JOBS.items() if task != "classify"})
     f.set_defaults(run=cmd_finetune)
 
@@ -479,7 +509,7 @@ def add_model_commands(sub):
     e.add_argument("--seed", type=int, default=0, help="the seed the splits were made with")
     e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout) to put on the checkpoint")
     e.add_argument("--suite", help="a language model's evaluation suites, comma-separated: tweets, arithmetic, "
-                   "flatland, general_knowledge (default: the first three)")
+                   "flatland, mmlu, mmlu_5shot, general_knowledge (default: the first three)")
     e.add_argument("--compare", help="a base model scored on the same suites, shown beside (implies --suite)")
     e.add_argument("--limit", type=int, help="items per suite (default: all)")
     e.add_argument("--json", help="write every score and reply to this JSON file")
@@ -514,12 +544,12 @@ def add_tool_commands(sub):
     i.add_argument("model")
     i.set_defaults(run=cmd_info)
 
-    c = sub.add_parser("convert", help="a GGUF file (llama, qwen2) -> a Hugging Face folder minift loads")
+    c = sub.add_parser("convert", help="a GGUF file (llama, qwen2, qwen3, gemma2, gemma3) -> a Hugging Face folder minift loads")
     c.add_argument("gguf", help="a .gguf file, or ollama:NAME[:TAG] from the local Ollama store")
     c.add_argument("out")
     c.set_defaults(run=cmd_convert)
 
-    x = sub.add_parser("export", help="a Llama checkpoint folder (a run's best/) -> one GGUF file for llama.cpp, Ollama")
+    x = sub.add_parser("export", help="a Llama, Qwen or Gemma checkpoint (a run's best/) -> one GGUF file for llama.cpp, Ollama")
     x.add_argument("checkpoint")
     x.add_argument("out", help="the .gguf file to write (never over an existing one)")
     x.add_argument("--type", default="f16", help="the matrices' type: f32, f16, q8_0, q4_0 or q4_1 (default f16)")

@@ -29,8 +29,9 @@ class TrainConfig:
     seed: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples
     eval_every: int = 0  # optimizer steps between evaluations; 0: once per epoch
-    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | loss | exact_match | reward |
-    # auto: the objective's own (objective.py: a classifier's accuracy, a language model's loss, GRPO's reward ...)
+    metric: str = "accuracy"  # what "best" means on validation: accuracy | macro_f1 | f1 (a tagger's entity F1) | loss |
+    # exact_match | reward | auto: the objective's own (objective.py: a classifier's accuracy, a tagger's entity F1, a
+    # language model's loss, GRPO's reward ...)
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: at each evaluation
@@ -44,12 +45,14 @@ class TrainConfig:
     lora_dropout: float = 0.0  # on the adapters' input (peft's default 0; each one costs a random mask a layer)
     lora_targets: list = field(default_factory=lambda: ["all-linear"])  # which Linear layers get adapters
     zero: int = 0  # under torchrun: 1 shards AdamW's state across the processes, 2 the gradients too (distributed.py)
-    quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1
+    quantize: str = "none"  # the adapted layers' frozen weights in blocks of 8 or 4 bits (quantize.py): q8_0 | q4_0 | q4_1 |
+    # source: the blocks of the GGUF file the model was converted from (Q4_K, Q6_K, Q5_0 ...), rounded nothing again
 
 
 CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "fp32", "bf16"),
-           "backward": ("manual", "autograd"), "metric": ("accuracy", "macro_f1", "loss", "exact_match", "reward", "auto"),
-           "quantize": ("none", "q8_0", "q4_0", "q4_1")}
+           "backward": ("manual", "autograd"),
+           "metric": ("accuracy", "macro_f1", "f1", "loss", "exact_match", "reward", "auto"),
+           "quantize": ("none", "q8_0", "q4_0", "q4_1", "source")}
 # (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
           "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"),

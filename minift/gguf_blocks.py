@@ -14,6 +14,8 @@ each with its own small integer scale (and minimum) multiplied by the block's fp
 import numpy as np
 
 QK = 256  # numbers in a K-quant super-block (and in an IQ4_XS block)
+# A folder converted from a GGUF keeps the file's blocks of every matrix here, bytes untouched (quantize.py: "source")
+BLOCKS_FILE = "gguf_blocks.safetensors"
 
 TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",

@@ -11,6 +11,7 @@ near 0 while its gradient, A * d log p, does not. Watch the reward instead (logg
 """
 import importlib
 import inspect
+import math
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -28,7 +29,8 @@ from .evals import parse_answer
 from .hub import resolve_model
 from .outputs import after_training, finish, load_best, snapshot, weights_moved
 from .preference import frozen_copy, reference_logprobs
-from .rl import LOSS_TYPES, SCALE_REWARDS, check_loss_settings, group_advantages, grpo_step, sample_rollouts
+from .rl import (IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, check_loss_settings, group_advantages,
+                 grpo_step, sample_rollouts, truncated)
 from .tasks import check_turns, format_instruction
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -67,6 +69,13 @@ def load_reward(spec):
     if not callable(fn):
         raise MiniftError(f"--reward {spec}: {name} is not a function")
     return fn
+
+
+def load_rewards(spec):
+    """The reward functions: one (a function, or `module:function`) or several, each with its weight (reward_weights):
+    a list of them, or a comma-separated text (my_rewards:is_right,my_rewards:is_short)."""
+    specs = spec.split(",") if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    return [load_reward(s.strip() if isinstance(s, str) else s) for s in specs]
 
 
 def reward_name(reward):
@@ -150,8 +159,10 @@ def reward_from_model(folder, device="cpu", batch_size=16):
 class GRPOSettings:
     """How answers are sampled, rewarded and learnt from, with TRL's GRPOConfig names (its num_generations is
     group_size here, max_completion_length max_new_tokens) and defaults. recipe.GRPO_SETTINGS holds the job's own
-    choices on top. `minift finetune --task grpo` has a flag per field (--group-size ...), and a TOML file a key."""
-    reward: object = "minift.grpo:number_is_right"  # module:function (or a function): f(prompts, completions, **columns)
+    choices on top. `minift finetune --task grpo` has a flag per field (--group-size ...), and a TOML file a key.
+    skip_zero_std_groups has no TRL name (TRL 1.16 has no such switch; it logs the share as frac_reward_zero_std)."""
+    reward: object = "minift.grpo:number_is_right"  # module:function (or a function): f(prompts, completions, **columns);
+    # several: comma-separated (or a list), each reward the sum of theirs times reward_weights (TRL's sum_then_normalize)
     group_size: int = 8  # answers sampled per prompt: advantages compare them within the group
     max_new_tokens: int = 256  # tokens per answer at most
     temperature: float = 1.0  # of the sampling (> 0)
@@ -159,18 +170,33 @@ class GRPOSettings:
     beta: float = 0.0  # the KL term's weight (0: no reference model)
     epsilon: float = 0.2  # the clip range below 1 of the ratio ...
     epsilon_high: float | None = None  # ... and above it (None: epsilon; DAPO uses 0.28)
-    loss_type: str = "dapo"  # grpo | dapo | bnpo | dr_grpo: how token losses are averaged (rl.py)
+    loss_type: str = "dapo"  # grpo | dapo | bnpo | dr_grpo: how token losses are averaged; cispo (rl.py)
     scale_rewards: str = "group"  # group | batch | none: what the advantages are divided by
+    importance_sampling_level: str = "token"  # token | sequence: one ratio per completion (GSPO)
+    mask_truncated_completions: bool = False  # answers cut at max_new_tokens (no EOS) leave the loss and its counts
+    skip_zero_std_groups: bool = False  # groups whose answers all scored alike leave the step (no forward, no counts)
+    reward_weights: list | None = None  # one weight per reward function (None: 1 each)
     reward_model: str | None = None  # a reward model's folder (--task reward's best/): its score is the reward instead
 
     def check(self, cfg=None):
         """Each field's type and range, and what the loop's settings must be for GRPO, in one line each, before anything
         is loaded. Returns self."""
-        check_fields(self, {"loss_type": LOSS_TYPES, "scale_rewards": SCALE_REWARDS}, RANGES)
-        if not (callable(self.reward) or (isinstance(self.reward, str) and ":" in self.reward)):
-            raise MiniftError(f"reward {self.reward!r}: give module:function (e.g. my_rewards:is_right) or a function")
+        check_fields(self, {"loss_type": LOSS_TYPES, "scale_rewards": SCALE_REWARDS,
+                            "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS}, RANGES)
+        specs = self.reward.split(",") if isinstance(self.reward, str) else \
+            self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
+        for spec in specs:
+            if not (callable(spec) or (isinstance(spec, str) and ":" in spec)):
+                raise MiniftError(f"reward {spec!r}: give module:function (e.g. my_rewards:is_right) or a function; "
+                                  "several comma-separated")
+        if self.reward_weights is not None:
+            self.reward_weights = reward_weights(self.reward_weights, len(specs))
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise MiniftError("loss_type 'cispo' caps the ratio at epsilon_high itself (not 1 + it): give epsilon_high "
+                              "(5.0 is ScaleRL's)")
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        check_loss_settings(self.loss_type, self.beta, self.epsilon, high, self.max_new_tokens)
+        check_loss_settings(self.loss_type, self.beta, self.epsilon, high, self.max_new_tokens,
+                            self.importance_sampling_level)
         if cfg is None:
             return self
         check_config(cfg)
@@ -183,6 +209,17 @@ class GRPOSettings:
             raise MiniftError("backward='autograd' runs the model's own loss with autograd; GRPO's backward is written by "
                               "hand (rl.py's grpo_step): use backward='manual'")
         return self
+
+
+def reward_weights(weights, count):
+    """reward_weights as numbers (the command line gives texts), one per reward function, or one line that says so."""
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise MiniftError(f"reward_weights {weights!r}: give numbers, one per reward function (e.g. 1,0.5)") from None
+    if len(weights) != count or not all(math.isfinite(w) for w in weights):
+        raise MiniftError(f"reward_weights {weights}: give {count} finite number(s), one per reward function")
+    return weights
 
 
 RANGES = {"group_size": (2, True, "GRPO compares the samples of a prompt, give at least 2 (8 is usual)"),
@@ -235,16 +272,22 @@ class GRPOObjective:
     off), else a frozen copy of the model before training."""
 
     def __init__(self, tok, reward, settings=None, reference=None):
-        self.tok, self.reward, self.reference = tok, reward, reference
+        self.tok, self.reference = tok, reference
+        self.rewards = list(reward) if isinstance(reward, (list, tuple)) else [reward]  # the functions
         self.grpo = settings or GRPOSettings(reward=reward)
         self.grpo.check()
+        self.weights = torch.tensor(self.grpo.reward_weights or [1.0] * len(self.rewards), dtype=torch.float64)
+        if len(self.weights) != len(self.rewards):
+            raise MiniftError(f"{len(self.weights)} reward_weights for {len(self.rewards)} reward functions: give one each")
         high = self.grpo.epsilon if self.grpo.epsilon_high is None else self.grpo.epsilon_high
         self.loss_settings = {"beta": self.grpo.beta, "epsilon": self.grpo.epsilon, "epsilon_high": high,
-                              "loss_type": self.grpo.loss_type}
+                              "loss_type": self.grpo.loss_type,
+                              "importance_sampling_level": self.grpo.importance_sampling_level}
 
     def settings(self):
         """What a resume must find the same (train.py's run_info)."""
-        return {**asdict(self.grpo), "reward": reward_name(self.reward)}
+        names = [reward_name(r) for r in self.rewards]
+        return {**asdict(self.grpo), "reward": names[0] if len(names) == 1 else names}
 
     def metric(self, model, cfg):
         return "reward"  # (GRPOSettings.check refused any other)
@@ -274,30 +317,51 @@ class GRPOObjective:
 
     @torch.no_grad()
     def sample(self, model, batch):
-        """G answers per prompt of the batch (rl.sample_rollouts: one generate, the global RNG), and their rewards."""
+        """G answers per prompt of the batch (rl.sample_rollouts: one generate, the global RNG), and each reward
+        function's scores of them, (answers, functions)."""
         rows, g = batch["rows"], self.grpo
         rollouts = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], g.group_size, g.max_new_tokens,
                                    g.temperature, g.top_p, eos_token_id=self.tok.eos_id)
         return rollouts, self.score(rows, rollouts.texts, g.group_size)
 
     def score(self, rows, completions, times=1):
-        """The reward of each completion: rows[i]'s are completions[i * times:(i + 1) * times], and the reward function
-        sees each row's prompt and fields once per completion."""
+        """Each reward function's score of each completion, (completions, functions): rows[i]'s completions are
+        completions[i * times:(i + 1) * times], and a function sees each row's prompt and fields once per completion."""
         columns = {k: [e["columns"][k] for e in rows for _ in range(times)] for k in rows[0]["columns"]}
-        return rewards_of(self.reward, [e["prompt"] for e in rows for _ in range(times)], completions, columns)
+        prompts = [e["prompt"] for e in rows for _ in range(times)]
+        return torch.stack([rewards_of(f, prompts, completions, columns) for f in self.rewards], dim=1)
+
+    def weighted(self, scores):
+        """The reward of each completion: its functions' scores times reward_weights, summed (TRL's
+        sum_then_normalize: the group advantages then compare these sums)."""
+        return scores @ self.weights
 
     def gradients(self, model, batches, sync=None):
         """Sample every micro-batch's answers first (the step's token count divides the loss), then grpo_step on
-        each. Returns (loss, metrics: TRL's names, over this process's samples)."""
-        g = self.grpo
+        each. With mask_truncated_completions an answer cut at max_new_tokens keeps its reward in its group's
+        advantages but gets mask 0: no token of it counts. With skip_zero_std_groups a group whose rewards are all
+        equal (advantages 0: nothing to learn) leaves the step before its forward: its answers count nowhere (TRL has
+        no such switch; DAPO's dynamic sampling would sample more prompts instead). Returns (loss, metrics: TRL's names,
+        over this process's samples)."""
+        g, steps = self.grpo, []
         sampled = [self.sample(model, b) for b in batches]
-        tokens, sequences = sum(int(r.completion_mask.sum()) for r, _ in sampled), sum(len(w) for _, w in sampled)
+        for rollouts, scores in sampled:
+            rewards = self.weighted(scores)
+            batch, advantages = rollouts.batch(), group_advantages(rewards, g.group_size, g.scale_rewards)
+            if g.mask_truncated_completions:  # labels -100 on the cut answers: sequence_logprobs' mask leaves them out
+                batch["labels"][truncated(rollouts, self.tok.eos_id)] = -100
+            if g.skip_zero_std_groups:
+                spread = (rewards.view(-1, g.group_size).std(1) > 0).repeat_interleave(g.group_size)
+                batch, advantages = {k: v[spread] for k, v in batch.items()}, advantages[spread]
+            steps.append((batch, advantages))
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in steps)
+        sequences = sum(len(a) for _, a in steps)
         if sync is not None:
             tokens, sequences = sync.count(tokens), sync.count(sequences)
-        loss, clipped = 0.0, {}
-        for rollouts, rewards in sampled:
-            batch = rollouts.batch()
-            advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
+        loss, clipped, ran = 0.0, {}, [a for _, a in steps if len(a)]
+        for batch, advantages in steps:
+            if not len(advantages):
+                continue  # every group of this micro-batch was skipped
             ref = None
             if g.beta:
                 ref = reference_logprobs(model, batch, self.reference.to(batch["input_ids"].device)
@@ -306,12 +370,24 @@ class GRPOObjective:
                                 max_completion_length=g.max_new_tokens, **self.loss_settings)
             loss += part
             for k, v in m.items():
-                clipped[k] = clipped.get(k, 0.0) + v / len(sampled)
-        groups = torch.cat([w.view(-1, g.group_size) for _, w in sampled])  # one row of G rewards per prompt
+                clipped[k] = clipped.get(k, 0.0) + v / len(ran)
+        return loss, {**self.sample_metrics(sampled), **clipped}
+
+    def sample_metrics(self, sampled):
+        """TRL's figures of a step's samples: the reward (mean, spread within groups, share of groups with none), each
+        function's mean and spread, the answers' mean length and the share cut at max_new_tokens."""
+        g = self.grpo
+        scores = torch.cat([s for _, s in sampled])
+        groups = self.weighted(scores).view(-1, g.group_size)  # one row of G rewards per prompt
         lengths = torch.cat([r.completion_mask.sum(1) for r, _ in sampled]).double()
-        return loss, {"reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
-                      "frac_reward_zero_std": (groups.std(1) == 0).double().mean().item(),
-                      "completions/mean_length": lengths.mean().item(), **clipped}
+        cut = torch.cat([truncated(r, self.tok.eos_id) for r, _ in sampled]).double()
+        metrics = {"reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
+                   "frac_reward_zero_std": (groups.std(1) == 0).double().mean().item(),
+                   "completions/mean_length": lengths.mean().item(), "completions/clipped_ratio": cut.mean().item()}
+        for f, column in zip(self.rewards, scores.T):
+            name = getattr(f, "__name__", type(f).__name__)
+            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = column.mean().item(), column.std().item()
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, model, examples, device, batch_size=32):
@@ -323,7 +399,7 @@ class GRPOObjective:
             rows = examples[i:i + batch_size]
             answers = sample_rollouts(model, self.tok, [e["input_ids"] for e in rows], 1, self.grpo.max_new_tokens,
                                       temperature=0.0, eos_token_id=self.tok.eos_id).texts
-            total += self.score(rows, answers).sum().item()
+            total += self.weighted(self.score(rows, answers)).sum().item()
         return {"reward": total / len(examples), "num_prompts": len(examples)}
 
 
@@ -342,9 +418,10 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     rows = arithmetic_splits() if data is None else load_jsonl_splits(data, cfg.seed, check_prompt_row,
                                                                       "rows with a 'prompt'")
     splits = {k: v for k, v in limit_rows(rows, limit).items() if k != "test" or test}
-    reward = reward_from_model(settings.reward_model, pick_device(cfg.device)) if settings.reward_model else \
-        load_reward(settings.reward)
-    check_reward_call(reward, [k for k in splits["train"][0] if k != "prompt"])
+    rewards = [reward_from_model(settings.reward_model, pick_device(cfg.device))] if settings.reward_model else \
+        load_rewards(settings.reward)
+    for reward in rewards:
+        check_reward_call(reward, [k for k in splits["train"][0] if k != "prompt"])
     path = resolve_model(model)
     seed_everything(cfg.seed)
     net = load_checkpoint(path, "lm")
@@ -353,9 +430,10 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     device = pick_device(cfg.device)
     net.max_length, base = max_length, snapshot(net)
     reference = frozen_copy(net) if settings.beta and not cfg.lora_r else None  # the model as loaded
-    objective = GRPOObjective(tok, reward, settings, reference)
+    objective = GRPOObjective(tok, rewards, settings, reference)
     print(f"{len(encoded['train'])} training prompts x {settings.group_size} samples, {len(encoded['validation'])} "
-          f"validation prompts; reward {reward_name(reward)}")
+          f"validation prompts; reward " + " + ".join(reward_name(f) + ("" if settings.reward_weights is None else f" x {w}")
+                                                      for f, w in zip(rewards, objective.weights.tolist())))
     report = {"model": str(path), "config": vars(cfg), "grpo": objective.settings(), "train_prompts": len(encoded["train"])}
     train_data = TrainData(encoded["train"], encoded["validation"], tok.pad_id, objective=objective)
     # measured as the loop measures validation (its precision): before and after are comparable

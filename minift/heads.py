@@ -1,9 +1,10 @@
 """What every family shares above the layers: positions, pooling and row picking with their backward, the tied
-LM head, and the three task contracts (classify, lm, encode) that the loop and `evaluate` rely on.
+LM head, and the four task contracts (classify, tag, lm, encode) that the loop and `evaluate` rely on.
 
 The model contract, written down once. A minift task model is one of the classes below and has:
 - `config`, a family config with `model_type` (checkpoints.py finds the family by it),
-- `task`: "classify" (logits (batch, labels)), "lm" (logits (batch, time, vocab)) or "encode" (hidden states),
+- `task`: "classify" (logits (batch, labels)), "tag" (logits (batch, time, tags)), "lm" (logits (batch, time,
+  vocab)) or "encode" (hidden states),
 - `forward(input_ids, attention_mask=None, ...)` -> logits,
 - `loss(logits, labels, num_targets=None, class_weights=None)` -> (loss, dlogits); dlogits is None in eval
   mode or with autograd on,
@@ -45,17 +46,17 @@ def attention_allowed(attention_mask, T, past=0, document_ids=None, window=None)
 
 
 def cached_positions(caches, attention_mask, T, windowed=False):
-    """How many positions came before these T in a generation with `caches` (one [k, v] per layer): the attention
-    mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all, unless
-    the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
+    """How many positions came before these T in a generation with `caches` (one generate.KVCache per layer): the
+    attention mask covers them all (generate passes it whole). Without a mask, the first layer's cache holds them all,
+    unless the model has local layers, whose caches keep only their window (`windowed`): then the mask is needed."""
     if attention_mask is not None:
         return attention_mask.shape[1] - T
-    if not caches or not caches[0]:
+    if not caches or not caches[0].length:
         return 0
     if windowed:
         raise MiniftError("this model's sliding-window layers keep only their window in the cache: pass the "
                           "attention_mask of the whole sequence so far (past and new tokens), as generate() does")
-    return caches[0][0].shape[2]
+    return caches[0].length
 
 
 def last_real_token(attention_mask):
@@ -150,13 +151,35 @@ def checked_labels(labels, device):
     return labels.long()
 
 
+def check_input_ids(input_ids, vocab_size):
+    """Token ids as a model takes them: an integer tensor (batch, time) of ids below vocab_size, or one line saying
+    what was given instead (a string, floats, one flat list ...), not an error from deep inside torch. The range is
+    checked on the CPU only (on a GPU it would make every forward wait for the device)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise MiniftError(f"input_ids must be a tensor of token ids (batch, time), e.g. tok(texts)['input_ids'], not "
+                          f"{type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+        raise MiniftError(f"input_ids must be whole-number token ids of shape (batch, time), not {input_ids.dtype} of "
+                          f"shape {tuple(input_ids.shape)}: e.g. tok(texts)['input_ids'], or ids[None] for one text")
+    if input_ids.device.type == "cpu" and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) \
+            < vocab_size:
+        raise MiniftError(f"token ids from {int(input_ids.min())} to {int(input_ids.max())}, but this model's vocabulary "
+                          f"has {vocab_size}: encode the texts with this model's own tokenizer")
+
+
 class TaskModel(nn.Module):
     """What every model carries beside its weights: set by load_checkpoint and the jobs, saved with it by
-    checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too."""
-    label_names = None  # a classifier's class names, in the order of its outputs (config.json's id2label)
+    checkpoints.save_checkpoint. Class-level defaults, so a model built directly from its config has them too.
+    Calling a model checks its token ids first (check_input_ids), then runs its forward."""
+
+    label_names = None  # a classifier's class names (a tagger's tags), in the order of its outputs (config.json's id2label)
     max_length = None  # the tokens per text it was trained with: predict and evaluate cut texts there
     tokenizer_file = None  # its tokenizer.json, copied beside a saved checkpoint
     source = None  # the folder it was loaded from (a LoRA adapter names it as its base model)
+
+    def __call__(self, input_ids, *args, **kwargs):
+        check_input_ids(input_ids, self.config.vocab_size)
+        return super().__call__(input_ids, *args, **kwargs)
 
 
 class Classifier(TaskModel):
@@ -173,6 +196,26 @@ class Classifier(TaskModel):
 
     def count_targets(self, labels):
         return len(labels)
+
+
+class TokenClassifier(TaskModel):
+    """A token tagger (named entities): logits (batch, time, tags), one softmax cross-entropy per labelled token.
+    Labels -100 (special tokens, a word's later pieces, padding: tasks.encode_tagging) are not targets. The loss's
+    gradient is a classifier's, token by token: (softmax - onehot) / targets on each labelled token, 0 elsewhere."""
+    task = "tag"
+
+    def loss(self, logits, labels, num_targets=None, class_weights=None):
+        """Mean cross-entropy over the labelled tokens (or over `num_targets` for a whole accumulated step)."""
+        labels = checked_labels(labels, logits.device)
+        if labels.shape != logits.shape[:2]:
+            raise MiniftError(f"logits for {tuple(logits.shape[:2])} (batch, positions) but labels of shape "
+                              f"{tuple(labels.shape)}: give one label per token (-100 where nothing is learnt)")
+        loss, dlogits = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), num_targets,
+                                      class_weights, want_grad=self.training)
+        return loss, None if dlogits is None else dlogits.view(logits.shape)
+
+    def count_targets(self, labels):
+        return int((torch.as_tensor(labels) != -100).sum())
 
 
 class CausalLM(TaskModel):

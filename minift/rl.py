@@ -7,6 +7,11 @@ answer right?), turn the rewards into advantages relative to the other samples o
 and down those of worse ones (`grpo_loss`), with PPO's clipped ratio against the policy that sampled them and,
 optionally, a KL penalty to a reference policy. The log-probs and their backward are preference.py's
 `sequence_logprobs`: a rollout batch is prompt + completion with the completion tokens as labels.
+
+The newer variants are switches of the same loss, as TRL names them: GSPO's one ratio per completion
+(importance_sampling_level "sequence"), CISPO's clipped, constant weight on the log-prob (loss_type "cispo"); and the
+job's (grpo.py) masking of completions cut at max_new_tokens and skipping of groups whose rewards are all equal, each a
+weight of 0 on tokens (`token_weights` weighs each token's loss).
 """
 from dataclasses import dataclass
 
@@ -18,7 +23,8 @@ from .generate import generate
 from .preference import sequence_logprobs, sequence_logprobs_backward
 
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4):
@@ -44,9 +50,12 @@ def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4):
     return advantages
 
 
-def check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length):
+def check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length, importance_sampling_level="token"):
     if loss_type not in LOSS_TYPES:
         raise MiniftError(f"GRPO loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise MiniftError(f"importance_sampling_level={importance_sampling_level!r} is not one of "
+                          f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)} (sequence: GSPO)")
     if not beta >= 0:
         raise MiniftError(f"beta={beta!r}: the KL coefficient must be >= 0 (0 is TRL's default: no reference model)")
     if not (epsilon > 0 and epsilon_high > 0):
@@ -56,7 +65,8 @@ def check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_l
 
 
 def clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high):
-    """PPO's clipped objective per token, l = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) with r = exp(logp - old_logp).
+    """PPO's clipped objective, l = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) with r = exp(logp - old_logp), the
+    ratio of the policy to the one that sampled (per token; GSPO passes each completion's mean log-prob per token).
     Since d r / d logp = r: d l / d logp = -A r where r A is the smaller term (inside the clip range both are), and 0
     where the clipped term is (r > 1 + eps_high with A > 0, r < 1 - eps with A < 0: clip(r) is a constant there).
     Returns (l, d l / d logp, low_clipped, high_clipped)."""
@@ -64,6 +74,15 @@ def clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high):
     loss = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
     low_clipped, high_clipped = (ratio < 1 - epsilon) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
     return loss, torch.where(low_clipped | high_clipped, 0.0, -A * ratio), low_clipped, high_clipped
+
+
+def cispo_surrogate(logps, log_ratio, A, epsilon_high):
+    """CISPO (MiniMax-M1, 2025): l = -sg(min(r, eps_max)) A logp, the ratio clipped from above and held constant
+    (sg: no gradient through it), so every token keeps a gradient, d l / d logp = -min(r, eps_max) A, where PPO's clip
+    would zero it (TRL's epsilon_high is eps_max here: 5.0 in ScaleRL). Returns (l, d l / d logp, clipped: r > eps_max
+    with A > 0, TRL's cispo_clip_ratio)."""
+    weight = torch.clamp(torch.exp(log_ratio), max=epsilon_high).detach()
+    return -weight * A * logps, -weight * A, (torch.exp(log_ratio) > epsilon_high) & (A > 0)
 
 
 def k3_kl(logps, ref_logps):
@@ -74,21 +93,23 @@ def k3_kl(logps, ref_logps):
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="dapo",
-              num_tokens=None, num_sequences=None, max_completion_length=None):
-    """GRPO's loss of a batch of completions, as TRL's GRPOTrainer._compute_loss (token-level ratios). Returns (loss,
-    d loss / d logps (B, T), metrics: TRL's clip_ratio/low_mean, high_mean, region_mean and, when beta > 0, kl).
+              num_tokens=None, num_sequences=None, max_completion_length=None, importance_sampling_level="token"):
+    """GRPO's loss of a batch of completions, as TRL's GRPOTrainer._compute_loss. Returns (loss, d loss / d logps (B, T),
+    metrics: TRL's clip_ratio/low_mean, high_mean, region_mean (cispo: cispo_clip_ratio) and, when beta > 0, kl).
 
     logps, old_logps (the policy that sampled them; None: this one, ratio 1), ref_logps (None when beta is 0): (B, T)
-    per-token log-probs; advantages: (B,) one per completion (or (B, T)); mask (B, T): the completion's tokens.
-    Per token l = clipped_surrogate + beta * k3_kl (each with its derivative there). The tokens' losses are then summed
-    with weights (TRL's loss_type; "dapo" is TRL's default and ours):
-        "grpo":    each completion's mean over its tokens, then the mean over completions: w = 1 / (n_i * num_sequences)
-        "dapo":    the mean over every token of the step: w = 1 / num_tokens (the whole step's count; default this batch's)
-        "bnpo":    the mean over this batch's tokens (TRL's bnpo, local: micro-batches of a step do not add up exactly)
-        "dr_grpo": w = 1 / (num_sequences * max_completion_length), a constant (Dr. GRPO: no length bias)
-    num_sequences is the step's number of completions (default: this batch's), so micro-batches add up."""
+    per-token log-probs; advantages: (B,) one per completion (or (B, T)); mask (B, T): the completion's tokens that
+    count (0 on a completion masked out whole). The ratio r: per token, exp(logp - old_logp), or with
+    importance_sampling_level "sequence" (GSPO, Zheng et al. 2025) one per completion, exp(mean over its tokens of
+    logp - old_logp), the geometric mean of its tokens' ratios. Per token l = the surrogate (clipped_surrogate, or
+    CISPO's) + beta * k3_kl, and the loss is sum over tokens of w * l, w from token_weights (TRL's loss_type).
+
+    The gradient: per token, w * d l / d logp. GSPO's ratio depends on every token of its completion: a token's
+    log-prob moves log r by 1 / n, so each of the completion's tokens gets (sum over its tokens of w * d l / d log r) / n.
+    num_sequences is the step's number of completions (default: this batch's), num_tokens its tokens, so micro-batches
+    add up."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length)
+    check_loss_settings(loss_type, beta, epsilon, epsilon_high, max_completion_length, importance_sampling_level)
     if beta != 0 and ref_logps is None:
         raise MiniftError(f"beta={beta} needs the reference policy's log-probs (ref_logps); or set beta=0")
     mask = mask.bool()
@@ -100,30 +121,49 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=0.0, epsilon=0
     if advantages.shape not in (logps.shape[:1], logps.shape):
         raise MiniftError(f"{tuple(advantages.shape)} advantages for {len(logps)} completions: give one per completion")
     A = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    per_token, dper_token, low_clipped, high_clipped = clipped_surrogate(logps, old_logps, A, epsilon, epsilon_high)
+    weights = token_weights(mask, loss_type, num_tokens, num_sequences, max_completion_length).to(logps.dtype)
+    now, then, lengths = logps.masked_fill(~mask, 0.0), old_logps.masked_fill(~mask, 0.0), mask.sum(-1, keepdim=True)
+    if importance_sampling_level == "sequence":  # GSPO: each completion's mean log-prob per token, (B, 1): one ratio
+        lengths = lengths.clamp(min=1)
+        now, then = now.sum(-1, keepdim=True) / lengths, then.sum(-1, keepdim=True) / lengths
+    if loss_type == "cispo":
+        per_token, dlogps, clipped = cispo_surrogate(logps, now - then, A, epsilon_high)
+        dlogps = weights * dlogps
+        ratio_metrics = {"cispo_clip_ratio": clipped}
+    else:
+        per_token, dnow, low, high = clipped_surrogate(now, then, A, epsilon, epsilon_high)
+        dlogps = weights * dnow
+        if importance_sampling_level == "sequence":  # each token moves its completion's mean by 1 / n
+            dlogps = dlogps.sum(-1, keepdim=True) * mask / lengths
+        ratio_metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low | high}
     if beta != 0:
         kl, dkl = k3_kl(logps, ref_logps)
-        per_token, dper_token = per_token + beta * kl, dper_token + beta * dkl
-    weights = token_weights(mask, loss_type, num_tokens, num_sequences, max_completion_length).to(per_token.dtype)
-    per_token, dper_token = per_token.masked_fill(~mask, 0.0), dper_token.masked_fill(~mask, 0.0)  # off the mask: 0
+        per_token, dlogps = per_token + beta * kl, dlogps + weights * beta * dkl
+    loss = (per_token * weights).sum()  # (a completion's ratio, (B, 1), broadcast over its tokens)
 
-    def masked_mean(x):
-        return (x.to(per_token.dtype) * mask).sum().item() / max(int(mask.sum()), 1)
+    def masked_mean(x):  # over the tokens, or over the completions for a ratio per completion (TRL's)
+        if x.shape[-1] == 1 and mask.shape[-1] != 1:
+            return x.to(logps.dtype).mean().item()
+        return (x.to(logps.dtype) * mask).sum().item() / max(int(mask.sum()), 1)
 
-    metrics = {"clip_ratio/low_mean": masked_mean(low_clipped), "clip_ratio/high_mean": masked_mean(high_clipped),
-               "clip_ratio/region_mean": masked_mean(low_clipped | high_clipped)}
+    metrics = {name: masked_mean(x) for name, x in ratio_metrics.items()}
     if beta != 0:
         metrics["kl"] = masked_mean(kl.detach())
-    return (per_token * weights).sum(), dper_token * weights, metrics
+    return loss, dlogps.masked_fill(~mask, 0.0), metrics
 
 
 def token_weights(mask, loss_type, num_tokens=None, num_sequences=None, max_completion_length=None):
-    """The weight of each token's loss in the batch's loss (0 off the mask): see grpo_loss for the four choices."""
+    """The weight of each token's loss in the batch's loss (0 off the mask: masked-out completions too):
+        "grpo":    each completion's mean over its tokens, then the mean over completions: w = 1 / (n_i * num_sequences)
+        "dapo", "cispo": the mean over every token of the step: w = 1 / num_tokens (the whole step's count; default
+                   this batch's)
+        "bnpo":    the mean over this batch's tokens (TRL's bnpo, local: micro-batches of a step do not add up exactly)
+        "dr_grpo": w = 1 / (num_sequences * max_completion_length), a constant (Dr. GRPO: no length bias)"""
     mask = mask.to(torch.float64)
     num_sequences = num_sequences or len(mask)
     if loss_type == "grpo":
         return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * num_sequences)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return mask / (num_tokens or mask.sum().clamp(min=1))
     if loss_type == "bnpo":
         return mask / mask.sum().clamp(min=1)
@@ -163,9 +203,16 @@ def completion_mask(completion_ids, eos_ids):
     return (torch.arange(C, device=completion_ids.device) <= first_eos[:, None]).long()
 
 
+def truncated(rollouts, eos_ids):
+    """(N,) True where a completion never said EOS: cut at max_new_tokens (TRL's is_truncated)."""
+    eos = torch.as_tensor(eos_ids, device=rollouts.completion_ids.device).reshape(-1)
+    return ~torch.isin(rollouts.completion_ids, eos).any(1)
+
+
 def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, temperature=1.0, top_p=None, top_k=None,
                     generator=None, eos_token_id=None):
-    """Sample `group_size` completions for each prompt, all prompts x G rows in one left-padded generate().
+    """Sample `group_size` completions for each prompt, all prompts x G rows in one left-padded generate() that reads
+    each prompt once (num_samples: the G samples share its keys and values).
 
     prompts: texts (encoded by `tokenizer`; apply a chat template first if the model wants one) or lists of token ids
     (then tokenizer may be None). `generator` (a torch.Generator) makes the sampling reproducible. Returns Rollouts."""
@@ -175,12 +222,12 @@ def sample_rollouts(model, tokenizer, prompts, group_size, max_new_tokens=64, te
     if tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise MiniftError("text prompts need a tokenizer: pass one, or give the prompts as lists of token ids")
     encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    rows = [ids for ids in encoded for _ in range(group_size)]
     pad_id = getattr(tokenizer, "pad_id", None)
     pad_id = pad_id if pad_id is not None else (model.config.pad_token_id or 0)
-    prompt_ids, prompt_mask = pad_rows(rows, pad_id, "left", next(model.parameters()).device)
-    out = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   attention_mask=prompt_mask, eos_token_id=eos_token_id, generator=generator)
+    ids, mask = pad_rows(encoded, pad_id, "left", next(model.parameters()).device)
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   attention_mask=mask, eos_token_id=eos_token_id, generator=generator, num_samples=group_size)
+    prompt_ids, prompt_mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
     completion_ids = out[:, prompt_ids.shape[1]:]
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]

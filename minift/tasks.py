@@ -1,6 +1,8 @@
 """Stage 2, the task: rows of text become the examples a model trains on.
 
     classification   {"text", "label"}                -> {"input_ids", "label": the model's class id}
+    tagging          {"tokens", "tags"}               -> {"input_ids", "labels": a tag id on each word's first
+                                                          token, -100 on the rest}
     instructions     {"instruction", "input", "output"}, {"prompt", "response"} or {"messages"}
                                                       -> {"input_ids", "labels": -100 on the prompt}
 
@@ -77,7 +79,40 @@ def class_weights(rows_or_labels, num_labels):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Instructions (a causal LM learns the response)
+# 2. Tagging (named entities: a label for every word)
+
+def encode_tagging(rows, tokenizer, tag_names, max_length):
+    """Rows {"tokens": words, "tags": one BIO tag per word} -> ([{"input_ids", "labels"}], words_cut).
+
+    A word may become several tokens ("Bieber" -> "bi", "##eber"): its tag id is the label of its first token
+    and -100 that of the others, so each word is one target whatever its length, as transformers' examples do;
+    special tokens get -100 too. Tags are matched to the model's by name (tag_names[i] is the name of output i).
+    words_cut: the words that got no token (cut by max_length, or a character the tokenizer drops); a row left
+    with no word is dropped (its words counted)."""
+    check_max_length(max_length)
+    index = {name: i for i, name in enumerate(tag_names)}
+    examples, words_cut = [], 0
+    encoded = tokenizer.encode_words([r["tokens"] for r in rows], max_length=max_length)
+    for n, (row, (ids, word_ids)) in enumerate(zip(rows, encoded), 1):
+        if len(row["tags"]) != len(row["tokens"]):
+            raise MiniftError(f"row {n} has {len(row['tokens'])} words but {len(row['tags'])} tags: give one tag per word")
+        unknown = next((t for t in row["tags"] if t not in index), None)
+        if unknown is not None:
+            raise MiniftError(f"row {n}: tag {unknown!r} is not one of the model's tags ({', '.join(tag_names)}); use a "
+                              "model trained with it, or drop the row")
+        labels, previous = [], None
+        for w in word_ids:
+            labels.append(-100 if w is None or w == previous else index[row["tags"][w]])
+            previous = w
+        labelled = sum(y != -100 for y in labels)
+        words_cut += len(row["tokens"]) - labelled
+        if labelled:
+            examples.append({"input_ids": ids, "labels": labels})
+    return examples, words_cut
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Instructions (a causal LM learns the response)
 
 # The prompts of Stanford Alpaca, with and without an input. Its train.py ends them at "### Response:";
 # we add the newline (as alpaca-lora and torchtune do), so the response starts on a line of its own.

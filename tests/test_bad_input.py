@@ -4,6 +4,7 @@ objective refuses what it cannot honour; the preference and RL jobs name a bad r
 
 A tiny random-init Llama with a ChatML tokenizer (test_instruct's `tiny`): seconds each."""
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import minift.checkpoints
 import minift.cli
 import minift.dpo
 import minift.evals
+import minift.export
 import minift.grpo
 import minift.resume
 from minift import TrainData
@@ -97,7 +99,7 @@ def test_a_toml_key_of_another_method_is_refused(capsys, tmp_path, tiny):  # noq
     ("dpo", dict(backward="autograd"), "use backward='manual'"),
     ("dpo", dict(packing=64), "use packing=0"),
     ("dpo", dict(metric="accuracy"), "use metric='loss' or 'exact_match'"),
-    ("dpo", dict(metric="exact_match"), "these pairs have no right answer to match"),
+    ("dpo", dict(metric="exact_match"), "these examples have no right answer to match"),
     ("grpo", dict(backward="autograd"), "use backward='manual'"),
     ("grpo", dict(packing=64), "nothing to pack"),
     ("grpo", dict(metric="loss"), "use metric='reward'"),
@@ -360,3 +362,35 @@ def test_an_empty_prompt_and_a_csv_for_instructions_are_one_line(capsys, tmp_pat
     csv.write_text("text,label\n" + "".join(f"{w} is nice,pos\n" for w in WORDS))
     line = cli_error(capsys, quick(folder, tmp_path / "o", "--task", "instruct", "--data", csv))
     assert "cls.csv is a CSV file; instruction tuning reads JSONL rows" in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# minift export
+
+def test_export_mistakes_are_one_line_and_leave_nothing(capsys, tmp_path, tiny, monkeypatch):  # noqa: F811
+    """An adapter folder, a full disk, and matrices that cannot take the asked type (tiny's rows of 16 values are not
+    blocks of 32: they stay f16, and the export says so)."""
+    import minift.files
+    folder, _ = tiny
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert "holds a LoRA adapter only: export the run's best/" in cli_error(capsys, ["export", adapter, tmp_path / "a.gguf"])
+
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(minift.export, "atomic_write", full)
+        line = cli_error(capsys, ["export", folder, tmp_path / "b.gguf", "--type", "q8_0"])
+    assert f"could not write {tmp_path / 'b.gguf'} (No space left on device): nothing was left" in line
+    assert not (tmp_path / "b.gguf").exists() and minift.files.atomic_write is not full
+    minift.cli.main(["export", str(folder), str(tmp_path / "c.gguf"), "--type", "q4_0"])
+    out = capsys.readouterr().out
+    assert "are not whole blocks of 32: they stay f16, not q4_0" in out and (tmp_path / "c.gguf").is_file()
+    lm = load_checkpoint(folder, "lm", verbose=False)
+    for bad, says in [("hello", "input_ids must be a tensor of token ids (batch, time), e.g. tok(texts)['input_ids'], "
+                       "not str"), (torch.tensor([[1.0, 2.0]]), "not torch.float32 of shape (1, 2)"),
+                      (torch.tensor([1, 2]), "of shape (batch, time), not torch.int64 of shape (2,)"),
+                      (torch.tensor([[1, 10**6]]), "token ids from 1 to 1000000, but this model's vocabulary has")]:
+        with pytest.raises(MiniftError, match=re.escape(says)):
+            lm(bad)

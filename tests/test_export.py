@@ -5,6 +5,7 @@ quantizer as the reference for our blocks' bytes) and transformers' GGUF loader;
 SmolLM2-style tokenizer; the real SmolLM2-135M-Instruct tests are marked slow.
 """
 import json
+from pathlib import Path
 import re
 import time
 
@@ -15,7 +16,8 @@ import torch
 from minift import export
 from minift.checkpoints import build_model, load_checkpoint, read_safetensors, save_checkpoint
 from minift.export import export_gguf, write_modelfile
-from minift.gguf import LAYER_NAMES, convert_gguf, read_gguf
+from minift.gguf import convert_gguf, read_gguf
+from minift.models.llama import GGUF_LAYER_NAMES as LAYER_NAMES, GGUF_TOP_NAMES
 from minift.quantize import QuantizedWeight
 from minift.tokenizer import Tokenizer
 from test_gguf import SMOL_TEMPLATE, SPECIALS, one_line_error, smollm_style_tokenizer
@@ -128,7 +130,7 @@ def test_gguf_package_reads_what_we_meant(tmp_path, kind):
     source = read_safetensors(tmp_path / "ckpt")
     reader = gguf.GGUFReader(path)
     assert reader.alignment == 32 and len(reader.tensors) == 2 + 2 * 9 + 1
-    hf = {t: k for k, t in export.GGUF_NAMES.items()}
+    hf = GGUF_TOP_NAMES
     for t in reader.tensors:
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
         key = f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight" if m else hf[t.name]
@@ -205,7 +207,7 @@ def test_refuses_what_it_cannot_export_faithfully(tmp_path):
     (tmp_path / "taken.gguf").write_bytes(b"mine")
     assert "already exists" in one_line_error(export_gguf, tmp_path / "ckpt", tmp_path / "taken.gguf")
     assert (tmp_path / "taken.gguf").read_bytes() == b"mine"
-    for model_type in ("bert", "gpt2", "qwen2"):
+    for model_type in ("bert", "gpt2", "mistral"):
         (tmp_path / model_type).mkdir()
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert f"'{model_type}'" in one_line_error(export_gguf, tmp_path / model_type, tmp_path / "m.gguf")
@@ -274,16 +276,75 @@ def test_a_stopped_export_leaves_no_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # The Ollama Modelfile
 
+GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
+
+
+def go_template(template, messages):
+    """Go's text/template by hand (no Go here), for the actions minift's Modelfiles use: range .Messages, if eq .Role "x",
+    if $v, else, end, $v := / = .Content or "", and {{ .Role }} {{ .Content }} {{ $v }} printed; '{{-' trims the
+    whitespace before them. Anything else raises, so a template outside this subset fails the test, not passes it."""
+    pieces, pos = [], 0
+    for m in GO_ACTION.finditer(template):
+        if m.group(3):
+            raise ValueError("not in the subset: -}}")
+        text = template[pos:m.start()]
+        pieces += [("text", text.rstrip() if m.group(1) else text), ("action", m.group(2))]
+        pos = m.end()
+    pieces.append(("text", template[pos:]))
+
+    def block(i, stop):  # -> (list of nodes, index after the block, the word that ended it)
+        nodes = []
+        while i < len(pieces):
+            kind, value = pieces[i]
+            if kind == "action" and value in stop:
+                return nodes, i + 1, value
+            if kind == "action" and (value == "range .Messages" or value.startswith("if ")):
+                body, i, word = block(i + 1, ("end", "else"))
+                other, i = (block(i, ("end",))[:2] if word == "else" else ([], i))
+                nodes.append((value, body, other))
+            else:
+                nodes.append((kind, value))
+                i += 1
+        return nodes, i, None
+
+    def value(expr, message, env):
+        if expr in (".Role", ".Content"):
+            return message[expr[1:].lower()]
+        if expr.startswith("$"):
+            return env[expr]
+        if expr == '""':
+            return ""
+        raise ValueError(f"not in the subset: {expr}")
+
+    def run(nodes, message, env):
+        out = ""
+        for node in nodes:
+            if node[0] == "text":
+                out += node[1]
+            elif node[0] == "range .Messages":
+                out += "".join(run(node[1], m, env) for m in messages)
+            elif node[0].startswith("if "):
+                cond = node[0][3:]
+                m = re.fullmatch(r'eq (\.Role) "(\w+)"', cond)
+                truth = value(m.group(1), message, env) == m.group(2) if m else bool(value(cond, message, env))
+                out += run(node[1] if truth else node[2], message, env)
+            elif m := re.fullmatch(r"(\$\w+) :?= (.+)", node[1]):
+                env[m.group(1)] = value(m.group(2), message, env)
+            else:
+                out += value(node[1], message, env)
+        return out
+
+    return run(block(0, ())[0], None, {})
+
+
 def ollama_prompt(modelfile, messages):
     """The prompt Ollama builds from our Modelfile: its SYSTEM first when the conversation does not start with a
-    system message, then TEMPLATE's `range .Messages` (the only Go template construct it uses) run here."""
+    system message, then TEMPLATE run on the messages."""
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
     system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.DOTALL)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system.group(1)}] + messages
-    body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*)\{\{ end \}\}(.*)", template, re.DOTALL).groups()
-    return "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
-                   for m in messages) + tail
+    return go_template(template, messages)
 
 
 CONVERSATIONS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -311,9 +372,9 @@ def test_modelfile_leaves_a_template_it_cannot_translate_to_ollama(tmp_path, cap
     (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(config))
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f16", modelfile=True)
     modelfile = (tmp_path / "m.Modelfile").read_text()
-    assert "TEMPLATE" not in modelfile.replace("No TEMPLATE", "") and "ChatML templates only" in modelfile
+    assert "TEMPLATE" not in modelfile.replace("No TEMPLATE", "") and "Gemma's templates only" in modelfile
     assert modelfile.splitlines()[-1] == 'PARAMETER stop "<|endoftext|>"'
-    assert "not ChatML" in capsys.readouterr().out
+    assert "not one minift writes" in capsys.readouterr().out
     assert read_gguf(tmp_path / "m.gguf").metadata["tokenizer.chat_template"] == llama2  # the GGUF still has it
 
 
@@ -523,3 +584,215 @@ def test_command_line_exports_and_refuses_in_one_line(tmp_path, capsys):
             main(["export", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen2, Qwen3, Gemma 2 and Gemma 3, and a SentencePiece Llama: folders converted from GGUFs that llama.cpp's converters
+# would write (test_gguf's writers), exported back
+
+FAMILY_ARCHS = ["qwen2", "qwen3", "gemma2", "gemma3", "llama-spm"]
+
+
+def family_folder(tmp_path, transformers, arch):
+    """(a folder converted from a tiny random model's f32 GGUF, that GGUF)."""
+    from test_gguf import family_gguf, llama_gguf, spm_kv, tiny_family
+    if arch in ("qwen2", "llama-spm"):
+        tok = smollm_style_tokenizer() if arch == "qwen2" else None
+        tokens, kv = spm_kv() if tok is None else (None, [])
+        size = tok.get_vocab_size() if tok else len(tokens)
+        cls = transformers.Qwen2ForCausalLM if arch == "qwen2" else transformers.LlamaForCausalLM
+        config = cls.config_class(vocab_size=size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
+        torch.manual_seed(4)
+        hf = cls(config).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        name = "qwen2" if arch == "qwen2" else "llama"
+        path = llama_gguf(tmp_path / "src.gguf", hf, tok, [Q.F32], arch=name, tied=False, pre="qwen2", extra_kv=kv)
+    else:
+        hf, kv = tiny_family(transformers, arch)
+        path = family_gguf(tmp_path / "src.gguf", hf, arch, [Q.F32], kv)
+    return convert_gguf(path, tmp_path / "src"), path
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_family_export_gives_back_the_file_bit_for_bit(tmp_path, transformers, arch):
+    """GGUF -> folder -> GGUF (f32): every tensor's bytes are the source file's (Gemma's norms: (s - 1) + 1 = s, exact for
+    stored gains s in [0.5, 2]), every {arch}.* and tokenizer.* key of the source has its value (SentencePiece scores
+    aside: ours are minus the merge ranks), the `gguf` package reads every tensor, and converting it again gives the
+    folder's tensors and token ids bit for bit."""
+    folder, source = family_folder(tmp_path, transformers, arch)
+    path = export_gguf(folder, tmp_path / "m.gguf", "f32")
+    ours, theirs = read_gguf(path), read_gguf(source)
+    assert set(ours.tensors) == set(theirs.tensors)
+    for name, t in theirs.tensors.items():
+        a = ours.tensors[name]
+        assert (a.type, a.shape) == (t.type, t.shape), name
+        size = export.nbytes(a)
+        assert bytes(ours.buf[a.offset:a.offset + size]) == bytes(theirs.buf[t.offset:t.offset + size]), name
+    name = theirs.metadata["general.architecture"]
+    for key, value in theirs.metadata.items():
+        if key.startswith((f"{name}.", "tokenizer.")) and key != "tokenizer.ggml.scores":
+            assert np.array_equal(np.float32(ours.metadata[key]), np.float32(value)) if isinstance(value, float) \
+                else ours.metadata[key] == value, key
+    reader = gguf.GGUFReader(path)
+    assert {t.name for t in reader.tensors} == set(theirs.tensors)
+    back = convert_gguf(path, tmp_path / "back")
+    first, again = read_safetensors(folder), read_safetensors(back)
+    assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)
+    a, b = Tokenizer.from_file(folder), Tokenizer.from_file(back)
+    from test_gguf import TOKENIZER_TEXTS
+    for text in TOKENIZER_TEXTS + TEXTS:
+        assert a.encode(text) == b.encode(text), text
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_transformers_reads_the_family_exports(tmp_path, transformers, arch):
+    """transformers' GGUF loader on our export: the folder's weights tensor for tensor, the same token ids, and (given
+    what its loader does not read: qwen3's head_dim, Gemma's query_pre_attn_scalar) the logits minift gives."""
+    import minift
+    folder, _ = family_folder(tmp_path, transformers, arch)
+    export_gguf(folder, tmp_path / "m.gguf", "f32")
+    config = json.loads((folder / "config.json").read_text())
+    missing = {"qwen3": dict(head_dim=16), "gemma2": dict(query_pre_attn_scalar=16),
+               "gemma3": dict(query_pre_attn_scalar=16)}.get(arch, {})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
+                                                               attn_implementation="eager", **missing).eval()
+    ref = theirs.state_dict()
+    for k, w in read_safetensors(folder).items():
+        assert torch.equal(ref[k], w), k
+    ids = [2, 17, 42, 99, 3, 150, 7, 61, 30, 120, 11, 5]
+    model = minift.load(folder, task="lm", verbose=False)
+    with torch.no_grad():
+        diff = (theirs(torch.tensor([ids])).logits[0] - model(torch.tensor([ids]))[0]).abs().max().item()
+    assert diff < 1e-5, (diff, config["model_type"])
+    hf_tok, ours = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf"), Tokenizer.from_file(folder)
+    from test_gguf import TOKENIZER_TEXTS
+    for text in TOKENIZER_TEXTS[:-2] + TEXTS[:4]:  # (specials aside: transformers adds them by other rules)
+        assert hf_tok(text)["input_ids"] == ours.encode(text), text
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+@pytest.mark.parametrize("template", ["Qwen2.5-Coder-0.5B-Instruct", "Qwen3-0.6B", "gemma-2-2b-it", "gemma-3-4b-it"])
+def test_modelfile_speaks_each_familys_template(tmp_path, transformers, template):
+    """The Modelfile's Go template gives the prompt our chat template gives (Gemma: without the BOS, which llama.cpp
+    adds), for conversations that end with a user turn, with the default system prompt of Qwen2.5 as SYSTEM."""
+    arch = "gemma3" if template.startswith("gemma") else "qwen2"
+    folder, _ = family_folder(tmp_path, transformers, arch)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (CHAT_TEMPLATES / f"{template}.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    export_gguf(folder, tmp_path / "m.gguf", "q8_0", modelfile=True)
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    ours = Tokenizer.from_file(folder)
+    assert f'PARAMETER stop "{ours.chat_format.end_of_turn}"' in modelfile.splitlines()[-2:]
+    assert ('SYSTEM """You are Qwen' in modelfile) == template.startswith("Qwen2.5")
+    conversations = CONVERSATIONS[:2] + [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                          {"role": "user", "content": "c"}]]
+    for messages in conversations:
+        if template == "gemma-2-2b-it" and messages[0]["role"] == "system":
+            continue  # Gemma 2's template refuses a system turn
+        prompt = ours.apply_chat_template(messages)
+        assert ollama_prompt(modelfile, messages) == (prompt.removeprefix("<bos>") if arch == "gemma3" else prompt), messages
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "gemma3"])
+def test_llama_cpp_runs_each_familys_tiny_export(tmp_path, transformers, arch):
+    """llama.cpp on our f32 export: minift's logits (f32 cache) and greedy tokens, past Gemma's window of 4. Gemma's
+    logits are further apart (measured 8e-4 over 2 layers, 2.3e-3 over 6, against < 1e-4 for Qwen): ggml's CPU GELU
+    reads its values from an fp16 table (GGML_GELU_FP16), and Gemma's MLP is GeGLU."""
+    pytest.importorskip("llama_cpp")
+    folder, _ = family_folder(tmp_path, transformers, arch)
+    model = load_checkpoint(folder, "lm", verbose=False)
+    llm = llama_cpp_model(export_gguf(folder, tmp_path / "m.gguf", "f32"))
+    try:
+        ids = [2, 17, 42, 99, 3, 150, 7, 61, 30, 120, 11, 5]
+        llm.reset()
+        llm.eval(ids)
+        ours = logits_of(model, ids).numpy()
+        gap = np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max()
+        print(f"{arch}: llama.cpp's logits {gap:.1e} from minift's (largest {np.abs(ours).max():.1f})")
+        assert gap < (1e-4 if arch.startswith("qwen") else 5e-3), gap
+        assert llama_cpp_greedy(llm, ids, 10, eos=-1) == minift_greedy(model, ids, 10, eos=-1)
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def gemma3_export(tmp_path_factory):
+    """Gemma 3 270M's converted folder exported as f32 (1 GB)."""
+    from minift import hub
+    path = hub.weights_dir() / "gguf" / hub.SPLIT_GGUFS["gemma3-270m"]["file"]
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched")
+    folder = hub.fetch_split_model("gemma3-270m")
+    return folder, path, export_gguf(folder, tmp_path_factory.mktemp("gemma3") / "gemma3.f32.gguf", "f32", modelfile=True)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_export_is_its_file_again(gemma3_export, transformers):
+    """The real file's tokenizer keys (262,144 pieces and their types, the special ids, BOS) and config keys come back;
+    the f32 tensors are its dequantized ones (norms plus one again, exactly); transformers' GGUF loader on our file gives
+    the folder's weights tensor for tensor and the folder's token ids."""
+    folder, source, path = gemma3_export
+    ours, theirs = read_gguf(path), read_gguf(source)
+    for key, value in theirs.metadata.items():
+        if key.startswith(("gemma3.", "tokenizer.")) and key not in ("tokenizer.ggml.scores", "tokenizer.ggml.add_sep_token"):
+            assert np.array_equal(np.float32(ours.metadata[key]), np.float32(value)) if isinstance(value, float) \
+                else ours.metadata[key] == value, key
+    assert theirs.metadata["tokenizer.ggml.add_sep_token"] is False  # llama.cpp's default: not written
+    from minift.gguf import dequantize
+    for name in ("blk.0.attn_q.weight", "blk.5.post_ffw_norm.weight", "output_norm.weight", "token_embd.weight"):
+        assert np.array_equal(dequantize(ours, name), dequantize(theirs, name)), name
+    loader = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, weights = loader.state_dict(), read_safetensors(folder)
+    assert all(torch.equal(ref[k], w) for k, w in weights.items())
+    del loader, ref, weights
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), Tokenizer.from_file(folder)
+    from test_gguf import TOKENIZER_TEXTS
+    for text in TOKENIZER_TEXTS + ["\t\tdef f():\n\t\t\treturn   {1: 'x'}\n\n\n\n"]:
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text
+    modelfile = path.with_suffix(".Modelfile").read_text()
+    assert "<start_of_turn>" in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
+
+
+@pytest.mark.slow
+def test_gemma3_270m_llama_cpp_generates_minifts_tokens(gemma3_export):
+    """llama.cpp on the f32 export of Gemma 3 270M: minift's greedy tokens on a Gemma-turns prompt and a plain one."""
+    folder, _, path = gemma3_export
+    model, tok = load_checkpoint(folder, "lm", verbose=False), Tokenizer.from_file(folder)
+    llm = llama_cpp_model(path)
+    try:
+        for text in (tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}]),
+                     "<bos>The capital of France is"):
+            ids = tok.encode(text, add_special_tokens=False)
+            assert llama_cpp_greedy(llm, ids, 20, tok.eos_id) == minift_greedy(model, ids, 20, tok.eos_id), text
+    finally:
+        llm.close()
+
+
+def test_refuses_what_llama_cpp_fixes_otherwise_and_keeps_linear_rope(tmp_path, transformers):
+    folder, _ = family_folder(tmp_path, transformers, "gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    for change, words in ((dict(query_pre_attn_scalar=32), "query_pre_attn_scalar 32"),
+                          (dict(layer_types=["full_attention"] * 6), "layer_types"),
+                          (dict(rope_local_base_freq=20000.0), "local RoPE base"),
+                          (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0}), "RoPE scaling")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        message = one_line_error(export_gguf, folder, tmp_path / "m.gguf")
+        assert words in message and "gemma3" in message, message
+    (tmp_path / "q").mkdir()
+    qwen, _ = family_folder(tmp_path / "q", transformers, "qwen2")
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8,
+                                                  "max_window_layers": 0}))
+    assert "sliding window of 8" in one_line_error(export_gguf, qwen, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    linear = {"rope_type": "linear", "factor": 4.0}
+    (qwen / "config.json").write_text(json.dumps({**config, "rope_scaling": linear}))
+    back = convert_gguf(export_gguf(qwen, tmp_path / "m.gguf", "f16"), tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["rope_scaling"] == linear

@@ -1,5 +1,7 @@
 """GPT2LMHeadModel.generate and pick_next_token: greedy against transformers, the KV cache against a
-full recompute, left padding, EOS, top-k, top-p and seeded sampling; bad settings refused in one line."""
+full recompute, left padding, EOS, top-k, top-p and seeded sampling; bad settings refused in one line. The cache
+written in place (KVCache: its buffers never move with room given, a local layer slides), finished rows dropped
+and a prompt read once for its samples: each the same tokens as the plain way."""
 import json
 
 import pytest
@@ -48,14 +50,14 @@ def test_kv_cache_equals_full_recompute():
     got = model.generate(prompt, max_new_tokens=25)
     assert torch.equal(got, greedy_without_cache(model, prompt, 25))
     # the logits too, step by step: cached one-token steps against the full sequence
-    caches = [[] for _ in model.transformer.h]
+    caches = model.new_cache()  # no capacity given: the buffers grow by doubling
     with torch.no_grad():
         step = model(got[:, :4], caches=caches)[:, -1]
         for t in range(4, got.shape[1]):
             full = model(got[:, :t])[:, -1]
             torch.testing.assert_close(step, full, rtol=0, atol=1e-12)
             step = model(got[:, t:t + 1], caches=caches)[:, -1]
-    assert caches[0][0].shape == (2, 4, got.shape[1], 8)  # (B, heads, time, head_dim)
+    assert caches[0].length == got.shape[1] and caches[0].keys.shape[:2] == (2, 4)  # (B, heads, time, head_dim)
 
 
 def test_left_padded_batch_continues_each_prompt_as_alone():
@@ -121,6 +123,65 @@ def test_seeded_sampling_is_reproducible():
     assert not torch.equal(a, model.generate(prompt, max_new_tokens=20)), "sampling is not greedy"
 
 
+# --- the cache written in place, finished rows dropped, a prompt read once for its samples -----------------
+
+def test_the_cache_is_written_in_place_when_it_has_room():
+    """With the capacity given (as generate does) the buffers are allocated once: every step writes into them."""
+    model = small_lm()
+    prompt = torch.randint(0, 61, (2, 4))
+    caches = model.new_cache(capacity=4 + 6)
+    with torch.no_grad():
+        ids = torch.cat([prompt, model(prompt, caches=caches)[:, -1].argmax(-1, keepdim=True)], 1)
+        where = [c.keys.data_ptr() for c in caches]
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids[:, -1:], caches=caches)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert [c.keys.data_ptr() for c in caches] == where and caches[0].keys.shape[2] == 10 == caches[0].length
+    assert torch.equal(ids, greedy_without_cache(model, prompt, 7))
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_a_local_cache_slides_and_gives_what_the_whole_cache_would(window):
+    """A KVCache with a window returns, at every step, the last window - 1 positions before the step and the step's:
+    the same keys as the whole history cut there, while its buffer stays within its window and as many steps."""
+    from minift.generate import KVCache
+    torch.manual_seed(0)
+    local, whole = KVCache(window=window), KVCache()
+    for T in [4, 1, 1, 3, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]:
+        k, v = torch.randn(2, 3, T, 4), torch.randn(2, 3, T, 4)
+        (k_local, v_local), (k_all, v_all) = local.add(k, v), whole.add(k, v)
+        first = max(k_all.shape[2] - T - (window - 1), 0)
+        assert torch.equal(k_local, k_all[:, :, first:]) and torch.equal(v_local, v_all[:, :, first:])
+        assert local.keys.shape[2] <= window - 1 + max(4, window)
+    assert whole.length == 20 and local.length < 20
+
+
+def test_finished_rows_leave_the_batch_and_change_nothing():
+    """Rows that said EOS are dropped from the batch and the cache: each row's tokens are those it gets alone."""
+    model = small_lm()
+    prompt = torch.randint(0, 61, (4, 4))
+    free = model.generate(prompt, max_new_tokens=12, eos_token_id=-1)
+    eos = free[1, 4 + 2].item()  # row 1 says it at its 3rd step
+    got = model.generate(prompt, max_new_tokens=12, eos_token_id=eos)
+    for i in range(4):
+        alone = model.generate(prompt[i:i + 1], max_new_tokens=12, eos_token_id=eos)[0]
+        assert torch.equal(got[i, :len(alone)], alone) and (got[i, len(alone):] == eos).all()
+    assert (got == eos).any(1).sum() >= 1 and got.shape[1] > 4 + 3  # some finished early, the batch went on
+
+
+def test_samples_of_one_prompt_read_it_once():
+    """num_samples=G: each prompt's keys and values copied for its G samples, rows prompt by prompt; greedy gives G
+    equal rows, and sampling draws what the same G rows repeated by hand draw (the same RNG, the same logits)."""
+    model = small_lm()
+    ids, mask = torch.randint(1, 61, (2, 5)), torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    by_hand = model.generate(ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0), max_new_tokens=8,
+                             temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0), eos_token_id=-1)
+    shared = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_samples=3, temperature=1.0, top_p=0.9,
+                            generator=torch.Generator().manual_seed(0), eos_token_id=-1)
+    assert torch.equal(shared, by_hand) and not torch.equal(shared[0], shared[1])
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_samples=3, eos_token_id=-1)
+    assert torch.equal(greedy[:3], greedy[0].expand(3, -1)) and torch.equal(greedy[3:], greedy[3].expand(3, -1))
+
+
 # --- pick_next_token on hand-made rows -------------------------------------------------------------------
 
 # probabilities in a shuffled order, so that top-p must map its sorted choice back to the right columns
@@ -143,6 +204,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, keep):
     expect = PROBS[kept] / PROBS[kept].sum()
     freq = torch.stack([(picks == k).double().mean() for k in kept])
     torch.testing.assert_close(freq, expect, rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("top_p, spread", [(0.5, 1.5), (0.9, 3.0), (0.95, 0.05)])
+def test_top_p_by_rejection_draws_the_sorted_nucleus(top_p, spread):
+    """sample_nucleus never sorts: each token's frequency over 40,000 draws is its probability renormalised over the
+    nucleus that sorting finds (the smallest likeliest set reaching top_p), within 0.01, and no other token is drawn;
+    peaked and nearly flat (the nucleus nearly everything) distributions alike."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40, dtype=torch.float64) * spread
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    nucleus = order[:int(((probs[order].cumsum(0) - probs[order]) <= top_p).sum())]
+    expect = torch.zeros(40, dtype=torch.float64)
+    expect[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    picks, seen = sampled_set(logits, n=40000, temperature=1.0, top_p=top_p)
+    assert seen == set(nucleus.tolist()) and 1 < len(seen) < 40
+    torch.testing.assert_close(torch.bincount(picks, minlength=40).double() / 40000, expect, rtol=0, atol=0.01)
 
 
 def test_top_k_keeps_the_k_largest():
@@ -237,4 +315,4 @@ def test_command_line_generates_and_refuses_an_empty_prompt(gpt2_folder, capsys)
         main(["generate", str(gpt2_folder), ""])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "minift: error: the prompt is empty: give some text to continue"]
+        "minift: error: the prompt is empty: give some text to continue (or a question, for a chat model)"]

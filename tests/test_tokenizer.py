@@ -2,6 +2,7 @@
 
 make_bert() and make_gpt2() are also used by test_data.py."""
 import json
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -236,3 +237,94 @@ def test_special_tokens_from_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<not-in-vocab>"}))
     tok = Tokenizer.from_file(tmp_path)  # unknown names fall back to the guesses
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, eot, eot)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The templates minift knows beyond ChatML (tests/chat_templates/: Qwen2.5-Coder's two from their GGUF files,
+# Qwen3's from llama.cpp's models/templates, a later revision of it, Gemma 2's (llama.cpp's copy) and Gemma 3's
+# (google/gemma-3-4b-it)), each against transformers' apply_chat_template, which runs the Jinja.
+
+TEMPLATES = Path(__file__).parent / "chat_templates"
+KNOWN = {"Qwen2.5-Coder-0.5B-Instruct": "Qwen2.5", "Qwen2.5-Coder-1.5B-Instruct": "Qwen2.5", "Qwen3-0.6B": "Qwen3",
+         "Qwen3-revised": "Qwen3", "gemma-2-2b-it": "Gemma 2", "gemma-3-4b-it": "Gemma 3"}
+CHAT_SPECIALS = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+TURNS = CONVERSATIONS + [
+    [{"role": "user", "content": "  padded  \n"}, {"role": "assistant", "content": "\nsure "}, {"role": "user", "content": "x"}],
+    [{"role": "system", "content": "Be terse. "}, {"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "S"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}],
+    [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>r1</think>a1"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>\nr2\n\n</think>a2"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "S2"},
+     {"role": "user", "content": "q2"}],
+    [{"role": "user", "content": "q"}, {"role": "user", "content": "again"}],
+    [{"role": "user", "content": "<tool_response>\nx\n</tool_response>"}, {"role": "assistant", "content": "ok"}]]
+
+
+def special_tokenizer(tmp_path, template, eos="<eos>"):
+    """make_gpt2()'s BPE with Gemma's and ChatML's special tokens, a template and BOS/EOS named: (ours, transformers')."""
+    transformers = pytest.importorskip("transformers")
+    hf = make_gpt2()._tok
+    hf.add_special_tokens(CHAT_SPECIALS)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": eos, "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>",
+                                                  eos_token=eos)
+    theirs.chat_template = template
+    return Tokenizer.from_file(tmp_path), theirs
+
+
+@pytest.mark.parametrize("name", KNOWN)
+def test_known_templates_equal_transformers(tmp_path, name):
+    jinja2 = pytest.importorskip("jinja2")
+    template = (TEMPLATES / f"{name}.jinja").read_text()
+    ours, theirs = special_tokenizer(tmp_path, template)
+    assert ours.chat_format.name == KNOWN[name]
+    written = refused = 0
+    for messages in TURNS:
+        for generation in (True, False):
+            try:
+                expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            except jinja2.TemplateError:  # the template's raise_exception: roles that do not alternate, ...
+                with pytest.raises(MiniftError) as e:
+                    ours.apply_chat_template(messages, add_generation_prompt=generation)
+                assert "\n" not in str(e.value)
+                refused += 1
+                continue
+            assert ours.apply_chat_template(messages, add_generation_prompt=generation) == expected, messages
+            written += 1
+    assert written >= 8 and (refused > 0) == KNOWN[name].startswith("Gemma"), (written, refused)
+    # a turn ends with the template's own token: the instruction job trains it, generation stops at it
+    end = "<end_of_turn>" if KNOWN[name].startswith("Gemma") else "<|im_end|>"
+    assert ours.eos_id == ours._tok.token_to_id(end) != ours._tok.token_to_id("<eos>")
+
+
+def test_qwen_tools_and_unknown_templates_refused_in_one_line(tmp_path):
+    for name in ("Qwen2.5-Coder-0.5B-Instruct", "Qwen3-0.6B"):
+        ours, _ = special_tokenizer(tmp_path, (TEMPLATES / f"{name}.jinja").read_text())
+        for messages in ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}],
+                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": []}]):
+            with pytest.raises(MiniftError) as e:
+                ours.apply_chat_template(messages)
+            assert "\n" not in str(e.value) and "tool" in str(e.value), str(e.value)
+    # a template a little off the known one (Gemma 3 with one newline after the system prompt) is not guessed at
+    bent = (TEMPLATES / "gemma-3-4b-it.jinja").read_text().replace("'\n\n'", "'\n'")
+    ours, _ = special_tokenizer(tmp_path, bent)
+    assert ours.chat_format is None and ours.eos_id == ours._tok.token_to_id("<eos>")
+    with pytest.raises(MiniftError) as e:
+        ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value) and "Gemma" in str(e.value)
+
+
+def test_templates_respelled_are_the_same_template(tmp_path):
+    """The fingerprint is of the canonical form: other quotes, whitespace and trim marks give the same format."""
+    gemma2 = (TEMPLATES / "gemma-2-2b-it.jinja").read_text()
+    respelled = gemma2.replace("{% for", "\n{%- for").replace("'<start_of_turn>model\\n'", '"<start_of_turn>model\\n"')
+    assert respelled != gemma2
+    ours, _ = special_tokenizer(tmp_path, respelled)
+    assert ours.chat_format.name == "Gemma 2"
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"

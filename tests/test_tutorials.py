@@ -31,6 +31,7 @@ KEY_LINES = {
     "10_preference_tuning.py": "DPO gradient, max relative error ||ours - autograd||",
     "11_rl_verifiable_rewards.py": "held-out greedy accuracy on",
     "12_evaluate_and_export.py": "f16 read back by minift: max |logit",
+    "13_named_entities.py": "(head drawn at random) ->",
     "14_distillation_and_reward_model.py": "distillation gradient, max relative error ||ours - autograd||",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",
 }

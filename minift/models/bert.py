@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import MiniftError
-from ..heads import Backbone, Classifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward, positions_from_mask
+from ..heads import (Backbone, Classifier, TokenClassifier, mean_pool, mean_pool_backward, pick_rows, pick_rows_backward,
+                     positions_from_mask)
 from ..layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, Tanh, frozen_below, keeps_for_backward,
                      merge_heads, split_heads)
 from ..recompute import block_backward, block_forward
@@ -247,18 +248,37 @@ class BertForSequenceClassification(Classifier):
         self.bert.backward(dhidden)
 
 
+class BertForTokenClassification(TokenClassifier):
+    """Backbone -> one vector per token -> logits per token (named entities). No pooler, as in transformers'
+    BertForTokenClassification, whose names (`bert.`, `classifier.weight/bias`) these are."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.bert = BertModel(c, add_pooler=False)
+        self.dropout = Dropout(c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout)
+        self.classifier = Linear(c.hidden_size, c.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        return self.classifier(self.dropout(self.bert(input_ids, attention_mask, token_type_ids, position_ids)))
+
+    def backward(self, dlogits):  # every token's hidden vector gets its own logits' gradient back
+        self.bert.backward(self.dropout.backward(self.classifier.backward(dlogits)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The family's checkpoint knowledge, which checkpoints.py looks up by config.json's model_type.
 
 MODEL_TYPES = ("bert", "roberta")
 Config = BertConfig
-TASKS = {"classify": BertForSequenceClassification, "encode": BertModel}
+TASKS = {"classify": BertForSequenceClassification, "tag": BertForTokenClassification, "encode": BertModel}
 NEW_HEADS = ("classifier.", "bert.pooler.", "pooler.")  # ours, may be missing from a file: trained from scratch
 LABEL_HEAD = "classifier.weight"  # the layer with one row per class (its number of rows is num_labels)
 DEFAULT_TASK = "encode"  # what the pretrained checkpoint computes: sentence vectors
 FAN_IN_FAN_OUT = False  # weights are (out, in) in HF's files, as in nn.Linear
 UNUSED_HEADS = ("cls.", "lm_head.", "bert.pooler.", "pooler.")  # the masked-LM head; a pooler that mean pooling skips
-ARCHITECTURE = {BertForSequenceClassification: "ForSequenceClassification", BertModel: "Model"}
+ARCHITECTURE = {BertForSequenceClassification: "ForSequenceClassification",
+                BertForTokenClassification: "ForTokenClassification", BertModel: "Model"}
 
 
 def hf_to_ours(key, tensor, model):
@@ -285,9 +305,10 @@ def hf_state_dict(model):
     out = {}
     for name, p in model.named_parameters():
         if model.config.model_type == "roberta":
-            name = name.replace("bert.pooler.dense.", "classifier.dense.").replace(
-                "classifier.weight", "classifier.out_proj.weight").replace(
-                "classifier.bias", "classifier.out_proj.bias").replace("bert.", "roberta.", 1)
+            if isinstance(model, BertForSequenceClassification):  # its token classifier keeps BERT's names
+                name = name.replace("bert.pooler.dense.", "classifier.dense.").replace(
+                    "classifier.weight", "classifier.out_proj.weight").replace("classifier.bias", "classifier.out_proj.bias")
+            name = name.replace("bert.", "roberta.", 1)
         out[name] = p.detach()
     return out
 

@@ -22,12 +22,15 @@ import torch
 from torch import nn
 
 from ..errors import MiniftError
+from ..generate import KVCache
 from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, cached_positions, last_real_token,
                      pick_rows, pick_rows_backward, positions_from_mask)
 from ..layers import (GELU, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding, SoftCap, fp32_dtype, frozen_below,
                       keeps_for_backward)
 from ..recompute import block_backward, block_forward
-from .llama import LlamaAttention, LlamaMLP, read_rope_scaling, rope_rescaling
+from .llama import (LlamaAttention, LlamaMLP, gguf_special_ids, gguf_value, gguf_vocab_size, read_rope_scaling,
+                    rope_rescaling, rope_scaling_from_gguf, shortest_float)
+from . import llama
 
 MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
 LAYER_KINDS = ("sliding_attention", "full_attention")
@@ -264,8 +267,8 @@ class GemmaModel(Backbone):
             x = layer(x, cos, sin, allowed, caches[i]) if caches is not None else block_forward(layer, x, cos, sin, allowed)
         return self.norm(x)
 
-    def new_cache(self):
-        return [[] for _ in self.layers]
+    def new_cache(self, capacity=0):
+        return [KVCache(capacity, window) for window in self.windows]
 
     def stages(self):
         """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
@@ -295,8 +298,8 @@ class GemmaForCausalLM(CausalLM):
         if c.final_logit_softcapping:
             self.final_softcap = SoftCap(c.final_logit_softcapping)  # (heads.CausalLM: the chunked loss applies it)
 
-    def new_cache(self):
-        return self.model.new_cache()
+    def new_cache(self, capacity=0):
+        return self.model.new_cache(capacity)
 
     def head_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -380,3 +383,71 @@ def hf_state_dict(model):
 def architecture(model):
     """The `architectures` entry of config.json: Gemma3ForCausalLM, Gemma2ForSequenceClassification, ..."""
     return _ARCHITECTURES[model.config.model_type][("lm", "classify", "encode").index(model.task)]
+
+
+# ---- From a GGUF file: llama.cpp's metadata -> this family's config.json (gguf.py reads the file) ----------
+
+GGUF_MODEL_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # general.architecture -> our model_type
+GGUF_PERMUTED_QK = ()  # llama.cpp's Gemma converters keep Hugging Face's q/k row order
+GGUF_TOP_NAMES = llama.GGUF_TOP_NAMES
+# Llama's names, but for the sandwich: llama.cpp's ffn_norm is the norm before the MLP, and two norms after
+GGUF_LAYER_NAMES = {**llama.GGUF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# llama.cpp's Gemma converters store every norm's weight plus one (the gain 1 + w its RMSNorm multiplies by):
+# minus one on reading, plus one on export
+GGUF_NORM_SHIFT = 1.0
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales these by hidden / heads (query_pre_attn_scalar)
+# A Gemma file without a chat template (the Gemma 3 270M base file) gets its family's, so that `generate` and the
+# instruction job speak Gemma's turns: google/gemma-2-2b-it's and google/gemma-3-4b-it's templates
+GGUF_CHAT_TEMPLATES = {
+    "gemma2": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+              "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+              "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}",
+    "gemma3": "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+              "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+              "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+              "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+              "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+              "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+              "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+              "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+              "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+              "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+              "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+              "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+              "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+              "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+              "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+              "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+              "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"}
+
+
+def config_from_gguf(meta: dict, shapes: dict, arch: str, rope_freqs=None) -> dict:
+    """The config.json of a Gemma 2 or Gemma 3 GGUF, from its `{arch}.*` metadata and its tensors' shapes. What the
+    file does not say, llama.cpp fixes by architecture, and so do we: Gemma 3's local layers turn RoPE with base
+    10000 and one layer in six is global; Gemma 2 alternates; scores are scaled by head_dim ** -0.5 (27B: by
+    (hidden / heads) ** -0.5)."""
+    def need(key):
+        return gguf_value(meta, arch, key)
+
+    model_type, gemma2 = GGUF_MODEL_TYPES[arch], arch == "gemma2"
+    hidden, heads, layers = need("embedding_length"), need("attention.head_count"), need("block_count")
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    theta = shortest_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    return dict(
+        architectures=[_ARCHITECTURES[model_type][0]], model_type=model_type, vocab_size=gguf_vocab_size(meta, arch, shapes),
+        hidden_size=hidden, intermediate_size=need("feed_forward_length"), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=need("context_length"),
+        rms_norm_eps=shortest_float(need("attention.layer_norm_rms_epsilon")), rope_theta=theta,
+        rope_scaling=rope_scaling_from_gguf(meta, arch, rope_freqs, theta, head_dim),
+        rope_local_base_freq=None if gemma2 else 10000.0,
+        query_pre_attn_scalar=hidden // heads if layers == GEMMA_27B_LAYERS[arch] else head_dim,
+        sliding_window=need("attention.sliding_window"), layer_types=default_layer_types(model_type, layers),
+        attn_logit_softcapping=meta.get(f"{arch}.attn_logit_softcapping") if gemma2 else None,
+        final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping"),
+        attention_bias=False, attention_dropout=0.0, initializer_range=0.02,
+        tie_word_embeddings="output.weight" not in shapes, **gguf_special_ids(meta))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import MiniftError
+from ..generate import KVCache
 from ..heads import (Backbone, CausalLM, Classifier, TiedLMHead, attention_allowed, last_real_token, pick_rows,
                      pick_rows_backward, positions_from_mask)
 from ..layers import (GELU, Attention, Dropout, Embedding, LayerNorm, Linear, frozen_below, keeps_for_backward, merge_heads,
@@ -57,9 +58,7 @@ class GPT2Attention(nn.Module):
     def forward(self, x, allowed, cache=None):
         q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).chunk(3, dim=-1))
         if cache is not None:  # generation: keys and values of earlier tokens are kept, not recomputed
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
+            k, v = cache.add(k, v)
         return self.resid_dropout(self.c_proj(merge_heads(self.attn(q, k, v, allowed))))
 
     def backward(self, dout):
@@ -118,7 +117,7 @@ class GPT2Model(Backbone):
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         """caches: a list of one [] per layer, filled and extended by generate(); None when training."""
         B, T = input_ids.shape
-        past = caches[0][0].shape[2] if caches and caches[0] else 0
+        past = caches[0].length if caches else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
@@ -132,8 +131,8 @@ class GPT2Model(Backbone):
             x = block(x, allowed, caches[i]) if caches is not None else block_forward(block, x, allowed)
         return self.ln_f(x)
 
-    def new_cache(self):
-        return [[] for _ in self.h]
+    def new_cache(self, capacity=0):
+        return [KVCache(capacity) for _ in self.h]
 
     def stages(self):
         """The parts of the forward in order; backward stops below the lowest trainable one (freeze.py)."""
@@ -170,8 +169,8 @@ class GPT2LMHeadModel(CausalLM):
             return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         return self.head(hidden, self.head_weight())
 
-    def new_cache(self):
-        return self.transformer.new_cache()
+    def new_cache(self, capacity=0):
+        return self.transformer.new_cache(capacity)
 
     def backward(self, dlogits):
         if self.head_is_deferred():  # the chunked loss did the head's backward: this is the hidden states' gradient
