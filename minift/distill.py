@@ -105,15 +105,15 @@ def distill_loss(student, teacher, targets, num_targets, beta, temperature, voca
     student_head.grad (its first `vocab` rows). Returns (loss, dstudent); dstudent is None when not want_grad."""
     mask = targets != -100
     num_targets = check_targets(int(mask.sum()) if num_targets is None else num_targets)
-    if student_head is not None:  # hidden states: cast once for the two matmuls of every chunk (bf16 autocast)
-        student = cast_for_matmul(student)
+    if student_head is not None:  # hidden states and head rows cast once for every chunk's matmuls (bf16 autocast;
+        student, rows = cast_for_matmul(student), cast_for_matmul(student_head[:vocab])  # else each chunk casts anew)
     loss = torch.zeros((), device=student.device)
     dstudent = torch.zeros_like(student) if want_grad else None
     for start in range(0, len(student), chunk or len(student)):
         part = slice(start, start + (chunk or len(student)))
         if not mask[part].any():
             continue  # a prompt or padding: no target, no logits made
-        zs = student[part, :vocab] if student_head is None else student[part] @ student_head[:vocab].T
+        zs = student[part, :vocab] if student_head is None else student[part] @ rows.T
         zt = teacher[part, :vocab] if teacher_head is None else teacher[part] @ teacher_head[:vocab].T
         per_position, dz = divergence(zs, zt, beta, temperature)
         weight = mask[part].to(per_position.dtype) / num_targets
@@ -132,7 +132,7 @@ def distill_loss(student, teacher, targets, num_targets, beta, temperature, voca
             continue
         if student_head.requires_grad:
             add_to_head_rows(student_head, dz.T @ student[part])
-        dstudent[part] = dz @ student_head[:vocab]
+        dstudent[part] = dz @ rows
     return loss, dstudent
 
 

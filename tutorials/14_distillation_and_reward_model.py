@@ -298,4 +298,5 @@ results["reward model"] = {"accuracy": judge_report["best_metrics"]["accuracy"]}
 results["GRPO with it"] = {"judge_before": grpo_report["reward_before"], "judge_after": grpo_report["validation"]["reward"],
                            "right_before": right_before, "right_after": right_after}
 (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-print(f"\ntotal {(time.perf_counter() - t_start) / 60:.1f} min; results in {out / 'results.json'}")
+print(f"results in {out / 'results.json'}")
+print(f"\nall checks passed ({(time.perf_counter() - t_start) / 60:.1f} min)")
