@@ -124,8 +124,8 @@ TWO_DIGIT_SIZE = 300  # questions drawn from the 16,200 sums and differences of 
 def two_digit_splits():
     """The arithmetic task with two-digit numbers, the distillation job's: TWO_DIGIT_SIZE distinct questions "What is
     a + b?" / "a - b" with a, b in 10-99, drawn once and split 70/15/15 (ARITHMETIC_SPLIT_SEED: the same rows in every
-    run), as rows {"prompt", "response", "answer"}. Qwen2.5-Coder-0.5B-Instruct answers about 70% of them zero-shot
-    (it drops the sign of negative answers), the 1.5B nearly all: room for a student to learn from its teacher."""
+    run), as rows {"prompt", "response", "answer"}. Qwen2.5-Coder-0.5B-Instruct answers 0.76-0.78 of the held-out
+    ones zero-shot (most misses negative answers), the 1.5B all: room for a student to learn from its teacher."""
     rng = random.Random(ARITHMETIC_SPLIT_SEED)
     questions = rng.sample([(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-"], TWO_DIGIT_SIZE)
     rows = [{"prompt": ARITHMETIC_QUESTION.format(a=a, op=op, b=b), "response": str(a + b if op == "+" else a - b)}

@@ -74,7 +74,8 @@ NER_TRAIN = {"epochs": 5, "batch_size": 16, "lr": 1e-4, "head_lr_scale": 10, "me
 
 # The distillation job (`minift finetune --task distill`): Qwen2.5-Coder-0.5B-Instruct (the student) learns from
 # Qwen2.5-Coder-1.5B-Instruct (the teacher: same tokenizer) on two-digit sums and differences (corpora.two_digit_splits:
-# the student gets about 70% of them zero-shot, the teacher nearly all; or your JSONL file's prompt/response rows).
+# zero-shot the student gets 0.76 of the test questions and 0.78 of validation's, the teacher all, greedy, measured;
+# or your JSONL file's prompt/response rows).
 # DISTILL_SETTINGS: on top of distill.DistillSettings (TRL's GKD defaults: beta 0.5, lmbda 0.5); 16 new tokens: the
 # answer is a number. chunked_loss 64: both heads (151,936 rows) run 64 positions at a time, so a batch's logits never
 # exist whole.
