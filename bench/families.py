@@ -4,6 +4,7 @@ Qwen3-MoE (the 30B-A3B's design scaled down), random weights, fp32 and bf16 auto
 
     python bench/families.py                                  # every shape, fp32 and bf16
     python bench/families.py --only qwen3-0.6b --precision fp32 --steps 5 --batch 2 --seq 128
+    python bench/families.py --lora 8 --only gemma3-270m      # LoRA r=8 on every linear layer: minift vs peft
 
 A 0.6B model's weights, gradients and AdamW state take about 9.5 GB in fp32, so the two implementations never share
 a process: each (shape, precision) runs minift, transformers, minift, transformers (--repeats 2) in fresh processes,
@@ -25,6 +26,7 @@ import time
 import torch
 
 from minift.checkpoints import build_model
+from minift.lora import add_lora
 from minift.objective import forward_backward
 from minift.optim import AdamW, param_groups
 from minift.report import cpu_name
@@ -45,7 +47,12 @@ QWEN3_MOE_SMALL = dict(model_type="qwen3_moe", vocab_size=32768, hidden_size=512
                        head_dim=64, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True,
                        rope_theta=1_000_000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
                        tie_word_embeddings=False, output_router_logits=False)
-SHAPES = {"gemma3-270m": GEMMA3_270M, "qwen3-0.6b": QWEN3_06B, "qwen3-moe-small": QWEN3_MOE_SMALL}
+# Qwen2.5-Coder-0.5B-Instruct as its offline GGUF has it (the output matrix stored apart from the embedding)
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+SHAPES = {"gemma3-270m": GEMMA3_270M, "qwen3-0.6b": QWEN3_06B, "qwen3-moe-small": QWEN3_MOE_SMALL,
+          "qwen2.5-coder-0.5b": QWEN25_05B}
 
 
 def peak_rss_mb():
@@ -62,8 +69,10 @@ def make_batch(config, batch, seq):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def minift_step(config, batch, precision):
+def minift_step(config, batch, precision, lora_r=0):
     model = build_model(config, task="lm").train()
+    if lora_r:
+        add_lora(model, "all-linear", r=lora_r, alpha=2 * lora_r)  # the body frozen: AdamW holds the adapters only
     opt = AdamW(param_groups(model, 0.01), lr=1e-5)
     device = torch.device("cpu")
 
@@ -75,13 +84,16 @@ def minift_step(config, batch, precision):
     return step, "minift"
 
 
-def transformers_step(config, batch, precision):
+def transformers_step(config, batch, precision, lora_r=0):
     import transformers
     transformers.logging.set_verbosity_error()
     settings = {k: v for k, v in config.items() if k != "model_type"}
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(config["model_type"], **settings)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    if lora_r:
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -99,7 +111,7 @@ def run_here(args):
     """The child process: one implementation, one warm-up step, then --steps timed ones; one JSON line."""
     config = SHAPES[args.only]
     batch = make_batch(config, args.batch, args.seq)
-    step, name = (minift_step if args.run == "minift" else transformers_step)(config, batch, args.precision[0])
+    step, name = (minift_step if args.run == "minift" else transformers_step)(config, batch, args.precision[0], args.lora)
     step()  # warm-up: first-touch allocations, oneDNN's kernel choice
     times = []
     for _ in range(args.steps):
@@ -111,7 +123,7 @@ def run_here(args):
 
 def child(args, which, precision):
     cmd = [sys.executable, __file__, "--only", args.only, "--precision", precision, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--run", which]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--lora", str(args.lora), "--run", which]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
@@ -123,12 +135,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="processes per implementation, alternating")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer of the blocks (0: full)")
     ap.add_argument("--run", choices=["minift", "transformers"], help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
     if args.run:
         return run_here(args)
     print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x "
-          f"{args.seq} tokens; median of {args.repeats} x {args.steps} steps (each after a warm-up step) per implementation")
+          f"{args.seq} tokens; {f'LoRA r={args.lora} (peft on the transformers side)' if args.lora else 'full'}; "
+          f"median of {args.repeats} x {args.steps} steps (each after a warm-up step) per implementation")
     for shape in [args.only] if args.only else list(SHAPES):
         for precision in args.precision or ["fp32", "bf16"]:
             args.only = shape

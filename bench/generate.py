@@ -1,37 +1,38 @@
 """Generation speed with a KV cache, side by side in one run: minift's `generate` vs transformers' greedy
-`generate` on the same weights (SmolLM2-135M-Instruct, the offline decoder), tokens per second.
+`generate` on the same weights (an offline decoder: SmolLM2-135M-Instruct by default), tokens per second.
 
     python bench/generate.py                  # batch 1 and 4, 64 new tokens, 5 rounds taking turns
+    python bench/generate.py --model gemma3-270m --rounds 3      # or qwen2.5-coder-0.5b, or a checkpoint folder
 
 Both decode greedily with eos disabled, so both produce exactly `--new` tokens per row; the outputs are
 checked to be identical. Needs transformers (the test extra).
 """
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import minift
-from minift.hub import fetch_smollm2
+from minift.report import cpu_name
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--model", default="smollm2", help="a named offline decoder or a checkpoint folder")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
-    path = fetch_smollm2()
+    path = minift.resolve_model(args.model)
     ours = minift.load(path, task="lm", verbose=False).eval()
-    theirs = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = minift.load_tokenizer(path)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}])
-    print(f"CPU {platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {args.new} new tokens, greedy")
+    print(f"{args.model}; {cpu_name()}, capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32; {args.new} new tokens, greedy")
     for rows in (1, 4):
         batch = tok([prompt] * rows, add_special_tokens=False)
         ids, mask = batch["input_ids"], batch["attention_mask"]
