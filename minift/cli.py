@@ -15,9 +15,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .config import TrainConfig, check_config, field_kind
+from .distill import DistillSettings
 from .dpo import DPOSettings, KTOSettings
 from .errors import MiniftError
 from .grpo import GRPOSettings
+from .reward import RewardSettings
 from . import recipe
 from .recipe import INSTRUCT_JOB, INSTRUCT_TRAIN, LORA_TRAIN, MAIN_JOB, MAIN_TRAIN
 
@@ -65,7 +67,8 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)}  # the settings that go into 
 # The methods beyond the model's own loss: --task -> (its settings class, the job's values on top of its defaults).
 # Their fields are flags of `minift finetune` and keys of its TOML file, as TrainConfig's are.
 METHODS = {"dpo": (DPOSettings, recipe.DPO_SETTINGS), "kto": (KTOSettings, recipe.KTO_SETTINGS),
-           "grpo": (GRPOSettings, recipe.GRPO_SETTINGS)}
+           "grpo": (GRPOSettings, recipe.GRPO_SETTINGS), "distill": (DistillSettings, recipe.DISTILL_SETTINGS),
+           "reward": (RewardSettings, recipe.REWARD_SETTINGS)}
 METHOD_KEYS = {f.name for cls, _ in METHODS.values() for f in fields(cls)}
 
 
@@ -87,7 +90,8 @@ def check_method_flags(args, toml=None):
     own = {f.name for f in fields(METHODS[args.task][0])} if args.task in METHODS else set()
     for name in sorted(METHOD_KEYS - own):
         if getattr(args, name, None) is not None or name in (toml or {}):
-            owners = " and ".join(f"--task {t}" for t, (cls, _) in METHODS.items() if name in {f.name for f in fields(cls)})
+            owners = [f"--task {t}" for t, (cls, _) in METHODS.items() if name in {f.name for f in fields(cls)}]
+            owners = " and ".join([", ".join(owners[:-1]), owners[-1]] if len(owners) > 1 else owners)
             where = f"{args.config}: {name}" if name in (toml or {}) else "--" + name.replace("_", "-")
             raise MiniftError(f"{where} is a setting of {owners}, not of --task {args.task}")
 
@@ -130,16 +134,20 @@ JOBS = {"classify": (MAIN_JOB, MAIN_TRAIN, LORA_TRAIN, None), "ner": (recipe.NER
         "instruct": (INSTRUCT_JOB, INSTRUCT_TRAIN, None, None),
         "dpo": (recipe.DPO_JOB, recipe.DPO_TRAIN, None, METHODS["dpo"]),
         "kto": (recipe.KTO_JOB, recipe.KTO_TRAIN, None, METHODS["kto"]),
-        "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"])}
+        "grpo": (recipe.GRPO_JOB, recipe.GRPO_TRAIN, None, METHODS["grpo"]),
+        "distill": (recipe.DISTILL_JOB, recipe.DISTILL_TRAIN, None, METHODS["distill"]),
+        "reward": (recipe.REWARD_JOB, recipe.REWARD_TRAIN, None, METHODS["reward"])}
 
 
 def cmd_finetune(args):
     """Every setting read and checked (flags, TOML, the recipe) before any model or data is loaded, then the job."""
     from .classify import finetune_classifier
+    from .distill import finetune_distill
     from .distributed import setup
     from .dpo import finetune_dpo
     from .grpo import finetune_grpo
     from .instruct import finetune_instruct
+    from .reward import finetune_reward
     from .tag import finetune_tagger
 
     if args.lora and args.lora_r is None:
@@ -164,6 +172,10 @@ def cmd_finetune(args):
         finetune_dpo(**common, settings=settings)
     elif args.task == "grpo":
         finetune_grpo(**common, settings=settings)
+    elif args.task == "distill":
+        finetune_distill(**common, settings=settings)
+    elif args.task == "reward":
+        finetune_reward(**common, settings=settings)
     elif args.task == "instruct":
         finetune_instruct(**common, suites=suites)
     elif args.task == "ner":
@@ -456,12 +468,14 @@ def add_finetune_command(sub):
                        epilog="The defaults are minift/recipe.py's MAIN_TRAIN (with lora_r > 0: and LORA_TRAIN; with "
                        "--task instruct: INSTRUCT_TRAIN) on top of TrainConfig's. --freeze '' trains every weight; "
                        "--dropout 0.1 restores MiniLM's own.")
-    f.add_argument("--task", choices=["classify", "ner", "instruct", "dpo", "kto", "grpo"], default="classify",
+    f.add_argument("--task", choices=list(JOBS), default="classify",
                    help="classify (default: MiniLM on the tweets), ner (named entities: MiniLM tags the words of other "
                    "tweets; --data a CoNLL file), instruct (default: SmolLM2 answers them in one word), "
                    "dpo (preference pairs; default: the arithmetic task's on-policy pairs), kto (answers labelled good "
-                   "or bad, unpaired; default: those pairs split in two) or grpo (rewards computed by code; default: the "
-                   "arithmetic task, rewarded where the number is right)")
+                   "or bad, unpaired; default: those pairs split in two), grpo (rewards computed by code or a reward "
+                   "model; default: the arithmetic task, rewarded where the number is right), distill (a small model "
+                   "learns a bigger one's token probabilities; default: Qwen2.5-Coder 1.5B -> 0.5B on two-digit sums) "
+                   "or reward (a reward model from pairs; default: SmolLM2 on the arithmetic task's)")
     f.add_argument("--model", help=f"a name (minilm, smollm2, gpt2) or a checkpoint folder (default {recipe.MODEL})")
     f.add_argument("--suite", help="with --task instruct: evaluation suites scored before and after, comma-separated "
                    "(tweets, arithmetic, flatland, mmlu, mmlu_5shot, translation, gsm, general_knowledge; "
@@ -479,8 +493,9 @@ def add_finetune_command(sub):
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8 unless --lora-r) instead of "
                    "every weight, with recipe.py's LORA_TRAIN on top of MAIN_TRAIN; --lora-alpha, --lora-dropout, "
                    "--lora-targets query,value")
-    add_method_flags(f.add_argument_group("--task dpo, kto and grpo", "the fields of dpo.DPOSettings, dpo.KTOSettings "
-                                          "and grpo.GRPOSettings (each a TOML key too); the defaults are the jobs' own"))
+    add_method_flags(f.add_argument_group("--task dpo, kto, grpo, distill and reward", "the fields of dpo.DPOSettings, "
+                                          "dpo.KTOSettings, grpo.GRPOSettings, distill.DistillSettings and "
+                                          "reward.RewardSettings (each a TOML key too); the defaults are the jobs' own"))
     add_train_flags(f, jobs={task: train for task, (_, train, _, _) in JOBS.items() if task != "classify"})
     f.set_defaults(run=cmd_finetune)
 

@@ -132,6 +132,32 @@ def rewards_of(reward, prompts, completions, columns):
     return values
 
 
+def reward_from_model(folder, device="cpu", batch_size=16):
+    """A reward model trained by `minift finetune --task reward` (its best/ folder) as the reward function: each
+    prompt + completion written as reward.scored_text writes a pair's answers (the prompt in the judge's chat template,
+    the completion after it, no end token), scored in batches; the head's one number is the reward."""
+    if not (Path(folder) / "config.json").is_file():
+        raise MiniftError(f"--reward-model {folder}: no config.json there; give the best/ folder of a minift finetune "
+                          "--task reward run")
+    judge = load_checkpoint(folder, "classify", verbose=False).to(device).eval()
+    if judge.config.num_labels != 1:
+        raise MiniftError(f"--reward-model {folder} has {judge.config.num_labels} outputs; a reward model has one "
+                          "(minift finetune --task reward trains one)")
+    tok = Tokenizer.from_file(folder)
+
+    @torch.no_grad()
+    def reward_model_score(prompts, completions, **columns):
+        turns = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        texts = [format_instruction({"messages": t + [{"role": "assistant", "content": "-"}]}, tok)[0] + c
+                 for t, c in zip(turns, completions)]  # (the answer turn is dropped: a completion may be empty)
+        scores = []
+        for i in range(0, len(texts), batch_size):  # the template carries its special tokens; plain text gets them
+            rows = tok.encode_batch(texts[i:i + batch_size], add_special_tokens=tok.chat_template is None)
+            scores += judge(*pad_rows(rows, tok.pad_id, "right", device))[:, 0].float().tolist()
+        return scores
+    return reward_model_score
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The settings
 
@@ -156,6 +182,7 @@ class GRPOSettings:
     mask_truncated_completions: bool = False  # answers cut at max_new_tokens (no EOS) leave the loss and its counts
     skip_zero_std_groups: bool = False  # groups whose answers all scored alike leave the step (no forward, no counts)
     reward_weights: list | None = None  # one weight per reward function (None: 1 each)
+    reward_model: str | None = None  # a reward model's folder (--task reward's best/): its score is the reward instead
 
     def check(self, cfg=None):
         """Each field's type and range, and what the loop's settings must be for GRPO, in one line each, before anything
@@ -397,7 +424,8 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     rows = arithmetic_splits() if data is None else load_jsonl_splits(data, cfg.seed, check_prompt_row,
                                                                       "rows with a 'prompt'")
     splits = {k: v for k, v in limit_rows(rows, limit).items() if k != "test" or test}
-    rewards = load_rewards(settings.reward)
+    rewards = [reward_from_model(settings.reward_model, pick_device(cfg.device))] if settings.reward_model else \
+        load_rewards(settings.reward)
     for reward in rewards:
         check_reward_call(reward, [k for k in splits["train"][0] if k != "prompt"])
     path = resolve_model(model)

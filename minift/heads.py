@@ -224,6 +224,7 @@ class CausalLM(TaskModel):
     `head_weight()`, the matrix W of logits = hidden @ W.T (the token embedding when the head is tied)."""
     task = "lm"
     loss_chunk = 0  # TrainConfig.chunked_loss, set by train.prepare_model: positions per chunk of the loss
+    hidden_only = False  # set by hidden_states() for one forward
 
     def __init__(self):
         super().__init__()
@@ -234,8 +235,17 @@ class CausalLM(TaskModel):
     def head_is_deferred(self):
         """True in a training forward with the chunked loss: forward then returns the hidden states, not the
         logits, and loss() runs the head itself, a chunk of positions at a time (chunked_lm_loss); backward gets
-        the hidden states' gradient. Evaluation and generation always get the logits."""
-        return self.loss_chunk > 0 and keeps_for_backward(self)
+        the hidden states' gradient. Evaluation and generation get the logits (but inside hidden_states())."""
+        return self.hidden_only or (self.loss_chunk > 0 and keeps_for_backward(self))
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """The last hidden states, before the LM head, in any mode: for a loss that runs the head itself a chunk of
+        positions at a time (a distillation teacher's, distill.py: its (positions, vocab) logits never exist whole)."""
+        self.hidden_only = True
+        try:
+            return self(input_ids, attention_mask)
+        finally:
+            self.hidden_only = False
 
     def loss(self, logits, labels, num_targets=None, class_weights=None):
         """Next-token cross-entropy over the supervised tokens."""

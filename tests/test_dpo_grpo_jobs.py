@@ -451,8 +451,8 @@ def test_bad_settings_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
         (["--task", "dpo", "--data", str(pairs), "--group-size", "4"], "--group-size is a setting of --task grpo, not of "
          "--task dpo"),
         (["--task", "grpo", "--rpo-alpha", "1"], "--rpo-alpha is a setting of --task dpo, not of --task grpo"),
-        (["--task", "instruct", "--beta", "1"], "--beta is a setting of --task dpo and --task kto and --task grpo, not "
-         "of --task instruct"),
+        (["--task", "instruct", "--beta", "1"], "--beta is a setting of --task dpo, --task kto, --task grpo and --task "
+         "distill, not of --task instruct"),
         (["--task", "kto", "--loss-type", "ipo"], "--loss-type is a setting of --task dpo and --task grpo, not of --task kto"),
         (["--task", "kto", "--data", str(pairs), "--desirable-weight", "0"], "desirable_weight = 0.0 is out of range"),
         (["--task", "kto", "--data", str(pairs), "--batch-size", "1"], "give batch_size >= 2"),

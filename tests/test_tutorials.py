@@ -32,6 +32,7 @@ KEY_LINES = {
     "11_rl_verifiable_rewards.py": "held-out greedy accuracy on",
     "12_evaluate_and_export.py": "f16 read back by minift: max |logit",
     "13_named_entities.py": "(head drawn at random) ->",
+    "14_distillation_and_reward_model.py": "distillation gradient, max relative error ||ours - autograd||",
     "15_translation.py": "after LoRA tuning",
     "16_reasoning.py": "held-out accuracy on",
     "gpt2_instruction_tuning.py": "training answers reproduced exactly after training",
