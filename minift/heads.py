@@ -119,13 +119,14 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk, softcap=None):
     later). Returns (loss, dhidden)."""
     num_targets = check_targets(int((targets != -100).sum()) if num_targets is None else num_targets)
     hidden = cast_for_matmul(hidden)
+    head = cast_for_matmul(weight)  # under bf16 autocast: the (vocab, d) matrix cast once, not twice in every chunk
     loss = torch.zeros((), device=hidden.device)  # a micro-batch with no target adds 0, as in the plain loss
     dhidden = torch.zeros_like(hidden)
     for start in range(0, len(hidden), chunk):
         part = slice(start, start + chunk)
         if not (targets[part] != -100).any():
             continue  # nothing to learn here (a prompt, padding): the gradient stays 0, the logits are never made
-        logits = hidden[part] @ weight.T
+        logits = hidden[part] @ head.T
         if softcap is not None:
             logits = softcap(logits)  # (it keeps this chunk's tanh, and its backward frees it)
         part_loss, dlogits = cross_entropy(logits, targets[part], num_targets)
@@ -135,7 +136,7 @@ def chunked_lm_loss(hidden, weight, targets, num_targets, chunk, softcap=None):
         dlogits = cast_for_matmul(dlogits)
         if weight.requires_grad:
             accumulate_grad(weight, dlogits.T @ hidden[part])  # dW = sum over chunks of dlogits^T @ hidden
-        dhidden[part] = dlogits @ weight
+        dhidden[part] = dlogits @ head
     return loss, dhidden
 
 
