@@ -53,11 +53,12 @@ CHOICES = {"schedule": ("constant", "linear", "cosine"), "precision": ("auto", "
            "backward": ("manual", "autograd"),
            "metric": ("accuracy", "macro_f1", "f1", "loss", "exact_match", "reward", "auto"),
            "quantize": ("none", "q8_0", "q4_0", "q4_1", "source")}
-# (lowest allowed, whether the lowest itself is allowed, a hint); None: no bound
+# (lowest allowed, whether the lowest itself is allowed, a hint[, highest allowed, whether the highest itself is
+# allowed]); no fourth and fifth: no upper bound
 RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "grad_accum": (1, True, "1 = no accumulation"),
           "lr": (0, False, "e.g. 5e-5; a learning rate of 0 trains nothing"),
           "head_lr_scale": (0, False, "1 = the head at the body's lr; e.g. 10"), "weight_decay": (0, True, "e.g. 0.01"),
-          "warmup_ratio": (0, True, "between 0 and 1, e.g. 0.06"), "min_lr": (0, True, "0 decays to zero"),
+          "warmup_ratio": (0, True, "between 0 and 1, e.g. 0.06", 1, True), "min_lr": (0, True, "0 decays to zero"),
           "max_grad_norm": (0, False, "e.g. 1.0; a negative norm would turn training into gradient ascent"),
           "seed": (0, True, "any whole number >= 0"), "eval_every": (0, True, "0 = once per epoch"),
           "patience": (0, True, "0 = never stop early"), "log_every": (1, True, "e.g. 10"),
@@ -66,7 +67,8 @@ RANGES = {"epochs": (0, False, "e.g. 2"), "batch_size": (1, True, "e.g. 32"), "g
           "packing": (0, True, "0 = off; e.g. 1024 tokens per packed sequence"),
           "chunked_loss": (0, True, "0 = off; e.g. 1024 positions"),
           "lora_r": (0, True, "0 = no LoRA; 8 or 16 are usual"), "lora_alpha": (0, False, "e.g. 16"),
-          "lora_dropout": (0, True, "e.g. 0.05, below 1")}
+          "dropout": (0, True, "in [0, 1): the fraction of values zeroed (0.1 is usual; None: the checkpoint's)", 1, False),
+          "lora_dropout": (0, True, "in [0, 1), e.g. 0.05: the fraction of the adapters' input zeroed", 1, False)}
 
 
 def check_config(cfg):
@@ -74,12 +76,8 @@ def check_config(cfg):
     if not isinstance(cfg, TrainConfig):
         raise MiniftError(f"settings must be a minift.TrainConfig, not {type(cfg).__name__}")
     check_fields(cfg, CHOICES, RANGES)
-    if cfg.warmup_ratio > 1:
-        raise MiniftError(f"warmup_ratio = {cfg.warmup_ratio} is out of range: between 0 and 1, e.g. 0.06")
     if cfg.min_lr > cfg.lr:
         raise MiniftError(f"min_lr {cfg.min_lr:g} is above the peak lr {cfg.lr:g}: the floor must be lower")
-    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
-        raise MiniftError(f"dropout {cfg.dropout} must be in [0, 1): it is the fraction of values zeroed (0.1 is usual)")
     if cfg.zero not in (0, 1, 2):
         raise MiniftError(f"zero = {cfg.zero} is unknown: 0 = off, 1 = AdamW's state sharded across processes, 2 = the "
                           "gradients too")
@@ -93,10 +91,27 @@ def check_config(cfg):
     return cfg
 
 
+def check_own_loss_config(cfg, job, metrics, keeps, why_no_packing, backward_in):
+    """What the loop's settings must be for a job that brings its own loss and hand-written backward (DPO and KTO, GRPO,
+    distillation, a reward model): check_config, then one of the job's `metrics` ('auto' picks the job's), no packing
+    and the manual backward, each refused in one line that says the job's reason."""
+    check_config(cfg)
+    if cfg.metric not in ("auto", *metrics):
+        raise MiniftError(f"metric {cfg.metric!r}: {job} keeps {keeps}: use metric=" + " or ".join(
+            f"'{m}'" for m in metrics) + " ('auto' picks the job's)")
+    if cfg.packing:
+        raise MiniftError(f"{why_no_packing}: use packing=0")
+    if cfg.backward != "manual":
+        raise MiniftError(f"backward='autograd' runs the model's own loss with autograd; {job}'s backward is written by "
+                          f"hand ({backward_in}): use backward='manual'")
+    return cfg
+
+
 def check_fields(settings, choices, ranges):
     """Every field of a settings dataclass (TrainConfig, dpo.DPOSettings, grpo.GRPOSettings) of its declared type,
-    one of its `choices` and within its `ranges` ({name: (lowest, whether the lowest is allowed, a hint)}), or one
-    MiniftError line that names the first one that is not."""
+    one of its `choices` and within its `ranges` ({name: (lowest, whether the lowest is allowed, a hint)}, and where
+    a tuple goes on: (..., highest, whether the highest is allowed)), or one MiniftError line that names the first one
+    that is not."""
     for f in fields(settings):
         value = getattr(settings, f.name)
         _check_type(f, value)
@@ -105,8 +120,10 @@ def check_fields(settings, choices, ranges):
         if f.name in choices and value not in choices[f.name]:
             raise MiniftError(f"{f.name} {value!r} is unknown: choose {', '.join(choices[f.name])}")
         if f.name in ranges:
-            low, inclusive, hint = ranges[f.name]
-            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            low, low_allowed, hint, *upper = ranges[f.name]
+            high, high_allowed = upper or (math.inf, False)
+            if (not math.isfinite(value) or value < low or (value == low and not low_allowed) or value > high
+                    or (value == high and not high_allowed)):
                 raise MiniftError(f"{f.name} = {value} is out of range: {hint}")
 
 

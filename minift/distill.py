@@ -30,7 +30,7 @@ from safetensors import safe_open
 from . import distributed, recipe
 from .batching import TrainData, collate, pad_rows
 from .checkpoints import build_model, load_checkpoint, load_state, read_config, shard_files
-from .config import TrainConfig, check_config, check_fields
+from .config import TrainConfig, check_fields, check_own_loss_config
 from .corpora import limit_rows, load_instruction_splits, two_digit_splits
 from .errors import MiniftError
 from .evals import greedy_replies, score_replies
@@ -241,29 +241,17 @@ class DistillSettings:
         """Each field's type and range, and what the loop's settings must be for distillation, in one line each, before
         anything is loaded. Returns self."""
         check_fields(self, {"teacher_quantize": ("none",) + KINDS}, RANGES)
-        for name in ("beta", "lmbda"):
-            if getattr(self, name) > 1:
-                raise MiniftError(f"{name} = {getattr(self, name)} is out of range: {RANGES[name][2]}")
         if not self.teacher:
             raise MiniftError("teacher is empty: name the teacher (e.g. qwen2.5-coder-1.5b) or give its folder")
-        if cfg is None:
-            return self
-        check_config(cfg)
-        if cfg.metric not in ("auto", "loss", "exact_match"):
-            raise MiniftError(f"metric {cfg.metric!r}: distillation keeps the student closest to the teacher on "
-                              "validation (metric='loss'), or on a task with answers the best exact match "
-                              "(metric='exact_match'; 'auto' picks the task's)")
-        if cfg.packing:
-            raise MiniftError("packing mixes rows in one sequence, and on-policy steps sample their own rows: use "
-                              "packing=0")
-        if cfg.backward != "manual":
-            raise MiniftError("backward='autograd' runs the model's own loss with autograd; distillation's backward is "
-                              "written by hand (distill.py): use backward='manual'")
+        if cfg is not None:
+            check_own_loss_config(cfg, "distillation", ("loss", "exact_match"), "the student closest to the teacher on "
+                                  "validation, or on a task with answers the best exact match", "packing mixes rows "
+                                  "in one sequence, and on-policy steps sample their own rows", "distill.py")
         return self
 
 
-RANGES = {"beta": (0, True, "between 0 (forward KL) and 1 (reverse KL); 0.5 is GKD's Jensen-Shannon divergence"),
-          "lmbda": (0, True, "between 0 (offline only) and 1 (every step on the student's own answers)"),
+RANGES = {"beta": (0, True, "between 0 (forward KL) and 1 (reverse KL); 0.5 is GKD's Jensen-Shannon divergence", 1, True),
+          "lmbda": (0, True, "between 0 (offline only) and 1 (every step on the student's own answers)", 1, True),
           "temperature": (0, False, "> 0, e.g. 1.0 (it softens both distributions, and samples the answers)"),
           "max_new_tokens": (1, True, "at least 1 token per sampled answer (e.g. 64)"),
           "crossentropy_weight": (0, True, ">= 0: the weight of the next-token loss on the data's answers (0 = none)")}

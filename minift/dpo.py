@@ -21,7 +21,7 @@ import torch
 from . import distributed, recipe
 from .batching import TrainData
 from .checkpoints import load_checkpoint
-from .config import TrainConfig, check_config, check_fields
+from .config import TrainConfig, check_fields, check_own_loss_config
 from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .data import check_max_length
 from .errors import MiniftError
@@ -55,15 +55,13 @@ class DPOSettings:
         """Each field's type and range, and what the loop's settings must be for preference tuning, in one line each,
         before anything is loaded. Returns self."""
         check_fields(self, {"loss_type": LOSS_TYPES}, RANGES)
-        if self.label_smoothing >= 0.5:
-            raise MiniftError(f"label_smoothing = {self.label_smoothing} is out of range: {RANGES['label_smoothing'][2]}")
         if cfg is not None:
             check_preference_config(cfg)
         return self
 
 
 RANGES = {"beta": (0, False, "> 0: it scales the log-ratios (0.1 is usual for DPO, 2 for SimPO)"),
-          "label_smoothing": (0, True, "in [0, 0.5): the chance that a pair's label is wrong (0 = none)"),
+          "label_smoothing": (0, True, "in [0, 0.5): the chance that a pair's label is wrong (0 = none)", 0.5, False),
           "rpo_alpha": (0, True, ">= 0: the weight of the chosen answers' NLL (0 = none, RPO uses 1)"),
           "simpo_gamma": (0, True, ">= 0: SimPO's target margin (0.5 is TRL's)")}
 
@@ -94,17 +92,10 @@ KTO_RANGES = {"beta": (0, False, "> 0: it scales the log-ratios (0.1 is TRL's)")
 
 def check_preference_config(cfg):
     """What the loop's settings must be for preference tuning (DPO and KTO alike), in one line each."""
-    check_config(cfg)
-    if cfg.metric not in ("auto", "loss", "exact_match"):
-        raise MiniftError(f"metric {cfg.metric!r}: preference tuning keeps the model with the lowest validation loss "
-                          "(the loss on held-out pairs), or on a task with answers the best exact match: use "
-                          "metric='loss' or 'exact_match' ('auto' picks the task's)")
-    if cfg.packing:
-        raise MiniftError("packing puts rows of different texts in one sequence; a pair is two rows that must stay "
-                          "apart (and KTO pairs rows with each other's prompts): use packing=0")
-    if cfg.backward != "manual":
-        raise MiniftError("backward='autograd' runs the model's own loss with autograd; preference tuning's backward "
-                          "is written by hand (preference.py's dpo_step and kto_step): use backward='manual'")
+    check_own_loss_config(cfg, "preference tuning", ("loss", "exact_match"), "the model with the lowest validation "
+                          "loss (the loss on held-out pairs), or on a task with answers the best exact match",
+                          "packing puts rows of different texts in one sequence; a pair is two rows that must stay apart "
+                          "(and KTO pairs rows with each other's prompts)", "preference.py's dpo_step and kto_step")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from . import distributed, recipe
 from .batching import TrainData, pad_rows
 from .checkpoints import load_checkpoint
-from .config import TrainConfig, check_config, check_fields
+from .config import TrainConfig, check_fields, check_own_loss_config
 from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
 from .evals import parse_answer
@@ -205,15 +205,8 @@ class GRPOSettings:
                             self.importance_sampling_level)
         if cfg is None:
             return self
-        check_config(cfg)
-        if cfg.metric not in ("auto", "reward"):
-            raise MiniftError(f"metric {cfg.metric!r}: GRPO keeps the model with the highest mean reward on validation: "
-                              "use metric='reward' (or 'auto')")
-        if cfg.packing:
-            raise MiniftError("GRPO samples its rows itself, there is nothing to pack: use packing=0")
-        if cfg.backward != "manual":
-            raise MiniftError("backward='autograd' runs the model's own loss with autograd; GRPO's backward is written by "
-                              "hand (rl.py's grpo_step): use backward='manual'")
+        check_own_loss_config(cfg, "GRPO", ("reward",), "the model with the highest mean reward on validation",
+                              "GRPO samples its rows itself, there is nothing to pack", "rl.py's grpo_step")
         return self
 
 
@@ -231,7 +224,7 @@ def reward_weights(weights, count):
 RANGES = {"group_size": (2, True, "GRPO compares the samples of a prompt, give at least 2 (8 is usual)"),
           "max_new_tokens": (1, True, "at least 1 token per answer (e.g. 64)"),
           "temperature": (0, False, "GRPO samples its answers, give a temperature > 0 (e.g. 0.7)"),
-          "top_p": (0, False, "in (0, 1], e.g. 0.95 (None: no cut)"), "beta": (0, True, ">= 0 (0: no reference model)"),
+          "top_p": (0, False, "in (0, 1], e.g. 0.95 (None: no cut)", 1, True), "beta": (0, True, ">= 0 (0: no reference model)"),
           "epsilon": (0, False, "> 0, e.g. 0.2"), "epsilon_high": (0, False, "> 0, e.g. 0.28 (None: epsilon)")}
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import distributed, recipe
 from .batching import TrainData, pad_rows
 from .checkpoints import load_checkpoint
-from .config import TrainConfig, check_config, check_fields
+from .config import TrainConfig, check_fields, check_own_loss_config
 from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
 from .hub import resolve_model
@@ -77,16 +77,10 @@ class RewardSettings:
         check_fields(self, {}, RANGES)
         if cfg is None:
             return self
-        check_config(cfg)
-        if cfg.metric not in ("auto", "accuracy", "loss"):
-            raise MiniftError(f"metric {cfg.metric!r}: a reward model is judged by its accuracy on held-out pairs (how "
-                              "often the chosen answer scores higher) or their loss: use metric='accuracy' or 'loss'")
-        if cfg.packing:
-            raise MiniftError("packing puts rows of different texts in one sequence; a reward model scores each text "
-                              "alone: use packing=0")
-        if cfg.backward != "manual":
-            raise MiniftError("backward='autograd' runs the model's own loss with autograd; the reward model's loss is "
-                              "Bradley-Terry's, its backward written by hand (reward.py): use backward='manual'")
+        check_own_loss_config(cfg, "a reward model", ("accuracy", "loss"), "the best accuracy on held-out pairs (how "
+                              "often the chosen answer scores higher) or their lowest loss", "packing puts rows of "
+                              "different texts in one sequence; a reward model scores each text alone",
+                              "reward.py: Bradley-Terry's loss")
         if cfg.chunked_loss:
             raise MiniftError("chunked_loss splits a language model's head; a reward model has one output: use 0")
         return self

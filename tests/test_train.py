@@ -613,7 +613,7 @@ def test_unknown_precision_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
 def test_dropout_outside_0_1_is_an_error(tmp_path, p):
-    with pytest.raises(MiniftError, match=r"dropout .* must be in \[0, 1\)"):
+    with pytest.raises(MiniftError, match=r"dropout = .* is out of range: in \[0, 1\)"):
         run(config(max_steps=1, dropout=p), tmp_path)
 
 
