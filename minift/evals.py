@@ -99,7 +99,7 @@ def continuation_logprobs(model, ctx_ids, conts, pad_id, batch_size=8):
             chunk = order[start:start + batch_size]
             ids, mask = pad_rows([ctx_ids[i] for i in chunk], pad_id, "left", device)
             caches = model.new_cache()
-            first = model(ids, mask, caches=caches)[:, -1].float().log_softmax(-1)
+            first = model.last_logits(ids, mask, caches).float().log_softmax(-1)
             repeat = torch.tensor([len(conts[i]) for i in chunk], device=device)
             for layer in caches:  # one copy of each item's keys and values per continuation
                 layer.repeat_rows(repeat)

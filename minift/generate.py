@@ -85,7 +85,7 @@ def generate(model, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, t
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     caches = model.new_cache(capacity=input_ids.shape[1] + max_new_tokens)  # room for every token: written in place
-    logits = model(input_ids, attention_mask, caches=caches)[:, -1]  # the prompts, once each
+    logits = model.last_logits(input_ids, attention_mask, caches)  # the prompts, once each
     if num_samples > 1:
         input_ids, attention_mask, logits = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask, logits))
         for cache in caches:
@@ -103,7 +103,7 @@ def generate(model, input_ids, max_new_tokens=50, temperature=0.0, top_k=None, t
             for cache in caches:
                 cache.keep_rows(going)
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        logits = model(next_id[:, None], attention_mask, caches=caches)[:, -1]  # only the new token goes through
+        logits = model.last_logits(next_id[:, None], attention_mask, caches)  # only the new token goes through
     model.train(was_training)
     return torch.cat([input_ids, new[:, :step + 1]], dim=1)
 

@@ -20,7 +20,7 @@ from minift.distill import (DistillObjective, DistillSettings, check_same_tokens
                             encode_rows, finetune_distill, load_teacher)
 from minift.errors import MiniftError
 from minift.lora import add_lora, lora_layers
-from test_faults import assert_same_outcome, cli_error, outcome
+from test_faults import assert_same_outcome, cli_error, outcome, stop_on_call
 from test_instruct import rows_of_each_format, tiny  # noqa: F401  (tiny: a fixture)
 
 TOL = 1e-10  # float64 gradients, relative to the largest entry of autograd's
@@ -338,17 +338,6 @@ def test_seq_kd_trains_on_the_teachers_answers(tiny, teacher_folder, data, monke
     loss, metrics = objective.gradients(student, [objective.collate(examples, "cpu")])
     assert sampled_by == [teacher] and metrics["on_policy"] == 0.0 and loss > 0
     assert 1 <= metrics["answer_tokens"] <= 4
-
-
-def stop_on_call(monkeypatch, module, name, at):
-    real, calls = getattr(module, name), []
-
-    def stopping(*args, **kw):
-        calls.append(1)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(module, name, stopping)
 
 
 @pytest.mark.parametrize("where", ["backward", "sampling"])

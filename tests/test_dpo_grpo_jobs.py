@@ -26,7 +26,7 @@ from minift.lora import add_lora, lora_layers
 from minift.preference import frozen_copy, sequence_logprobs
 from minift.rl import group_advantages
 from minift.tokenizer import Tokenizer
-from test_faults import assert_same_outcome, cli_error, outcome
+from test_faults import assert_same_outcome, cli_error, outcome, stop_on_call
 from test_instruct import SYSTEM, WORDS, rows_of_each_format, tiny  # noqa: F401  (tiny: a fixture)
 
 
@@ -391,17 +391,6 @@ def test_the_arithmetic_reward():
 
 # ---------------------------------------------------------------------------------------------------------
 # Exact resume: stopped in the middle of a step, resumed to the straight run's bits
-
-def stop_on_call(monkeypatch, module, name, at):
-    real, calls = getattr(module, name), []
-
-    def stopping(*args, **kw):
-        calls.append(1)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(module, name, stopping)
-
 
 @pytest.mark.parametrize("job", ["dpo", "kto", "grpo"])
 def test_a_run_stopped_mid_step_resumes_bitwise(tiny, tmp_path, monkeypatch, job):  # noqa: F811

@@ -184,6 +184,18 @@ def assert_same_outcome(a, b):
     assert a["log"] == b["log"]
 
 
+def stop_on_call(monkeypatch, module, name, at):
+    """Replace module.name by itself raising KeyboardInterrupt on its `at`-th call (a Ctrl-C at that moment)."""
+    real, calls = getattr(module, name), []
+
+    def stopping(*args, **kw):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(module, name, stopping)
+
+
 _straight = {}
 
 

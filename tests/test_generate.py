@@ -316,3 +316,31 @@ def test_command_line_generates_and_refuses_an_empty_prompt(gpt2_folder, capsys)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "minift: error: the prompt is empty: give some text to continue (or a question, for a chat model)"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "gemma2"])
+def test_last_logits_are_the_last_position_of_the_whole_forward(family, padded_batch):
+    """last_logits runs the head on each row's last position only: the same numbers as the whole forward's last
+    position, from a left-padded prompt and then from one cached token (generation's two calls); the final soft cap
+    (Gemma 2) included. A Gemma model with its head untied too (lm_head its own Linear)."""
+    from test_freeze import CONFIGS
+    from test_gemma import SHAPES
+
+    from minift.checkpoints import build_model
+    config = {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama"], "gemma3": SHAPES["gemma3-mqa-untied-linear"],
+              "gemma2": SHAPES["gemma2-gqa2-caps"]}[family]
+    model = build_model({**config, "eos_token_id": None, "bos_token_id": None}, "lm").double().eval()
+    head = getattr(model, "lm_head", None) or getattr(model, "tied_head", None) or model.head
+    positions = []  # how many positions each call of the head saw
+    head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    ids, mask = padded_batch([6, 3, 5], "left", 50)
+    with torch.no_grad():
+        whole = model(ids, mask)[:, -1]
+        caches = model.new_cache()
+        torch.testing.assert_close(model.last_logits(ids, mask, caches), whole, rtol=0, atol=1e-12)
+        step = torch.tensor([[7], [8], [9]])
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        whole = model(torch.cat([ids, step], 1), mask)[:, -1]
+        torch.testing.assert_close(model.last_logits(step, mask, caches), whole, rtol=0, atol=1e-12)
+        model(ids)  # and the next forward is whole again
+    assert positions == [6, 1, 7, 1, 6] and not model.last_only

@@ -306,6 +306,8 @@ class GemmaForCausalLM(CausalLM):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         hidden = self.model(input_ids, attention_mask, position_ids, caches, document_ids)
+        if self.last_only:  # last_logits(): the head on each row's last position only
+            hidden = hidden[:, -1:]
         if self.head_is_deferred():
             return hidden  # the chunked loss runs the head and the cap (heads.chunked_lm_loss)
         logits = self.lm_head(hidden) if not self.config.tie_word_embeddings else self.tied_head(hidden, self.head_weight())

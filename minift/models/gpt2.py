@@ -165,6 +165,8 @@ class GPT2LMHeadModel(CausalLM):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, caches=None, document_ids=None):
         hidden = self.transformer(input_ids, attention_mask, position_ids, caches, document_ids)
+        if self.last_only:  # last_logits(): the head on each row's last position only
+            hidden = hidden[:, -1:]
         if self.head_is_deferred():
             return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         return self.head(hidden, self.head_weight())

@@ -473,6 +473,8 @@ class LlamaForCausalLM(CausalLM):
         if balancing:
             self.balance_mask = attention_mask  # keeps: which tokens the load-balancing loss counts (None: all)
         hidden = self.model(input_ids, attention_mask, position_ids, caches, document_ids)
+        if self.last_only:  # last_logits(): the head on each row's last position only
+            hidden = hidden[:, -1:]
         if self.head_is_deferred():
             return hidden  # the chunked loss runs the head (heads.chunked_lm_loss)
         if not self.config.tie_word_embeddings:
