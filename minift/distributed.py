@@ -149,6 +149,13 @@ class Distributed:
         td.all_reduce(total)  # SUM
         return int(total)
 
+    def total(self, value):
+        """A number added up over the ranks (each rank's sum of something; the caller divides by a count() of it)."""
+        self._agree()
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        td.all_reduce(total)  # SUM
+        return float(total)
+
     def gradients(self, params, loss):
         """Add up every rank's .grad, in place, in a few flat buckets; return the global loss.
 

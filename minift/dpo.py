@@ -394,7 +394,7 @@ class KTOObjective:
         """The step's reference point first: each prompt of the step with the completion of the row before it (TRL's
         rotation, over the step's rows: one micro-batch, as in TRL, or several, which then add up to one batch), cut
         like the micro-batches; then kto_step on each, divided by the step's rows in every process. Under several
-        processes each measures the reference point on its own rows (TRL averages theirs). Returns (loss, metrics)."""
+        processes the reference point is the mean over all their rows (kto_kl with sync). Returns (loss, metrics)."""
         rows = [e for b in batches for e in b["rows"]]
         step_rows = sync.count(len(rows)) if sync is not None else len(rows)
         device = batches[0]["input_ids"].device
@@ -406,7 +406,7 @@ class KTOObjective:
             end = start + len(b["rows"])
             mismatched.append(self.batch([e["input_ids"] for e in rows[start:end]], rotated[start:end], device))
             start = end
-        kl = kto_kl(model, mismatched, self.reference)
+        kl = kto_kl(model, mismatched, self.reference, sync)
         loss, parts = 0.0, []
         for b in batches:
             inputs = {k: b[k] for k in ("input_ids", "attention_mask", "labels")}

@@ -440,14 +440,19 @@ def kto_mismatched_batch(prompts, completions, pad_id, max_length=None):
     return kto_batch(prompts, completions[-1:] + completions[:-1], pad_id, max_length)
 
 
-def kto_kl(model, mismatched_batches, reference=None):
+def kto_kl(model, mismatched_batches, reference=None, sync=None):
     """KTO's reference point z0 (TRL's "kl"): the mean over the mismatched rows of logp - ref_logp, clamped at 0, as a
     number with no gradient (a baseline, not something to train): an estimate of KL(policy || reference), since
     E_policy[log policy - log reference] is that KL (here over completions the policy did not sample: a biased but
     cheap estimate, the paper's). Forwards in eval mode (TRL's policy runs in train mode, the same with dropout off:
-    its disable_dropout default); a list of batches gives one mean over all their rows."""
+    its disable_dropout default); a list of batches gives one mean over all their rows. sync (a
+    distributed.Distributed, under torchrun): the mean over every process's rows, so that all use one reference point,
+    the one a single process would (TRL averages the processes' means: the same where they hold as many rows)."""
     diffs = [logprobs_without_grad(model, b).sums - reference_logprobs(model, b, reference).sums for b in mismatched_batches]
-    return torch.cat(diffs).mean().clamp(min=0).item()
+    total, rows = torch.cat(diffs).sum(), sum(len(d) for d in diffs)
+    if sync is not None:
+        total, rows = sync.total(total), sync.count(rows)
+    return max(float(total) / rows, 0.0)
 
 
 def kto_step(model, batch, desirable, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, reference=None,

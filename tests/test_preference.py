@@ -558,6 +558,19 @@ def test_kto_reference_point():
     halves = [kto_batch(KTO_PROMPTS[p], [KTO_COMPLETIONS[i - 1] for i in range(4)][p], 0) for p in (slice(0, 1), slice(1, 4))]
     assert kto_kl(model, halves, reference) == pytest.approx(kto_kl(model, [batch], reference), rel=1e-12)
 
+    class OtherProcessHolds:  # distributed.Distributed's two calls, as rank 0 sees them when rank 1 has the 3 other rows
+        def total(self, value):
+            other = reference_logprobs(model, halves[1], model).sums - reference_logprobs(model, halves[1], reference).sums
+            return float(value) + float(other.sum())
+
+        def count(self, rows):
+            return rows + 3
+    one_row = kto_kl(model, halves[:1], reference)
+    assert kto_kl(model, halves[:1], reference, OtherProcessHolds()) == pytest.approx(kto_kl(model, [batch], reference),
+                                                                                      rel=1e-12)
+    # not the mean of the two processes' means (TRL's gather), which weighs rank 0's one row as much as 3
+    assert abs(kto_kl(model, [batch], reference) - (one_row + kto_kl(model, halves[1:], reference)) / 2) > 1e-3
+
 
 def test_kto_refusals():
     model, reference = make_policy("llama")
