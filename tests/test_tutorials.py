@@ -4,7 +4,7 @@ Each runs as its own process (as a learner would run it: `python tutorials/NN_na
 repository root, writing into a temporary runs folder (`--runs`) rather than runs/tutorials. The tutorials
 assert their own lessons; here we check the exit code and one line that shows the lesson was reached.
 They share one runs folder in file order, so stage 7 finds stage 4's checkpoint (run alone, 07 trains a
-quick one itself). Quick mode keeps each under a minute on a 2-core CPU; all of them take a few minutes.
+quick one itself). Quick mode keeps each to seconds or a few minutes on a 2-core CPU (tutorials/README.md, the quick column).
 """
 import subprocess
 import sys
@@ -55,7 +55,7 @@ def run_tutorial(name, runs, *extra):
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
         tail = (e.stdout or b"")[-4000:]
-        pytest.fail(f"{' '.join(cmd)} ran past 300 s (--quick should take under a minute)\n--- stdout (tail)\n"
+        pytest.fail(f"{' '.join(cmd)} ran past 300 s (--quick should take seconds to a few minutes)\n--- stdout (tail)\n"
                     f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
     assert done.returncode == 0, (f"{' '.join(cmd)} exited with {done.returncode}\n--- stdout (tail)\n"
                                   f"{done.stdout[-4000:]}\n--- stderr (tail)\n{done.stderr[-4000:]}")
