@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .models import bert, gemma, gpt2, llama
 from .errors import MiniftError
@@ -88,7 +88,14 @@ def _label_names(config, model):
 
 
 def read_safetensors(folder):
-    """All tensors of a checkpoint folder: model.safetensors, or the shards named by its index."""
+    """All tensors of a checkpoint folder in one dict (the export reads them so); loading takes them one at a time."""
+    return dict(iter_safetensors(folder))
+
+
+def iter_safetensors(folder):
+    """(name, tensor) of a checkpoint folder, one tensor at a time: model.safetensors, or the shards named by its
+    index. Each tensor is read from the file when asked for, so a load holds one of them beside the model, not a
+    second copy of the whole checkpoint."""
     folder = Path(folder)
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
@@ -98,13 +105,13 @@ def read_safetensors(folder):
     else:
         raise MiniftError(f"{folder} has no model.safetensors (nor model.safetensors.index.json): "
                           "minift reads safetensors only; convert a .bin checkpoint with transformers first")
-    tensors = {}
     for f in files:
         try:
-            tensors.update(load_file(f))
+            with safe_open(f, "pt") as file:
+                for key in file.keys():
+                    yield key, file.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise MiniftError(f"{f} is damaged or truncated ({e}): download it again") from None
-    return tensors
 
 
 def shard_files(index):
@@ -144,11 +151,12 @@ class LoadReport:
 
 
 def load_state(model, tensors):
-    """Copy checkpoint tensors into the model; return a LoadReport, or raise naming what does not fit."""
+    """Copy checkpoint tensors ((name, tensor) pairs: iter_safetensors) into the model; return a LoadReport, or raise
+    naming what does not fit."""
     family = family_of(model)
     ours = dict(model.named_parameters())
     report = LoadReport()
-    for key, t in tensors.items():
+    for key, t in tensors:
         name, t = family.hf_to_ours(key, t, model)
         if name is None:
             report.skipped_buffers.append(key)
@@ -184,7 +192,7 @@ def load_checkpoint(folder, task="classify", num_labels=None, pooling=None, dtyp
         raise MiniftError(f"dtype {dtype!r}: give a torch floating-point dtype, e.g. torch.float32 or torch.bfloat16")
     model = build_model(read_config(folder), task, num_labels, pooling)
     model.to(dtype)  # before the weights are copied in: a float64 checkpoint keeps every digit
-    report = load_state(model, read_safetensors(folder))
+    report = load_state(model, iter_safetensors(folder))
     model.load_report = report
     model.source = str(folder)
     if (Path(folder) / "tokenizer.json").is_file():

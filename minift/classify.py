@@ -18,7 +18,7 @@ from .corpora import limit_rows, load_classification_splits
 from .data import length_report, stats
 from .errors import MiniftError
 from .hub import resolve_model
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .tasks import encode_classification
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -44,7 +44,6 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     seed_everything(cfg.seed)  # before the new head is drawn: the same seed gives the same run
     net = load_checkpoint(path, "classify", num_labels=len(label_names), pooling=pooling)
     net.label_names, net.max_length = list(label_names), max_length  # saved with it (config.json)
-    base = snapshot(net)
     examples = TrainData(encoded["train"], encoded["validation"], tok.pad_id)
     result = train(net, examples, cfg, out, resume=resume)
     if not distributed.is_main():  # under torchrun only rank 0 evaluates and writes the report
@@ -53,7 +52,7 @@ def finetune_classifier(model=recipe.MODEL, data=recipe.DATA, out=recipe.OUT, cf
     with after_training(out):
         best = load_best(out, "classify", device)
         report = {"model": str(path), "train_rows": len(encoded["train"]), "data": data_stats, "config": vars(cfg),
-                  **result, "validation": result["best_metrics"], "weights_moved": weights_moved(best, base)}
+                  **result, "validation": result["best_metrics"], "weights_moved": weights_moved(best, path)}
         del report["best_metrics"]  # (it is "validation": the numbers measured when best/ was chosen)
         if test:
             report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)

@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import distributed, recipe
 from .batching import TrainData, collate, pad_rows
-from .checkpoints import build_model, load_checkpoint, load_state, read_config, shard_files
+from .checkpoints import build_model, iter_safetensors, load_checkpoint, load_state, read_config
 from .config import TrainConfig, check_fields, check_own_loss_config
 from .corpora import limit_rows, load_instruction_splits, two_digit_splits
 from .errors import MiniftError
@@ -37,7 +36,7 @@ from .evals import greedy_replies, score_replies
 from .hub import resolve_model
 from .layers import accumulate_grad, cast_for_matmul, check_targets, cross_entropy, fp32_dtype
 from .lora import add_lora, lora_layers
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .preference import shifted_targets
 from .quantize import KINDS, quantize_base
 from .rl import sample_rollouts
@@ -168,21 +167,6 @@ def distill_step(model, teacher, batch, num_targets, beta, temperature, vocab, c
 # ---------------------------------------------------------------------------------------------------------
 # The teacher: loaded frozen, one tensor at a time, perhaps in blocks; the same tokens as the student
 
-class OneTensorAtATime:
-    """A checkpoint's tensors read one by one (safetensors' safe_open) for checkpoints.load_state, which asks only for
-    .items(): a 1.5B teacher's fp32 file is 7.1 GB, and it never exists whole in memory."""
-
-    def __init__(self, folder):
-        single, index = Path(folder) / "model.safetensors", Path(folder) / "model.safetensors.index.json"
-        self.files = [single] if single.is_file() or not index.is_file() else shard_files(index)
-
-    def items(self):
-        for path in self.files:
-            with safe_open(str(path), "pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-
-
 def load_teacher(path, dtype=torch.float32, quantize="none"):
     """The teacher: its weights made in `dtype` (bf16: the 1.5B takes 3.5 GB) and read one tensor at a time, every
     weight frozen, in eval mode. quantize (q8_0, q4_0, q4_1): its block matrices in llama.cpp's blocks (quantize.py):
@@ -194,7 +178,7 @@ def load_teacher(path, dtype=torch.float32, quantize="none"):
         teacher = build_model(read_config(path), "lm")
     finally:
         torch.set_default_dtype(default)
-    load_state(teacher, OneTensorAtATime(path))
+    load_state(teacher, iter_safetensors(path))  # one tensor at a time: never the whole file
     if quantize != "none":
         add_lora(teacher, "all-linear", r=1, alpha=1)
         quantize_base(teacher, quantize)
@@ -424,7 +408,7 @@ def finetune_distill(model=recipe.DISTILL_JOB["model"], data=recipe.DISTILL_JOB[
             print(f"{k}: {dropped} rows dropped (the prompt alone fills max_length {max_length})")
     if not encoded["train"] or not encoded["validation"]:
         raise MiniftError(f"no training or validation row is left within max_length {max_length}: raise it")
-    net.max_length, base = max_length, snapshot(net)
+    net.max_length = max_length
     objective = DistillObjective(tok, teacher, settings)
     teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
     print(f"{len(encoded['train'])} training rows, {len(encoded['validation'])} validation rows; teacher {teacher_path} "
@@ -439,7 +423,7 @@ def finetune_distill(model=recipe.DISTILL_JOB["model"], data=recipe.DISTILL_JOB[
         return report
     with after_training(out):
         best = load_best(out, "lm", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         for name in ("exact_match", "loss"):
             if name in report["validation"]:
                 print(f"validation {name}: {report['before'][name]:.4f} before -> {report['validation'][name]:.4f} "

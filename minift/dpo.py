@@ -28,7 +28,7 @@ from .errors import MiniftError
 from .evals import exact_match, greedy_replies, score_replies
 from .hub import resolve_model
 from .lora import lora_layers
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .preference import (LOSS_TYPES, NEEDS_REFERENCE, count_chosen_tokens, count_pairs, dpo_step, frozen_copy, kto_batch,
                          kto_kl, kto_loss, kto_mismatched_batch, kto_step, logprobs_without_grad, pair_loss,
                          preference_batch, reference_logprobs)
@@ -485,7 +485,7 @@ def finetune_dpo(model=recipe.DPO_JOB["model"], data=recipe.DPO_JOB["data"], out
     net = load_checkpoint(path, "lm")
     tok = Tokenizer.from_file(path)
     device = pick_device(cfg.device)
-    net.max_length, base = max_length, snapshot(net)
+    net.max_length = max_length
     if task:  # the arithmetic task: pairs made from the base model's own replies (on-policy); KTO splits each in two
         rows = {k: on_policy_pairs(v, exact_match(net.to(device), tok, v, kind="number")["items"], cfg.seed)
                 for k, v in rows.items()}
@@ -515,7 +515,7 @@ def finetune_dpo(model=recipe.DPO_JOB["model"], data=recipe.DPO_JOB["data"], out
         return report
     with after_training(out):
         best = load_best(out, "lm", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         for name in ("exact_match", "loss", "rewards/accuracies", "rewards/margins"):
             if name in report["validation"]:
                 print(f"validation {name}: {report['before'][name]:.4f} before -> {report['validation'][name]:.4f} "

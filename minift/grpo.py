@@ -27,7 +27,7 @@ from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
 from .evals import parse_answer
 from .hub import resolve_model
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .preference import frozen_copy, reference_logprobs
 from .rl import (IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, check_loss_settings, group_advantages,
                  grpo_step, sample_rollouts, truncated)
@@ -427,7 +427,7 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
     tok = Tokenizer.from_file(path)
     encoded = {k: encode_prompts(v, tok, max_length) for k, v in splits.items()}
     device = pick_device(cfg.device)
-    net.max_length, base = max_length, snapshot(net)
+    net.max_length = max_length
     reference = frozen_copy(net) if settings.beta and not cfg.lora_r else None  # the model as loaded
     objective = GRPOObjective(tok, rewards, settings, reference)
     print(f"{len(encoded['train'])} training prompts x {settings.group_size} samples, {len(encoded['validation'])} "
@@ -444,7 +444,7 @@ def finetune_grpo(model=recipe.GRPO_JOB["model"], data=recipe.GRPO_JOB["data"], 
         return report
     with after_training(out):
         best = load_best(out, "lm", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         print(f"mean greedy reward on validation: {report['reward_before']:.4f} before -> "
               f"{report['validation']['reward']:.4f}")
         if test and encoded.get("test"):  # the one look at the test split

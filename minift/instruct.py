@@ -17,7 +17,7 @@ from .corpora import limit_rows, load_instruction_splits
 from .errors import MiniftError
 from .evals import exact_match, greedy_replies, report as suite_report, run_suites
 from .hub import resolve_model
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .tasks import encode_instruction, format_instruction
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -75,7 +75,7 @@ def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_J
     tok = Tokenizer.from_file(path)
     splits = limit_rows(load_instruction_splits(data, cfg.seed), limit)
     encoded = encode_splits(splits, tok, max_length)
-    net.max_length, base, device = max_length, snapshot(net), pick_device(cfg.device)
+    net.max_length, device = max_length, pick_device(cfg.device)
     tweets, probes, scored = data is None, splits["validation"][:sample_rows], splits["validation"][:score_rows]
     report = {"model": str(path), "train_rows": len(encoded["train"]), "config": vars(cfg)}
     report["samples_before"] = show_samples("before fine-tuning:", net.to(device), tok, probes)
@@ -90,7 +90,7 @@ def finetune_instruct(model=recipe.INSTRUCT_JOB["model"], data=recipe.INSTRUCT_J
         return report
     with after_training(out):
         best = load_best(out, "lm", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         report["samples_after"] = show_samples("after fine-tuning:", best, tok, probes)
         if tweets:
             report["exact_match_after"] = exact_match(best, tok, tweet_items(scored), max_new_tokens=4)["exact_match"]

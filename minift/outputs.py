@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import family_of, iter_safetensors, load_checkpoint, save_checkpoint
 from .errors import MiniftError
 from .evaluate import format_metrics
 from .files import atomic_write, existing_folder, new_folder, replace_folder
@@ -55,16 +55,18 @@ def load_best(out_dir, task, device="cpu"):
     return load_checkpoint(best, task, verbose=False).to(device).eval()
 
 
-def weights_moved(model, base):
-    """How far fine-tuning moved the weights: ||w - w0|| / ||w0|| over all of them (`base`: name -> tensor)."""
-    num = sum(float((p.detach().cpu() - base[n]).float().norm() ** 2) for n, p in model.named_parameters() if n in base)
-    den = sum(float(t.float().norm() ** 2) for t in base.values())
+def weights_moved(model, source):
+    """How far fine-tuning moved the pretrained weights: ||w - w0|| / ||w0|| over every weight the checkpoint folder
+    `source` holds (a new head has no pretrained value: it is not counted). w0 is read from the file one tensor at a
+    time, so no copy of the whole model is kept for this (a 1.5B model's would be 6 GB in fp32)."""
+    family, ours = family_of(model), dict(model.named_parameters())
+    num = den = 0.0
+    for key, w0 in iter_safetensors(source):
+        name, w0 = family.hf_to_ours(key, w0, model)
+        if name in ours:
+            num += float((ours[name].detach().cpu().float() - w0.float()).norm() ** 2)
+            den += float(w0.float().norm() ** 2)
     return (num / den) ** 0.5
-
-
-def snapshot(model):
-    """A copy of every weight, on the CPU: the starting point that weights_moved measures from."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def look_at_test_set(folder, again=False):

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import load_state, read_safetensors, save_checkpoint
+from .checkpoints import iter_safetensors, load_state, save_checkpoint
 from .errors import MiniftError
 from .files import atomic_write, existing_folder, new_folder, replace_folder
 
@@ -190,7 +190,7 @@ def load_training_state(folder, model, optimizer, cfg=None, run_info=None):
                           f"{folder.name} from a copy") from None
     if run_info is not None:
         check_same_run(saved, run_info, folder)
-    load_state(model, read_safetensors(folder))
+    load_state(model, iter_safetensors(folder))
     rngs = {k[len("rng."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
     set_rng_states(rngs)
     optimizer.load_state_dict(tensors, saved["optimizer"])

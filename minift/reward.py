@@ -35,7 +35,7 @@ from .corpora import arithmetic_splits, limit_rows, load_jsonl_splits
 from .errors import MiniftError
 from .hub import resolve_model
 from .layers import fp32_dtype
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .tasks import check_turns, format_instruction
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -273,7 +273,7 @@ def finetune_reward(model=recipe.REWARD_JOB["model"], data=recipe.REWARD_JOB["da
             print(f"{k}: {dropped} pairs dropped (a text longer than max_length {max_length})")
     if not encoded["train"] or not encoded["validation"]:
         raise MiniftError(f"no training or validation pair is left within max_length {max_length}: raise it")
-    net.max_length, base = max_length, snapshot(net)
+    net.max_length = max_length
     objective = RewardObjective(tok, settings)
     print(f"{len(encoded['train'])} training pairs, {len(encoded['validation'])} validation pairs; Bradley-Terry"
           + (f", center_rewards_coefficient {settings.center_rewards_coefficient}"
@@ -287,7 +287,7 @@ def finetune_reward(model=recipe.REWARD_JOB["model"], data=recipe.REWARD_JOB["da
         return report
     with after_training(out):
         best = load_best(out, "classify", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         print(f"validation accuracy: {report['before']['accuracy']:.4f} before (a head drawn at random) -> "
               f"{report['validation']['accuracy']:.4f} after")
         if test and encoded.get("test"):  # the one look at the test split

@@ -20,7 +20,7 @@ from .corpora import limit_rows, load_tagging_splits
 from .errors import MiniftError
 from .evaluate import entity_spans, evaluate
 from .hub import resolve_model
-from .outputs import after_training, finish, load_best, snapshot, weights_moved
+from .outputs import after_training, finish, load_best, weights_moved
 from .tasks import encode_tagging
 from .tokenizer import Tokenizer
 from .train import evaluate_like_training, pick_device, seed_everything, train
@@ -53,7 +53,7 @@ def finetune_tagger(model=recipe.NER_JOB["model"], data=recipe.NER_JOB["data"], 
     seed_everything(cfg.seed)  # before the new head is drawn: the same seed gives the same run
     net = load_checkpoint(path, "tag", num_labels=len(tag_names))
     net.label_names, net.max_length = list(tag_names), max_length  # saved with it (config.json's id2label)
-    base, device = snapshot(net), pick_device(cfg.device)
+    device = pick_device(cfg.device)
     examples = TrainData(encoded["train"], encoded["validation"], tok.pad_id)
     report = {"model": str(path), "train_rows": len(encoded["train"]), "tags": list(tag_names), "config": vars(cfg)}
     if distributed.is_main():  # the head drawn at random: what fine-tuning starts from (no RNG drawn, resume unchanged)
@@ -63,7 +63,7 @@ def finetune_tagger(model=recipe.NER_JOB["model"], data=recipe.NER_JOB["data"], 
         return report
     with after_training(out):
         best = load_best(out, "tag", device)
-        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, base)
+        report["validation"], report["weights_moved"] = report.pop("best_metrics"), weights_moved(best, path)
         if test:
             report["test"] = evaluate_like_training(best, encoded["test"], examples, cfg, device)
     print("\nentity F1, the head drawn at random -> fine-tuned:\n" + "\n".join(

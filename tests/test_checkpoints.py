@@ -364,3 +364,23 @@ def test_sequence_longer_than_max_positions(hf_cls, task, hf_checkpoint):
                 ours(torch.full((1, n), 5))
             msg = one_line(e)
             assert f"{n} tokens" in msg and "longer" in msg
+
+
+def test_weights_moved_is_measured_from_the_source_file_without_the_new_head(hf_checkpoint):
+    """outputs.weights_moved reads w0 from the checkpoint one tensor at a time: the relative distance over the
+    pretrained weights (a GPT-2 file: Conv1D matrices transposed on the way in), the new classification head left out;
+    0 for the model as loaded."""
+    from minift.outputs import weights_moved
+    _, folder = hf_checkpoint("GPT2LMHeadModel", 0)
+    model = load_checkpoint(folder, "classify", num_labels=3, verbose=False)
+    assert weights_moved(model, folder) == 0.0
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("score")}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    moved = sum(float((dict(model.named_parameters())[n] - w).norm() ** 2) for n, w in pretrained.items())
+    expect = (moved / sum(float(w.norm() ** 2) for w in pretrained.values())) ** 0.5
+    assert weights_moved(model, folder) == pytest.approx(expect, rel=1e-6)
+    with torch.no_grad():
+        model.score.weight.add_(100.0)  # the new head moving does not count: it has no pretrained value
+    assert weights_moved(model, folder) == pytest.approx(expect, rel=1e-6)
