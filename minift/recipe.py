@@ -68,8 +68,9 @@ GRPO_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_ratio": 0.1, "me
 # --suite translation` with these as flags): Qwen2.5-Coder-0.5B-Instruct, which knows some French already (chrF 27.8
 # zero-shot on 16 validation verses, SmolLM2-135M 12.1: it answers in English or loops), LoRA adapters in every
 # linear layer (full fine-tuning would keep AdamW's state for 494M weights), the loss a chunk of positions at a time
-# (its 151,936-word vocabulary makes the logits the largest tensor) and two micro-batches of 4 (the job keeps a copy of
-# the 2 GB of weights beside the model, to say how far they moved). best/ by validation loss.
+# (its 151,936-word vocabulary makes the logits the largest tensor) and two micro-batches of 4 (the activations of 8
+# rows at once would double). best/ by validation loss. Measured (AMD EPYC, tutorials/README.md): 100 held-out verses
+# chrF 32.2 -> 34.9, BLEU 5.8 -> 9.0.
 TRANSLATION_JOB = {"model": "qwen2.5-coder-0.5b", "data": "bible-en-fr", "out": "runs/qwen-translation",
                    "max_length": 256}
 TRANSLATION_TRAIN = {"epochs": 1, "batch_size": 8, "grad_accum": 2, "lr": 2e-4, "warmup_ratio": 0.05, "metric": "loss",
