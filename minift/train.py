@@ -27,7 +27,7 @@ from .errors import MiniftError
 from .freeze import blocks, count_trainable, describe_trainable, freeze, mark_frozen_below
 from .layers import Dropout
 from .lora import add_lora, lora_layers, lora_summary
-from .memory import estimate_memory, format_memory, levers_by_gain, levers_not_on
+from .memory import estimate_memory, format_memory, keep_freed_memory, levers_by_gain, levers_not_on
 from .objective import objective_of
 from .optim import AdamW, LRSchedule, describe_groups, param_groups, warmup_steps_for
 from .quantize import quantize_base
@@ -131,6 +131,7 @@ def train(model, data, cfg, out_dir, resume=False):
     line, an evaluation when one is due and a checkpoint when one is due. A Ctrl-C or SIGTERM saves a
     checkpoint that `resume=True` continues exactly. At the end (or a Ctrl-C) OUT/report.html draws the curves
     (report.py)."""
+    keep_freed_memory()  # each step's large temporaries reuse the last step's memory (memory.py says why)
     run = set_up(model, data, cfg, out_dir, resume)
     state, stop = run.state, False
     try:
