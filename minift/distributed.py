@@ -144,10 +144,7 @@ class Distributed:
 
     def count(self, num_targets):
         """The number of supervised targets in the whole global batch (all ranks' counts added up)."""
-        self._agree()
-        total = torch.tensor([num_targets], dtype=torch.int64, device=self.device)
-        td.all_reduce(total)  # SUM
-        return int(total)
+        return int(self.total(num_targets))  # float64 holds every whole number up to 2^53 exactly
 
     def total(self, value):
         """A number added up over the ranks (each rank's sum of something; the caller divides by a count() of it)."""

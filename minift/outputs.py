@@ -64,8 +64,9 @@ def weights_moved(model, source):
     for key, w0 in iter_safetensors(source):
         name, w0 = family.hf_to_ours(key, w0, model)
         if name in ours:
-            num += float((ours[name].detach().cpu().float() - w0.float()).norm() ** 2)
-            den += float(w0.float().norm() ** 2)
+            w0 = w0.float()
+            num += float((ours[name].detach().cpu().float() - w0).norm() ** 2)
+            den += float(w0.norm() ** 2)
     return (num / den) ** 0.5
 
 

@@ -448,8 +448,9 @@ def kto_kl(model, mismatched_batches, reference=None, sync=None):
     its disable_dropout default); a list of batches gives one mean over all their rows. sync (a
     distributed.Distributed, under torchrun): the mean over every process's rows, so that all use one reference point,
     the one a single process would (TRL averages the processes' means: the same where they hold as many rows)."""
-    diffs = [logprobs_without_grad(model, b).sums - reference_logprobs(model, b, reference).sums for b in mismatched_batches]
-    total, rows = torch.cat(diffs).sum(), sum(len(d) for d in diffs)
+    diffs = torch.cat([logprobs_without_grad(model, b).sums - reference_logprobs(model, b, reference).sums
+                       for b in mismatched_batches])
+    total, rows = diffs.sum(), len(diffs)
     if sync is not None:
         total, rows = sync.total(total), sync.count(rows)
     return max(float(total) / rows, 0.0)
